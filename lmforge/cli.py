@@ -1,0 +1,438 @@
+"""The `lmforge` command line: one subcommand per pipeline stage.
+
+    lmforge speedrun                      tokenizer -> shards -> pretrain -> sample, on a default corpus
+    lmforge tokenizer train|encode|decode|export-hf
+    lmforge data prepare
+    lmforge pretrain
+    lmforge sample
+    lmforge score
+
+Errors caused by input (missing files, mismatched tokenizer, bad option values) print one line
+starting with `error:` and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from lmforge.common import LmforgeError
+
+# ----------------------------------------------------------------------------- argument types
+
+
+def positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    return v
+
+
+def fraction(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s!r}")
+    return v
+
+
+def positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
+
+
+def parse_model_sets(pairs: list[str]) -> dict:
+    """`--set key=value` overrides for GPTConfig fields, typed by the dataclass field."""
+    from lmforge.model import GPTConfig
+
+    types = {f.name: f.type for f in dataclasses.fields(GPTConfig)}
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise LmforgeError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key not in types:
+            raise LmforgeError(f"--set: unknown model field {key!r}; fields: {', '.join(types)}")
+        t = str(types[key])
+        try:
+            if "bool" in t:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                out[key] = value.lower() in ("true", "1")
+            elif "int" in t:
+                out[key] = None if value.lower() == "none" else int(value)
+            elif "float" in t:
+                out[key] = float(value)
+            else:
+                out[key] = value
+        except ValueError:
+            raise LmforgeError(f"--set {key}: cannot parse {value!r} as {t}") from None
+    return out
+
+
+# ----------------------------------------------------------------------------- shared option groups
+
+
+def add_model_args(p: argparse.ArgumentParser, default_preset: str = "cpu"):
+    from lmforge.model import PRESETS
+
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default=default_preset, choices=sorted(PRESETS), help="model preset")
+    g.add_argument("--n-layer", type=positive_int)
+    g.add_argument("--n-head", type=positive_int)
+    g.add_argument("--n-kv-head", type=positive_int)
+    g.add_argument("--n-embd", type=positive_int)
+    g.add_argument("--block-size", type=positive_int, help="context window in tokens")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any model config field, e.g. --set mlp=gelu --set qk_norm=false")
+
+
+def model_overrides(args) -> dict:
+    o = {"n_layer": args.n_layer, "n_head": args.n_head, "n_kv_head": args.n_kv_head,
+         "n_embd": args.n_embd, "block_size": args.block_size}
+    o = {k: v for k, v in o.items() if v is not None}
+    o.update(parse_model_sets(args.set))
+    return o
+
+
+def add_train_args(p: argparse.ArgumentParser, *, max_steps: int = 1000):
+    g = p.add_argument_group("training")
+    g.add_argument("--batch-size", type=positive_int, default=16, help="sequences per micro-batch per process")
+    g.add_argument("--seq-len", type=positive_int, help="training sequence length (default: block size)")
+    g.add_argument("--grad-accum", type=positive_int, default=1)
+    g.add_argument("--max-steps", type=positive_int, default=max_steps)
+    g.add_argument("--time-budget", type=positive_float, help="seconds of training; the LR schedule follows the clock")
+    g.add_argument("--optimizer", choices=["muon", "adamw"], default="muon")
+    g.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW learning rate")
+    g.add_argument("--muon-lr", type=positive_float, default=0.02)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--warmup-steps", type=nonneg_int, default=20)
+    g.add_argument("--schedule", choices=["wsd", "cosine", "constant"], default="wsd")
+    g.add_argument("--decay-frac", type=fraction, default=0.4, help="wsd: fraction of the run spent decaying")
+    g.add_argument("--min-lr-frac", type=fraction, default=0.0)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--eval-every", type=nonneg_int, default=250)
+    g.add_argument("--eval-tokens", type=positive_int, default=65536)
+    g.add_argument("--ckpt-every", type=nonneg_int, default=500)
+    g.add_argument("--log-every", type=positive_int, default=10)
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+
+
+def train_config(args, out_dir: str):
+    from lmforge.train.loop import TrainConfig
+
+    return TrainConfig(
+        out_dir=out_dir, max_steps=args.max_steps, time_budget=args.time_budget, grad_accum=args.grad_accum,
+        optimizer=args.optimizer, lr=args.lr, muon_lr=args.muon_lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, schedule=args.schedule, decay_frac=args.decay_frac,
+        min_lr_frac=args.min_lr_frac, grad_clip=args.grad_clip, eval_every=args.eval_every,
+        ckpt_every=args.ckpt_every, log_every=args.log_every, seed=args.seed, dtype=args.dtype, compile=args.compile,
+        device=args.device, progress=not args.no_progress)
+
+
+def add_sampling_args(p: argparse.ArgumentParser):
+    p.add_argument("--max-new-tokens", type=nonneg_int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_tokenizer_train(args):
+    from lmforge.data.sources import iter_documents
+    from lmforge.tokenizer import Tokenizer
+
+    docs = iter_documents(args.data, text_field=args.text_field, max_chars=args.max_chars)
+    tok = Tokenizer.train(docs, args.vocab_size, show_progress=not args.no_progress)
+    tok.save(args.out)
+    print(f"tokenizer: {tok.vocab_size} ids ({tok.n_merges} merges) -> {args.out}")
+
+
+def _read_text_arg(text: str | None) -> str:
+    if text is not None:
+        return text
+    if sys.stdin.isatty():
+        raise LmforgeError("give the text as an argument or on standard input")
+    return sys.stdin.read()
+
+
+def cmd_tokenizer_encode(args):
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(args.tokenizer)
+    print(" ".join(map(str, tok.encode(_read_text_arg(args.text)))))
+
+
+def cmd_tokenizer_decode(args):
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(args.tokenizer)
+    raw = " ".join(args.ids) if args.ids else _read_text_arg(None)
+    try:
+        ids = [int(t) for t in raw.replace(",", " ").split()]
+    except ValueError:
+        raise LmforgeError("decode expects integer token ids separated by spaces or commas") from None
+    bad = [i for i in ids if not 0 <= i < tok.vocab_size]
+    if bad:
+        raise LmforgeError(f"token ids out of range 0..{tok.vocab_size - 1}: {bad[:5]}")
+    sys.stdout.write(tok.decode(ids) + "\n")
+
+
+def cmd_tokenizer_export_hf(args):
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(args.tokenizer)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.export_hf(out / "tokenizer.json")
+    print(f"wrote {out / 'tokenizer.json'}")
+
+
+def cmd_data_prepare(args):
+    from lmforge.data.prepare import prepare_shards
+
+    m = prepare_shards(args.data, args.tokenizer, args.out, val_fraction=args.val_fraction,
+                       text_field=args.text_field, max_chars=args.max_chars, workers=args.workers,
+                       show_progress=not args.no_progress)
+    splits = ", ".join(f"{k}: {v['tokens']:,} tokens / {v['documents']:,} docs" for k, v in m["splits"].items())
+    print(f"shards in {args.out} ({splits})")
+
+
+def cmd_pretrain(args):
+    from lmforge.train.pretrain import PretrainOptions, pretrain
+
+    opts = PretrainOptions(data_dir=args.data_dir, preset=args.preset, model_overrides=model_overrides(args),
+                           batch_size=args.batch_size, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
+                           resume=args.resume)
+    result = pretrain(opts, train_config(args, args.out))
+    from lmforge.common import is_main_process
+
+    if is_main_process():
+        summary = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
+        print(json.dumps(summary, indent=2))
+    from lmforge.train.loop import cleanup_distributed
+
+    cleanup_distributed()
+
+
+def _print_sample(model, tok, prompt: str, args, n: int = 1):
+    from lmforge.sampling import generate
+
+    for i in range(n):
+        ids = [tok.bos_id] + tok.encode(prompt)
+        seed = None if args.seed is None else args.seed + i
+        new = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=seed, stop_ids={tok.bos_id})
+        if n > 1:
+            print(f"--- sample {i + 1}")
+        print(prompt + tok.decode(new))
+
+
+def cmd_sample(args):
+    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
+
+    model, _ = load_model(args.checkpoint, device=args.device)
+    tok = load_checkpoint_tokenizer(args.checkpoint)
+    prompt = args.prompt if args.prompt is not None else ""
+    _print_sample(model, tok, prompt, args, args.num_samples)
+
+
+def cmd_score(args):
+    from lmforge.sampling import rank_texts
+    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
+
+    model, _ = load_model(args.checkpoint, device=args.device)
+    tok = load_checkpoint_tokenizer(args.checkpoint)
+    texts = args.texts or [_read_text_arg(None)]
+    ranked = rank_texts(model, tok, texts)
+    if args.json:
+        print(json.dumps([{"text": s.text, "logprob": s.logprob, "perplexity": s.perplexity,
+                           "tokens": [{"token": t, "logprob": lp} for t, lp in s.token_logprobs]}
+                          for s in ranked], indent=2))
+        return
+    if len(ranked) == 1 or args.verbose:
+        for s in ranked:
+            print(f"{s.text!r}")
+            for piece, lp in s.token_logprobs:
+                print(f"  {piece!r:>20} {lp:9.4f}")
+    print(f"{'rank':>4}  {'log p':>10}  {'ppl':>9}  text")
+    for i, s in enumerate(ranked, 1):
+        print(f"{i:>4}  {s.logprob:10.3f}  {s.perplexity:9.2f}  {s.text}")
+
+
+def cmd_speedrun(args):
+    """The main job: every stage that exists, in order, under one run folder."""
+    from lmforge.data.prepare import prepare_shards
+    from lmforge.data.sources import iter_documents
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.pretrain import PretrainOptions, pretrain
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_path, data_dir = out / "tokenizer.json", out / "data"
+    source = args.data or "stdlib"
+    print(f"[1/4] tokenizer: byte-level BPE, vocab {args.vocab_size}, on {source}")
+    tok = Tokenizer.train(iter_documents(args.data, max_chars=args.max_chars), args.vocab_size,
+                          show_progress=not args.no_progress, max_chars=args.tokenizer_chars)
+    tok.save(tok_path)
+    print(f"[2/4] data: tokenizing into shards in {data_dir}")
+    m = prepare_shards(args.data, tok_path, data_dir, val_fraction=args.val_fraction, max_chars=args.max_chars,
+                       show_progress=not args.no_progress)
+    print("      " + ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in m["splits"].items()))
+    print(f"[3/4] pretrain: preset {args.preset}")
+    opts = PretrainOptions(data_dir=str(data_dir), preset=args.preset, model_overrides=model_overrides(args),
+                           batch_size=args.batch_size, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
+                           resume=args.resume)
+    result = pretrain(opts, train_config(args, str(out / "pretrain")))
+    print(f"      val loss {result.get('val_loss', float('nan')):.4f} nats/token, "
+          f"{result.get('val_bpb', float('nan')):.4f} bits/byte after {result['tokens']:,} tokens; "
+          f"loss curve {out / 'pretrain' / 'loss.png'}")
+    print("[4/4] sample:")
+    args.seed = 0 if args.sample_seed is None else args.sample_seed
+    _print_sample(result["model"].eval(), result["tokenizer"], args.prompt, args)
+    print(f"\ncheckpoint: {result['checkpoint']}\n"
+          f"try: lmforge sample --checkpoint {out / 'pretrain'} --prompt 'def '")
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmforge", description="A hackable LLM stack: every stage of building a language model.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    # speedrun
+    s = sub.add_parser("speedrun", help="run the whole pipeline on a corpus (default: the Python standard library)")
+    s.add_argument("--data", default=None, help="file, folder, glob or HF dataset name (default: Python stdlib source)")
+    s.add_argument("--out", default="runs/speedrun")
+    s.add_argument("--vocab-size", type=positive_int, default=4096)
+    s.add_argument("--max-chars", type=positive_int, default=None, help="read at most this many characters")
+    s.add_argument("--tokenizer-chars", type=positive_int, default=20_000_000)
+    s.add_argument("--val-fraction", type=fraction, default=0.05)
+    s.add_argument("--prompt", default="def ")
+    s.add_argument("--sample-seed", type=int, default=None)
+    s.add_argument("--max-new-tokens", type=nonneg_int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=positive_int, default=None)
+    s.add_argument("--top-p", type=float, default=0.95)
+    add_model_args(s)
+    add_train_args(s, max_steps=600)
+    s.set_defaults(func=cmd_speedrun)
+
+    # tokenizer
+    t = sub.add_parser("tokenizer", help="train and use byte-level BPE tokenizers")
+    tsub = t.add_subparsers(dest="tok_command", metavar="ACTION")
+    tt = tsub.add_parser("train", help="train a tokenizer")
+    tt.add_argument("--data", default=None, help="file, folder, glob or HF dataset name (default: Python stdlib)")
+    tt.add_argument("--vocab-size", type=positive_int, default=4096, help="total ids including 256 bytes and specials")
+    tt.add_argument("--out", required=True)
+    tt.add_argument("--text-field", default="text")
+    tt.add_argument("--max-chars", type=positive_int, default=20_000_000)
+    tt.add_argument("--no-progress", action="store_true")
+    tt.set_defaults(func=cmd_tokenizer_train)
+    te = tsub.add_parser("encode", help="print token ids of a text (argument or stdin)")
+    te.add_argument("--tokenizer", required=True)
+    te.add_argument("text", nargs="?")
+    te.set_defaults(func=cmd_tokenizer_encode)
+    td = tsub.add_parser("decode", help="print the text of token ids (arguments or stdin)")
+    td.add_argument("--tokenizer", required=True)
+    td.add_argument("ids", nargs="*")
+    td.set_defaults(func=cmd_tokenizer_decode)
+    tx = tsub.add_parser("export-hf", help="write a Hugging Face tokenizer.json")
+    tx.add_argument("--tokenizer", required=True)
+    tx.add_argument("out_dir")
+    tx.set_defaults(func=cmd_tokenizer_export_hf)
+
+    # data
+    d = sub.add_parser("data", help="prepare tokenized shards")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    dp = dsub.add_parser("prepare", help="tokenize a corpus into binary shards with a manifest")
+    dp.add_argument("--data", default=None, help="file, folder, glob or HF dataset name (default: Python stdlib)")
+    dp.add_argument("--tokenizer", required=True)
+    dp.add_argument("--out", required=True)
+    dp.add_argument("--val-fraction", type=fraction, default=0.05)
+    dp.add_argument("--text-field", default="text")
+    dp.add_argument("--max-chars", type=positive_int, default=None)
+    dp.add_argument("--workers", type=positive_int, default=None)
+    dp.add_argument("--no-progress", action="store_true")
+    dp.set_defaults(func=cmd_data_prepare)
+
+    # pretrain
+    pt = sub.add_parser("pretrain", help="train a model on token shards (runs under torchrun too)")
+    pt.add_argument("--data-dir", required=True, help="folder written by `lmforge data prepare`")
+    pt.add_argument("--out", required=True, help="run folder (checkpoints, log.jsonl, loss.png)")
+    add_model_args(pt)
+    add_train_args(pt)
+    pt.set_defaults(func=cmd_pretrain)
+
+    # sample
+    sa = sub.add_parser("sample", help="generate text from a checkpoint")
+    sa.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    sa.add_argument("--prompt", default=None)
+    sa.add_argument("--num-samples", type=positive_int, default=1)
+    sa.add_argument("--device", default="cpu")
+    add_sampling_args(sa)
+    sa.set_defaults(func=cmd_sample)
+
+    # score
+    sc = sub.add_parser("score", help="log-probability and perplexity of texts; ranks several candidates")
+    sc.add_argument("--checkpoint", required=True)
+    sc.add_argument("texts", nargs="*")
+    sc.add_argument("--device", default="cpu")
+    sc.add_argument("--json", action="store_true")
+    sc.add_argument("-v", "--verbose", action="store_true", help="per-token log-probs for every text")
+    sc.set_defaults(func=cmd_score)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        # `lmforge tokenizer` without an action etc.: show the relevant help.
+        parser.parse_args((argv or sys.argv[1:]) + ["--help"])
+        return 2
+    try:
+        args.func(args)
+    except LmforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

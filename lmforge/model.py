@@ -1,0 +1,312 @@
+"""The decoder-only transformer, in one file that reads top to bottom.
+
+One class per concept: norms, rotary embeddings, attention (grouped-query aware), the MLP variants,
+the block, and the model. Everything a preset can change is a field of `GPTConfig`; presets are
+named configs at the bottom of the file.
+
+Layout follows the Llama naming (embed_tokens, layers.N.self_attn.q_proj, mlp.gate_proj, norm,
+lm_head) so that weights map one-to-one onto Hugging Face checkpoints.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.common import LmforgeError
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 4096
+    block_size: int = 256  # context window in tokens
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None = n_head (multi-head); 1 = multi-query; else grouped-query
+    n_embd: int = 256
+    mlp: str = "swiglu"  # "swiglu" | "gelu" | "relu2"
+    mlp_hidden: int | None = None  # None = 4*n_embd (gelu/relu2) or ~8/3*n_embd rounded (swiglu)
+    norm: str = "rms"  # "rms" | "layer"
+    pos: str = "rope"  # "rope" | "learned"
+    rope_theta: float = 10000.0
+    qk_norm: bool = False  # normalise queries and keys per head before attention (stabilises training)
+    tie_embeddings: bool = False
+    bias: bool = False  # biases in linear layers and LayerNorm (GPT-2 had them)
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        def bad(msg):
+            raise LmforgeError(f"invalid model config: {msg}")
+
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                bad(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            bad(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        kv = self.kv_heads
+        if kv <= 0 or self.n_head % kv:
+            bad(f"n_head={self.n_head} is not a multiple of n_kv_head={kv}")
+        if self.mlp not in ("swiglu", "gelu", "relu2"):
+            bad(f"mlp must be swiglu, gelu or relu2, got {self.mlp!r}")
+        if self.norm not in ("rms", "layer"):
+            bad(f"norm must be rms or layer, got {self.norm!r}")
+        if self.pos not in ("rope", "learned"):
+            bad(f"pos must be rope or learned, got {self.pos!r}")
+        if self.pos == "rope" and self.head_dim % 2:
+            bad(f"rotary embeddings need an even head size, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            bad(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":
+            # Two input matrices instead of one: 2/3 of 4*d keeps the parameter count of a 4*d MLP.
+            return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        return 4 * self.n_embd
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise LmforgeError(f"unknown model config fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 even under bf16 autocast: the mean of squares loses precision in bf16.
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight, self.eps).to(x.dtype)
+
+
+def make_norm(cfg: GPTConfig, dim: int | None = None) -> nn.Module:
+    dim = cfg.n_embd if dim is None else dim
+    if cfg.norm == "rms":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (RoPE) in the "rotate half" layout used by Llama checkpoints:
+    the first and second halves of each head vector form the (x, y) pairs that get rotated."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        t = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (T, hd/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
+        # Not saved in checkpoints: they are a pure function of the config.
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x, positions: torch.Tensor):
+        # x: (B, H, T, hd); positions: (T,) absolute positions of the T tokens
+        cos = self.cos[positions].to(x.dtype)
+        sin = self.sin[positions].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+        return x * cos + rotated * sin
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention where n_kv_head key/value heads are shared by groups of query heads
+    (n_kv_head = n_head: classic MHA; 1: multi-query). Fewer KV heads shrink the KV cache."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.dropout = cfg.dropout
+
+    def forward(self, x, rotary: Rotary | None, positions: torch.Tensor):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rotary is not None:
+            q, k = rotary(q, positions), rotary(k, positions)
+        if self.n_kv_head != self.n_head:
+            # Expand shared KV heads to the query heads (a view-and-copy; SDPA's enable_gqa does the
+            # same but not on every backend).
+            rep = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: SwiGLU (Llama), GELU (GPT-2) or squared ReLU (Primer)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        hidden = cfg.hidden_dim
+        if self.kind == "swiglu":
+            self.gate_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x):
+        if self.kind == "swiglu":
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        elif self.kind == "gelu":
+            h = F.gelu(self.up_proj(x), approximate="tanh")
+        else:
+            h = F.relu(self.up_proj(x)).square()
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = CausalSelfAttention(cfg)
+        self.post_attention_layernorm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rotary, positions):
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), rotary, positions))
+        x = x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+        return x
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.rotary = Rotary(cfg.head_dim, cfg.block_size, cfg.rope_theta) if cfg.pos == "rope" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                # norm gains start at 1, biases at 0
+                nn.init.ones_(p) if name.endswith("norm.weight") or "layernorm" in name else nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                # Residual-branch outputs scaled down so the residual stream's variance does not grow
+                # with depth (GPT-2's 1/sqrt(2 * n_layer)).
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        """idx: (B, T) token ids. Without targets: logits (B, T, vocab) in float32.
+        With targets (B, T; -100 = ignore): the cross-entropy loss (`reduction` as in F.cross_entropy)."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise LmforgeError(f"sequence of {T} tokens is longer than the model's context window "
+                               f"({self.config.block_size})")
+        positions = torch.arange(T, device=idx.device)
+        x = self.embed_tokens(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        x = self.drop(x)
+        for layer in self.layers:
+            x = layer(x, self.rotary, positions)
+        x = self.norm(x)
+        logits = self.lm_head(x).float()  # softmax statistics in fp32 even under bf16 autocast
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-100, reduction=reduction)
+
+    # ------------------------------------------------------------------ accounting
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (shared tied weights counted once). non_embedding drops the token and
+        position tables, the convention of scaling-law papers."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed_tokens.weight.numel() if not self.config.tie_embeddings else 0
+            n -= self.wpe.weight.numel() if self.wpe is not None else 0
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward): 6 per weight of every matrix
+        multiply (all linear layers including the output head), plus attention's QK^T and AV products,
+        12 * n_layer * n_head * head_dim * T (the PaLM accounting, full causal T as is customary)."""
+        cfg = self.config
+        T = cfg.block_size if seq_len is None else seq_len
+        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6.0 * matmul_params + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+
+
+# ----------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, GPTConfig] = {
+    # Tiny shapes for tests and smoke runs.
+    "tiny": GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64),
+    # The default: a modern small model that trains in minutes on a laptop CPU
+    # (RoPE, RMSNorm, SwiGLU, GQA, QK-norm, untied head).
+    "cpu": GPTConfig(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
+                     qk_norm=True),
+    # The classic GPT-2 / nanoGPT shape, kept as the baseline: learned positions, LayerNorm with
+    # biases, GELU, tied embeddings. Size of GPT-2 small (124M) by default.
+    "gpt2-classic": GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768,
+                              mlp="gelu", norm="layer", pos="learned", tie_embeddings=True, bias=True),
+    # Llama-style models for GPUs.
+    "d12": GPTConfig(vocab_size=32768, block_size=2048, n_layer=12, n_head=6, n_kv_head=6, n_embd=768,
+                     qk_norm=True),
+    "d20": GPTConfig(vocab_size=65536, block_size=2048, n_layer=20, n_head=10, n_kv_head=10,
+                     n_embd=1280, qk_norm=True),
+}
+
+
+def get_config(preset: str, **overrides) -> GPTConfig:
+    if preset not in PRESETS:
+        raise LmforgeError(f"unknown model preset {preset!r}; choose from {', '.join(PRESETS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return replace(PRESETS[preset], **overrides)

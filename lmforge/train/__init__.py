@@ -1,0 +1,1 @@
+"""Training: the shared loop, optimizers, checkpoints, and the stages built on them."""

@@ -1,0 +1,129 @@
+"""Optimizers and learning-rate schedules.
+
+Muon (MomentUm Orthogonalized by Newton-Schulz) updates each hidden 2-D weight matrix with an
+orthogonalised version of its momentum: all singular values of the update are pushed towards 1,
+so every direction in the matrix learns at a similar rate. Embeddings, the output head and all
+1-D parameters (norm gains, biases) keep AdamW, for which Muon is not designed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from lmforge.common import LmforgeError
+
+
+def newton_schulz_orthogonalize(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately replace G = U S V^T by U V^T with a quintic Newton-Schulz iteration.
+
+    The coefficients (3.4445, -4.7750, 2.0315) are the published Muon choice: they push singular
+    values into roughly [0.7, 1.2] in five steps rather than converging exactly, which is enough for
+    an optimizer update and runs fast in bfloat16."""
+    assert G.ndim == 2
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(torch.bfloat16)
+    transposed = X.size(0) > X.size(1)
+    if transposed:  # iterate on the smaller Gram matrix
+        X = X.T
+    X = X / (X.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.T
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    if transposed:
+        X = X.T
+    return X.to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D weight matrices. Every rank computes the same update from the same (already
+    all-reduced) gradients, so it works unchanged under DDP."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, ns_steps: int = 5):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        ns_steps=ns_steps)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError("Muon only handles 2-D parameters")
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = newton_schulz_orthogonalize(g, group["ns_steps"])
+                # An orthogonal matrix has RMS entry 1/sqrt(max dim); rescale so tall and wide
+                # matrices move by a comparable amount per step.
+                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * scale)
+
+
+def build_optimizers(model: nn.Module, *, name: str, lr: float, weight_decay: float,
+                     betas: tuple[float, float], muon_lr: float, muon_momentum: float,
+                     fused_ok: bool = False) -> list[torch.optim.Optimizer]:
+    """AdamW alone, or Muon for the hidden matrices plus AdamW for the rest.
+
+    Weight decay applies to matrices only (never to norm gains, biases or embeddings)."""
+    if name not in ("adamw", "muon"):
+        raise LmforgeError(f"optimizer must be adamw or muon, got {name!r}")
+    seen, hidden, embed, other = set(), [], [], []
+    for pname, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if "embed_tokens" in pname or "wpe" in pname or "lm_head" in pname:
+            embed.append(p)
+        elif p.ndim == 2:
+            hidden.append(p)
+        else:
+            other.append(p)
+    kw = dict(lr=lr, betas=betas)
+    if fused_ok:
+        kw["fused"] = True
+    if name == "adamw":
+        groups = [{"params": hidden, "weight_decay": weight_decay},
+                  {"params": embed, "weight_decay": 0.0},
+                  {"params": other, "weight_decay": 0.0}]
+        return [torch.optim.AdamW([g for g in groups if g["params"]], **kw)]
+    adam_groups = [{"params": embed, "weight_decay": 0.0}, {"params": other, "weight_decay": 0.0}]
+    optimizers = [torch.optim.AdamW([g for g in adam_groups if g["params"]], **kw)]
+    if hidden:
+        optimizers.append(Muon(hidden, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay))
+    return optimizers
+
+
+def lr_multiplier(progress: float, step: int, *, warmup_steps: int, schedule: str,
+                  min_lr_frac: float, decay_frac: float) -> float:
+    """Multiplier on each group's base learning rate.
+
+    progress in [0, 1] is the fraction of the run done (by steps or by wall-clock budget).
+    - "cosine": linear warmup, then cosine from 1 to min_lr_frac.
+    - "wsd": warmup, stable at 1, then a linear decay to min_lr_frac over the last decay_frac of
+      the run (warmup-stable-decay: the run can be extended without restarting the schedule).
+    - "constant": warmup then flat."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "cosine":
+        return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "wsd":
+        if progress < 1 - decay_frac:
+            return 1.0
+        return 1.0 - (1 - min_lr_frac) * (progress - (1 - decay_frac)) / max(decay_frac, 1e-9)
+    if schedule == "constant":
+        return 1.0
+    raise LmforgeError(f"schedule must be cosine, wsd or constant, got {schedule!r}")

@@ -1,0 +1,129 @@
+"""Pretraining: next-token prediction on tokenized shards, through the shared Trainer."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from lmforge.common import LmforgeError, dist_info
+from lmforge.data.loader import BatchLoader, TokenSplit, eval_batches
+from lmforge.data.prepare import load_manifest
+from lmforge.model import GPT, get_config
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.loop import Trainer, TrainConfig, all_reduce_sum, setup_distributed
+
+
+class NextTokenTask:
+    """The pretraining Task: batches from a BatchLoader, mean next-token cross-entropy, and
+    validation loss plus bits per byte (nats summed over target tokens / (ln 2 * their UTF-8 bytes)),
+    which does not depend on the tokenizer and so compares models with different vocabularies."""
+
+    def __init__(self, train: TokenSplit, val: TokenSplit | None, token_bytes: torch.Tensor, *,
+                 batch_size: int, seq_len: int, seed: int, device: str, eval_tokens: int):
+        rank, _, world = dist_info()
+        self.loader = BatchLoader(train, batch_size, seq_len, seed=seed, rank=rank, world_size=world,
+                                  device=device)
+        self.val = val
+        self.batch_size, self.seq_len, self.device = batch_size, seq_len, device
+        self.rank, self.world = rank, world
+        self.token_bytes = token_bytes.to(device)
+        self.eval_batches = max(1, eval_tokens // (batch_size * seq_len * world))
+
+    def next_batch(self):
+        return self.loader.next_batch()
+
+    def loss(self, model: nn.Module, batch):
+        x, y = batch
+        return model(x, y), y.numel()
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        if self.val is None:
+            return {}
+        nll, ntok, nbytes = 0.0, 0, 0
+        for x, y in eval_batches(self.val, self.batch_size, self.seq_len, max_batches=self.eval_batches,
+                                 rank=self.rank, world_size=self.world):
+            x, y = x.to(self.device), y.to(self.device)
+            nll += model(x, y, reduction="sum").item()
+            ntok += y.numel()
+            nbytes += int(self.token_bytes[y].sum().item())
+        nll, ntok, nbytes = all_reduce_sum([nll, ntok, nbytes], self.device)
+        if ntok == 0:
+            return {}
+        return {"loss": nll / ntok, "bpb": nll / (math.log(2) * max(nbytes, 1))}
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+@dataclass
+class PretrainOptions:
+    data_dir: str
+    preset: str = "cpu"
+    model_overrides: dict | None = None
+    batch_size: int = 16  # per rank, per micro-step
+    seq_len: int | None = None  # default: the model's block size
+    eval_tokens: int = 65536
+    resume: bool = False
+    peak_flops: float | None = None
+
+
+def load_data_tokenizer(data_dir: str | Path) -> tuple[Tokenizer, Path]:
+    """The tokenizer the shards in data_dir were made with (checked by hash), and its path."""
+    manifest = load_manifest(data_dir)
+    tok_path = Path(manifest["tokenizer_path"])
+    if not tok_path.is_absolute():
+        tok_path = Path(data_dir) / tok_path
+    tok = Tokenizer.load(tok_path)
+    if tok.fingerprint != manifest["tokenizer_fingerprint"]:
+        raise LmforgeError(f"tokenizer {tok_path} has changed since the shards in {data_dir} were made "
+                           "(hash mismatch) — re-run `lmforge data prepare`")
+    return tok, tok_path.resolve()
+
+
+def pretrain(opts: PretrainOptions, train_cfg: TrainConfig) -> dict:
+    """Build the model, the task and the Trainer; train; return the final metrics."""
+    tok, tok_path = load_data_tokenizer(opts.data_dir)
+    overrides = dict(opts.model_overrides or {})
+    overrides["vocab_size"] = tok.vocab_size
+    cfg = get_config(opts.preset, **overrides)
+    seq_len = opts.seq_len or cfg.block_size
+    if seq_len > cfg.block_size:
+        raise LmforgeError(f"--seq-len {seq_len} is longer than the model's context window ({cfg.block_size})")
+    if opts.batch_size <= 0:
+        raise LmforgeError(f"--batch-size must be positive, got {opts.batch_size}")
+    train = TokenSplit(opts.data_dir, "train", tokenizer=tok)
+    try:
+        val = TokenSplit(opts.data_dir, "val", tokenizer=tok)
+    except LmforgeError:
+        val = None  # no validation split (val_fraction=0)
+    torch.manual_seed(train_cfg.seed)  # same initial weights on every rank and every run
+    model = GPT(cfg)
+    # The task's batches must land on the device the Trainer will use.
+    _, _, _, device = setup_distributed(train_cfg.device)
+    train_cfg.device = device
+    task = NextTokenTask(train, val, torch.tensor(tok.token_byte_lengths(), dtype=torch.long),
+                         batch_size=opts.batch_size, seq_len=seq_len, seed=train_cfg.seed, device=device,
+                         eval_tokens=opts.eval_tokens)
+    extra = {"tokenizer_fingerprint": tok.fingerprint, "tokenizer_path": str(tok_path),
+             "data_dir": str(Path(opts.data_dir).resolve()), "preset": opts.preset,
+             "batch_size": opts.batch_size, "seq_len": seq_len}
+    trainer = Trainer(model, task, train_cfg, extra_state=extra, resume=opts.resume, peak_flops=opts.peak_flops,
+                      extra_files={"tokenizer.json": tok_path.read_bytes()})
+    if trainer.is_main:
+        n = model.num_params()
+        world = trainer.world
+        print(f"model: {opts.preset} {n / 1e6:.2f}M parameters ({model.num_params(True) / 1e6:.2f}M non-embedding), "
+              f"{model.flops_per_token(seq_len) / 1e6:.1f} MFLOPs/token; "
+              f"{opts.batch_size * seq_len * train_cfg.grad_accum * world:,} tokens/step; "
+              f"train {train.num_tokens:,} tokens" + (f", val {val.num_tokens:,}" if val else ""))
+    result = trainer.fit()
+    result["model"] = model
+    result["tokenizer"] = tok
+    result["checkpoint"] = str(trainer.ckpt_root)
+    return result
