@@ -53,6 +53,26 @@ def fraction(s: str) -> float:
     return v
 
 
+def temperature_value(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        v = float("nan")
+    if not (v >= 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a temperature >= 0 (0 = greedy), got {s!r}")
+    return v
+
+
+def top_p_value(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        v = float("nan")
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}")
+    return v
+
+
 def positive_float(s: str) -> float:
     try:
         v = float(s)
@@ -120,7 +140,7 @@ def model_overrides(args) -> dict:
 
 def add_train_args(p: argparse.ArgumentParser, *, max_steps: int = 1000):
     g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=positive_int, default=16, help="sequences per micro-batch per process")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="sequences per micro-batch per process")
     g.add_argument("--seq-len", type=positive_int, help="training sequence length (default: block size)")
     g.add_argument("--grad-accum", type=positive_int, default=1)
     g.add_argument("--max-steps", type=positive_int, default=max_steps)
@@ -140,7 +160,8 @@ def add_train_args(p: argparse.ArgumentParser, *, max_steps: int = 1000):
     g.add_argument("--log-every", type=positive_int, default=10)
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the model; auto = on for CUDA, off on CPU (see docs/benchmarks.md)")
     g.add_argument("--device", default="auto")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -160,9 +181,9 @@ def train_config(args, out_dir: str):
 
 def add_sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--max-new-tokens", type=nonneg_int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--temperature", type=temperature_value, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=positive_int, default=None)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-p", type=top_p_value, default=0.95)
     p.add_argument("--seed", type=int, default=None)
 
 
@@ -298,31 +319,49 @@ def cmd_speedrun(args):
     from lmforge.tokenizer import Tokenizer
     from lmforge.train.pretrain import PretrainOptions, pretrain
 
+    from lmforge.data.prepare import load_manifest
+    from lmforge.train.checkpoint import list_checkpoints
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tok_path, data_dir = out / "tokenizer.json", out / "data"
+    tok_path, data_dir, run_dir = out / "tokenizer.json", out / "data", out / "pretrain"
     source = args.data or "stdlib"
-    print(f"[1/4] tokenizer: byte-level BPE, vocab {args.vocab_size}, on {source}")
-    tok = Tokenizer.train(iter_documents(args.data, max_chars=args.max_chars), args.vocab_size,
-                          show_progress=not args.no_progress, max_chars=args.tokenizer_chars)
-    tok.save(tok_path)
-    print(f"[2/4] data: tokenizing into shards in {data_dir}")
-    m = prepare_shards(args.data, tok_path, data_dir, val_fraction=args.val_fraction, max_chars=args.max_chars,
-                       show_progress=not args.no_progress)
+    # A re-run reuses finished stages and resumes an interrupted pretraining run.
+    if tok_path.is_file():
+        tok = Tokenizer.load(tok_path)
+        print(f"[1/4] tokenizer: reusing {tok_path} ({tok.vocab_size} ids)")
+    else:
+        print(f"[1/4] tokenizer: byte-level BPE, vocab {args.vocab_size}, on {source}")
+        tok = Tokenizer.train(iter_documents(args.data, max_chars=args.max_chars), args.vocab_size,
+                              show_progress=not args.no_progress, max_chars=args.tokenizer_chars)
+        tok.save(tok_path)
+    try:
+        m = load_manifest(data_dir)
+        reuse = (m.get("tokenizer_fingerprint") == tok.fingerprint and m.get("source") == str(source)
+                 and m.get("max_chars") == args.max_chars)
+    except LmforgeError:
+        reuse = False
+    if reuse:
+        print(f"[2/4] data: reusing shards in {data_dir}")
+    else:
+        print(f"[2/4] data: tokenizing into shards in {data_dir}")
+        m = prepare_shards(args.data, tok_path, data_dir, val_fraction=args.val_fraction,
+                           max_chars=args.max_chars, show_progress=not args.no_progress)
     print("      " + ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in m["splits"].items()))
-    print(f"[3/4] pretrain: preset {args.preset}")
+    resume = args.resume or bool(list_checkpoints(run_dir / "checkpoints"))
+    print(f"[3/4] pretrain: preset {args.preset}" + (" (resuming)" if resume else ""))
     opts = PretrainOptions(data_dir=str(data_dir), preset=args.preset, model_overrides=model_overrides(args),
                            batch_size=args.batch_size, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
-                           resume=args.resume)
-    result = pretrain(opts, train_config(args, str(out / "pretrain")))
+                           resume=resume)
+    result = pretrain(opts, train_config(args, str(run_dir)))
     print(f"      val loss {result.get('val_loss', float('nan')):.4f} nats/token, "
           f"{result.get('val_bpb', float('nan')):.4f} bits/byte after {result['tokens']:,} tokens; "
-          f"loss curve {out / 'pretrain' / 'loss.png'}")
+          f"loss curve {run_dir / 'loss.png'}")
     print("[4/4] sample:")
     args.seed = 0 if args.sample_seed is None else args.sample_seed
     _print_sample(result["model"].eval(), result["tokenizer"], args.prompt, args)
     print(f"\ncheckpoint: {result['checkpoint']}\n"
-          f"try: lmforge sample --checkpoint {out / 'pretrain'} --prompt 'def '")
+          f"try: lmforge sample --checkpoint {run_dir} --prompt 'def '")
 
 
 # ----------------------------------------------------------------------------- parser
@@ -343,11 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", default="def ")
     s.add_argument("--sample-seed", type=int, default=None)
     s.add_argument("--max-new-tokens", type=nonneg_int, default=200)
-    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--temperature", type=temperature_value, default=0.8)
     s.add_argument("--top-k", type=positive_int, default=None)
-    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--top-p", type=top_p_value, default=0.95)
     add_model_args(s)
-    add_train_args(s, max_steps=600)
+    add_train_args(s, max_steps=1000)
     s.set_defaults(func=cmd_speedrun)
 
     # tokenizer
@@ -418,14 +457,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        # `lmforge tokenizer` without an action etc.: show the relevant help.
-        parser.parse_args((argv or sys.argv[1:]) + ["--help"])
+        # `lmforge` or `lmforge tokenizer` without an action: show the relevant help, fail.
+        try:
+            parser.parse_args(argv + ["--help"])
+        except SystemExit:
+            pass
         return 2
     try:
         args.func(args)
     except LmforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unwritable output folder, a folder where a file should be, disk full...
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -37,15 +37,25 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def read_json(path: str | os.PathLike, what: str = "file"):
-    """Read a JSON file, turning a missing or corrupt file into a clear LmforgeError."""
+def read_json(path: str | os.PathLike, what: str = "file", *, fmt: str | None = None,
+              version: int | None = None, hint: str = ""):
+    """Read a JSON file, turning a missing or corrupt file into a clear LmforgeError. With `fmt`,
+    the file must be an object whose "format" is fmt (and whose "version" is `version`, if given);
+    `hint` is appended to a version mismatch message (e.g. how to regenerate the file)."""
     path = Path(path)
     if not path.is_file():
         raise LmforgeError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LmforgeError(f"{what} {path} is not valid JSON: {e}") from None
+    if fmt is not None:
+        if not isinstance(obj, dict) or obj.get("format") != fmt:
+            raise LmforgeError(f"{path} is not an lmforge {what} (expected format {fmt!r})")
+        if version is not None and obj.get("version") != version:
+            raise LmforgeError(f"{path}: {what} format version {obj.get('version')!r} is not supported "
+                               f"(this lmforge reads version {version}){hint}")
+    return obj
 
 
 def sha256_bytes(data: bytes) -> str:

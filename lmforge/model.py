@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -128,11 +129,14 @@ class Rotary(nn.Module):
 
     def forward(self, x, positions: torch.Tensor):
         # x: (B, H, T, hd); positions: (T,) absolute positions of the T tokens
-        cos = self.cos[positions].to(x.dtype)
-        sin = self.sin[positions].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        rotated = torch.cat([-x2, x1], dim=-1)
-        return x * cos + rotated * sin
+        return apply_rotary(x, self.cos[positions], self.sin[positions])
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate x (..., T, hd) by the angles whose cos/sin are given (broadcastable to x)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -150,13 +154,18 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.dropout = cfg.dropout
 
-    def forward(self, x, rotary: Rotary | None, positions: torch.Tensor):
+    def forward(self, x, rotary: Rotary | None, positions: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, step: CacheStep | None = None):
+        """Without kv: causal attention over x (training and plain inference). With kv (this layer's
+        key/value cache buffers) and step: cached inference, see GPT.prefill and GPT.decode."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if kv is not None:
+            return self._forward_cached(q, k, v, kv, step)
         if rotary is not None:
             q, k = rotary(q, positions), rotary(k, positions)
         if self.n_kv_head != self.n_head:
@@ -170,6 +179,35 @@ class CausalSelfAttention(nn.Module):
         )
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
+
+    def _forward_cached(self, q, k, v, kv, step: CacheStep):
+        B, _, T, hd = q.shape
+        k_buf, v_buf = kv
+        if step.cos is not None:  # rotary angles computed once per step for all layers
+            q, k = apply_rotary(q, step.cos, step.sin), apply_rotary(k, step.cos, step.sin)
+        if step.write is None:
+            # Prefill: the rows' first T tokens go to slots 0..T-1 and attend causally among
+            # themselves, exactly as in the uncached forward.
+            k_buf[:, :, :T] = k
+            v_buf[:, :, :T] = v
+            if self.n_kv_head != self.n_head:
+                rep = self.n_head // self.n_kv_head
+                k = k.repeat_interleave(rep, dim=1)
+                v = v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * hd))
+        # Decode, one token per row: store its key/value at the row's own slot, then attend to the
+        # row's slots 0..position. Instead of copying the cached heads out to every query head,
+        # the query heads sharing a KV head become that head's "query positions": (B, n_kv, rep, hd)
+        # against (B, n_kv, L, hd), the same grouping as repeat_interleave (query head h uses KV
+        # head h // rep). No causal mask is needed for a single query, only the length mask.
+        k_buf.scatter_(2, step.write, k.to(k_buf.dtype))
+        v_buf.scatter_(2, step.write, v.to(v_buf.dtype))
+        keys = k_buf[:, :, :step.length].to(q.dtype)
+        values = v_buf[:, :, :step.length].to(q.dtype)
+        q = q.reshape(B, self.n_kv_head, self.n_head // self.n_kv_head, hd)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask)
+        return self.o_proj(y.reshape(B, 1, self.n_head * hd))
 
 
 class MLP(nn.Module):
@@ -205,10 +243,45 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rotary, positions):
-        x = x + self.drop(self.self_attn(self.input_layernorm(x), rotary, positions))
+    def forward(self, x, rotary, positions, kv=None, step=None):
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), rotary, positions, kv, step))
         x = x + self.drop(self.mlp(self.post_attention_layernorm(x)))
         return x
+
+
+# ----------------------------------------------------------------------------- key/value cache
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for B rows: one preallocated
+    (B, n_kv_head, max_len, head_dim) buffer pair per layer. Slot i of a row holds its token at
+    position i. Only the n_kv_head shared heads are stored (a GQA model's cache is
+    n_head / n_kv_head times smaller); attention expands them to the query heads."""
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+        # Zeros, not empty: a masked slot still enters attention as 0 * value, and 0 * NaN is NaN.
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].size(0)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the listed rows (in that order), e.g. to drop finished sequences from a batch."""
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
+
+
+class CacheStep(NamedTuple):
+    """What every layer needs to know about one cached forward step (computed once per step)."""
+    cos: torch.Tensor | None  # rotary angles of the step's tokens; None with learned positions
+    sin: torch.Tensor | None
+    write: torch.Tensor | None  # decode: slot of each row's token, as a scatter index; None: prefill
+    length: int  # decode: number of slots attended to (the furthest row's position + 1)
+    mask: torch.Tensor | None  # decode: (B, 1, 1, length), True where the row may attend; None: all
 
 
 # ----------------------------------------------------------------------------- the model
@@ -262,6 +335,69 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-100, reduction=reduction)
+
+    # ------------------------------------------------------------------ cached inference
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty key/value cache for batch_size rows of up to max_len tokens, on the model's device."""
+        w = self.embed_tokens.weight
+        if dtype is None:
+            dtype = w.dtype if w.is_floating_point() else torch.float32
+        return KVCache(self.config, batch_size, max_len, device=w.device, dtype=dtype)
+
+    def prefill(self, idx: torch.Tensor, cache: KVCache, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Start cached inference: idx (B, T) are the rows' first tokens, at positions 0..T-1; their
+        keys and values fill cache slots 0..T-1. Returns float32 logits (B, vocab) of the token at
+        position last[b] of each row (default: T - 1), i.e. the prediction for the next position.
+
+        Rows of different lengths are right-padded (any id will do): causal attention means a real
+        token never sees the padding after it, and a padded slot is overwritten by the row's own
+        next token before anything attends to it (see decode)."""
+        B, T = idx.shape
+        if T > min(self.config.block_size, cache.max_len):
+            raise LmforgeError(f"sequence of {T} tokens does not fit the context window "
+                               f"({self.config.block_size}) or the cache ({cache.max_len})")
+        positions = torch.arange(T, device=idx.device)
+        cos = sin = None
+        if self.rotary is not None:
+            cos, sin = self.rotary.cos[:T], self.rotary.sin[:T]
+        x = self._forward_cached(idx, positions, cache, CacheStep(cos, sin, None, T, None))
+        if last is None:
+            x = x[:, -1]
+        else:
+            x = x[torch.arange(B, device=idx.device), last.to(idx.device)]
+        # Only the wanted positions go through the head: vocab x T logits would dominate a long prefill.
+        return self.lm_head(self.norm(x)).float()
+
+    def decode(self, idx: torch.Tensor, cache: KVCache, positions: list[int]) -> torch.Tensor:
+        """One cached step: idx (B, 1) holds each row's next token, at position positions[b] (the
+        number of tokens the row already has in the cache). Its key and value go to that slot and it
+        attends to the row's slots 0..positions[b]. Returns float32 logits (B, vocab)."""
+        B = idx.size(0)
+        length = max(positions) + 1
+        if length > min(self.config.block_size, cache.max_len):
+            raise LmforgeError(f"position {length - 1} is outside the context window "
+                               f"({self.config.block_size}) or the cache ({cache.max_len})")
+        pos = torch.tensor(positions, device=idx.device)
+        cos = sin = None
+        if self.rotary is not None:
+            cos = self.rotary.cos[pos].view(B, 1, 1, -1)
+            sin = self.rotary.sin[pos].view(B, 1, 1, -1)
+        cfg = self.config
+        write = pos.view(B, 1, 1, 1).expand(B, cfg.kv_heads, 1, cfg.head_dim)
+        mask = None
+        if min(positions) != length - 1:  # rows at different positions: hide slots beyond each row's own
+            mask = (torch.arange(length, device=idx.device) <= pos[:, None]).view(B, 1, 1, length)
+        x = self._forward_cached(idx, pos.view(B, 1), cache, CacheStep(cos, sin, write, length, mask))
+        return self.lm_head(self.norm(x[:, -1])).float()
+
+    def _forward_cached(self, idx, positions, cache: KVCache, step: CacheStep) -> torch.Tensor:
+        x = self.embed_tokens(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        for layer, k_buf, v_buf in zip(self.layers, cache.k, cache.v):
+            x = layer(x, self.rotary, positions, (k_buf, v_buf), step)
+        return x
 
     # ------------------------------------------------------------------ accounting
 

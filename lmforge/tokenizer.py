@@ -326,14 +326,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        obj = read_json(path, "tokenizer file")
-        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-            raise LmforgeError(f"{path} is not an lmforge tokenizer (expected format {FORMAT!r})")
-        if obj.get("version") != FORMAT_VERSION:
-            raise LmforgeError(
-                f"{path}: unsupported tokenizer format version {obj.get('version')!r} "
-                f"(this lmforge reads version {FORMAT_VERSION})"
-            )
+        obj = read_json(path, "tokenizer file", fmt=FORMAT, version=FORMAT_VERSION)
         merges, pattern = obj.get("merges"), obj.get("pattern")
         if not isinstance(merges, list) or not isinstance(pattern, str):
             raise LmforgeError(f"{path}: corrupt tokenizer file (missing 'merges' or 'pattern')")

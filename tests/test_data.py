@@ -36,7 +36,7 @@ from lmforge.tokenizer import Tokenizer
 def tinyshakespeare() -> Path:
     path = shared_data() / "tinyshakespeare" / "input.txt"
     if not path.is_file():
-        pytest.skip(f"shared data not available: {path}")
+        pytest.fail(f"test corpus missing: {path} (set LMFORGE_SHARED_DATA)")
     return path
 
 

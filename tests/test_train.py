@@ -16,10 +16,10 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
 
 
 def run(tiny_data, out, *, steps, resume=False, optimizer="muon", ckpt_every=0, batch_size=4, grad_accum=1,
-        dtype="fp32", **kw):
+        dtype="fp32", compile="off", **kw):
     cfg = TrainConfig(out_dir=str(out), max_steps=steps, optimizer=optimizer, ckpt_every=ckpt_every,
                       eval_every=0, log_every=1, warmup_steps=2, dtype=dtype, progress=False,
-                      grad_accum=grad_accum, **kw)
+                      grad_accum=grad_accum, compile=compile, **kw)
     opts = PretrainOptions(data_dir=str(tiny_data), preset="tiny", model_overrides=dict(TINY),
                            batch_size=batch_size, eval_tokens=2048, resume=resume)
     return pretrain(opts, cfg)
@@ -88,7 +88,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
 
 def test_resume_with_other_config_is_refused(tiny_data, tmp_path):
     run(tiny_data, tmp_path / "r", steps=2)
-    cfg = TrainConfig(out_dir=str(tmp_path / "r"), max_steps=4, progress=False)
+    cfg = TrainConfig(out_dir=str(tmp_path / "r"), max_steps=4, progress=False, compile="off")
     opts = PretrainOptions(data_dir=str(tiny_data), preset="tiny", model_overrides=dict(TINY, n_layer=3),
                            batch_size=4, resume=True)
     with pytest.raises(LmforgeError, match="different model config"):
@@ -141,7 +141,8 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_data, tmp_path):
     inner = NextTokenTask(split, None, torch.ones(268, dtype=torch.long), batch_size=4, seq_len=32, seed=0,
                           device="cpu", eval_tokens=128)
     model = GPT(get_config("tiny", vocab_size=268, **TINY))
-    cfg = TrainConfig(out_dir=str(out), max_steps=10, ckpt_every=2, eval_every=0, progress=False, dtype="fp32")
+    cfg = TrainConfig(out_dir=str(out), max_steps=10, ckpt_every=2, eval_every=0, progress=False, dtype="fp32",
+                      compile="off")
     trainer = Trainer(model, NaNTask(inner, bad_step=5), cfg)
     with pytest.raises(TrainingDiverged, match=r"at step 5.*step_000004"):
         trainer.fit()
@@ -161,7 +162,8 @@ def test_ddp_two_processes_match_one_process(tiny_data, tmp_path):
     """torchrun --nproc_per_node=2 (gloo) with batch 4 per rank == 1 process with batch 8."""
     common = ["pretrain", "--data-dir", str(tiny_data), "--preset", "tiny", "--n-layer", "2", "--n-head", "2",
               "--n-embd", "32", "--block-size", "32", "--max-steps", "5", "--eval-every", "0", "--ckpt-every", "0",
-              "--dtype", "fp32", "--no-progress", "--optimizer", "adamw", "--warmup-steps", "1", "--log-every", "1"]
+              "--dtype", "fp32", "--no-progress", "--optimizer", "adamw", "--warmup-steps", "1", "--log-every", "1",
+              "--compile", "off"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = tmp_path / "one"
     subprocess.run([sys.executable, "-m", "lmforge.cli", *common, "--batch-size", "8", "--out", str(one)],
@@ -177,3 +179,26 @@ def test_ddp_two_processes_match_one_process(tiny_data, tmp_path):
         assert x == pytest.approx(y, rel=1e-4, abs=1e-4)
     st = json.loads((ckpt_io.resolve_checkpoint(two) / "state.json").read_text())
     assert st["world_size"] == 2
+
+
+def test_compile_failure_falls_back_to_eager(tiny_data, tmp_path, monkeypatch, capsys):
+    """A machine where torch.compile cannot work (e.g. no C++ compiler) still trains, identically."""
+    class Broken(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *a, **k):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda m, **k: Broken(m))
+    run(tiny_data, tmp_path / "fallback", steps=4, compile="on")
+    assert "torch.compile failed" in capsys.readouterr().out
+    run(tiny_data, tmp_path / "eager", steps=4, compile="off")
+    assert losses(tmp_path / "fallback") == losses(tmp_path / "eager")
+
+
+def test_compiled_training_matches_eager(tiny_data, tmp_path):
+    run(tiny_data, tmp_path / "c", steps=3, compile="on")
+    run(tiny_data, tmp_path / "e", steps=3, compile="off")
+    assert losses(tmp_path / "c") == pytest.approx(losses(tmp_path / "e"), rel=1e-3)

@@ -349,14 +349,8 @@ def load_manifest(data_dir: str | os.PathLike) -> dict:
     path = d / MANIFEST_NAME
     if not path.is_file():
         raise LmforgeError(f"no {MANIFEST_NAME} in {d} — run `lmforge data prepare` first")
-    m = read_json(path, "data manifest")
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise LmforgeError(f"{path} is not an lmforge data manifest (expected format {FORMAT!r})")
-    if m.get("version") != FORMAT_VERSION:
-        raise LmforgeError(
-            f"{path} has manifest version {m.get('version')!r}; this lmforge reads version "
-            f"{FORMAT_VERSION} — re-run `lmforge data prepare`"
-        )
+    m = read_json(path, "data manifest", fmt=FORMAT, version=FORMAT_VERSION,
+                  hint=" — re-run `lmforge data prepare`")
     required = ("tokenizer_fingerprint", "vocab_size", "dtype", "bos_id", "splits")
     missing = [k for k in required if k not in m]
     splits = m.get("splits")

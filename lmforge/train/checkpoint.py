@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.common import LmforgeError, atomic_write_json, read_json
@@ -158,14 +159,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_checkpoint_state(ckpt_dir: str | Path) -> dict:
-    state = read_json(Path(ckpt_dir) / "state.json", "checkpoint state")
-    if state.get("format") != "lmforge-checkpoint":
-        raise LmforgeError(f"{ckpt_dir} is not an lmforge checkpoint")
-    return state
+    return read_json(Path(ckpt_dir) / "state.json", "checkpoint state", fmt="lmforge-checkpoint", version=1)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise LmforgeError(f"cannot read {path}: {e}") from None
 
 
 def load_model_weights(model: GPT, ckpt_dir: str | Path) -> None:
-    sd = load_file(str(Path(ckpt_dir) / "model.safetensors"))
+    sd = _load_tensors(Path(ckpt_dir) / "model.safetensors")
     if model.config.tie_embeddings:
         sd["lm_head.weight"] = sd["embed_tokens.weight"]
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -204,6 +209,6 @@ def load_optimizer_states(optimizers, ckpt_dir: str | Path, state: dict) -> None
         raise LmforgeError(f"checkpoint {ckpt_dir} has optimizer state for "
                            f"{0 if meta is None else len(meta)} optimizers, this run uses {len(optimizers)} "
                            "(was it trained with a different --optimizer?)")
-    tensors = load_file(str(Path(ckpt_dir) / "optimizer.safetensors"))
+    tensors = _load_tensors(Path(ckpt_dir) / "optimizer.safetensors")
     for i, opt in enumerate(optimizers):
         opt.load_state_dict(_join_optimizer_state(tensors, meta, i))

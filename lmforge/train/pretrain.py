@@ -66,7 +66,7 @@ class PretrainOptions:
     data_dir: str
     preset: str = "cpu"
     model_overrides: dict | None = None
-    batch_size: int = 16  # per rank, per micro-step
+    batch_size: int = 8  # per rank, per micro-step
     seq_len: int | None = None  # default: the model's block size
     eval_tokens: int = 65536
     resume: bool = False

@@ -1,0 +1,408 @@
+"""Weight-only quantization of the linear layers: int8 per output channel, int4 in groups.
+
+Only the weights shrink; activations stay float, so a quantized layer computes y = x @ dequant(W)^T + b.
+One-token decode is bound by reading weights from memory, so fewer weight bytes is the speed-up. On
+CPU the layers run on PyTorch's fused weight-only kernels, which dequantize inside the matmul:
+  int8: torch._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N]) -> [M, N]
+  int4: torch._weight_int4pack_mm_for_cpu(x [M, K], w uint8 [N, K/2] (kernel layout), group_size,
+                                          scales_and_zeros [K/group_size, N, 2]) -> [M, N]
+Elsewhere (GPU, a build without the kernels, a shape they reject) the weights are dequantized and
+passed to F.linear, which works on any device.
+
+Formats (N = out_features, K = in_features)
+  int8  symmetric per output row: w[n, k] ~ scales[n] * q[n, k], q in [-127, 127].
+  int4  asymmetric per group of `group_size` consecutive input columns:
+        w ~ (q - 8) * scale + zero, q in [0, 15], so zero is the value that code 8 stands for (the
+        convention of the fused kernel). Asymmetric because the kernel applies a zero point anyway,
+        so it is free at run time, and spanning each group's [min, max] with all 16 levels gives a
+        smaller step than a symmetric [-absmax, absmax] grid, which wastes levels on the side of zero
+        the group does not reach.
+
+A quantized checkpoint is an ordinary checkpoint folder (lmforge.train.checkpoint) whose state.json
+holds "quantization": {"bits", "group_size", "include_lm_head"}. Its int4 codes are stored in a
+plain layout (two codes per byte, the even column in the low nibble), never the kernel's private,
+instruction-set-dependent one, so files move between machines.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.common import LmforgeError
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the fused CPU kernel accepts
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_EPS = 1e-12  # floor for scales, so all-zero rows and constant groups do not divide by zero
+
+
+# ----------------------------------------------------------------------------- quantizers
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q int8 [N, K], scales float32 [N]) with w ~ q * scales[:, None]."""
+    w = w.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=_EPS) / 127
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (codes uint8 [N, K] in 0..15, scales_and_zeros float32 [K/group_size, N, 2])."""
+    N, K = w.shape
+    g = w.detach().float().reshape(N, K // group_size, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=_EPS)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15)
+    zero = lo + 8 * scale
+    # [K/g, N, 2] is the layout the kernel reads; it is also what we store.
+    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    return q.reshape(N, K).to(torch.uint8), scales_and_zeros
+
+
+def dequantize_int4(codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of quantize_int4 up to rounding: codes [N, K] -> weights [N, K] in `dtype`."""
+    N, K = codes.shape
+    sz = scales_and_zeros.to(dtype)
+    scale, zero = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]  # [N, K/g, 1]
+    q = codes.reshape(N, K // group_size, group_size).to(dtype)
+    return ((q - 8) * scale + zero).reshape(N, K)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Plain layout: codes uint8 [N, K] (0..15) -> [N, K/2], column 2j in the low nibble, 2j+1 in the high."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: [N, K/2] -> codes uint8 [N, K]."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+# ----------------------------------------------------------------------------- the CPU kernels' int4 layout
+
+
+def _to_kernel_layout(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [N, K] on CPU -> the uint8 [N, K/2] tensor _weight_int4pack_mm_for_cpu reads.
+    (inner_k_tiles only matters for the CUDA layout; the CPU op checks it but does not use it.)"""
+    return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """All 4-bit values of a uint8 tensor, flat, low nibble of each byte first."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)
+
+
+def _from_kernel_layout(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """Inverse of _to_kernel_layout: the codes uint8 [N, K] held in a kernel-layout tensor.
+
+    The kernel's layout is private to PyTorch and differs between CPU instruction sets (AVX512 and
+    AVX2 interleave rows differently), so rather than hard-code it we observe it: pack probe
+    matrices whose codes spell out each element's own index n*K + k, four bits per probe, and read
+    back where every index landed. Used when saving or leaving the CPU, never per forward call."""
+    index = torch.arange(N * K, dtype=torch.int64)
+    source = torch.zeros(N * K, dtype=torch.int64)  # slot -> flat index of the code it holds
+    for shift in range(0, max(1, (N * K - 1).bit_length()), 4):
+        probe = ((index >> shift) & 15).to(torch.uint8).view(N, K)
+        source |= _nibbles(_to_kernel_layout(probe)).to(torch.int64) << shift
+    codes = torch.empty(N * K, dtype=torch.uint8)
+    codes[source] = _nibbles(packed.cpu())
+    return codes.view(N, K).to(packed.device)
+
+
+@functools.cache
+def kernel_available(bits: int) -> bool:
+    """Whether this torch build has the fused CPU kernel for `bits` and it runs (tried once, tiny)."""
+    try:
+        x = torch.ones(1, 64)
+        if bits == 8:
+            y = torch._weight_int8pack_mm(x, torch.ones(16, 64, dtype=torch.int8), torch.ones(16))
+        else:
+            codes = torch.full((16, 64), 9, dtype=torch.uint8)  # (9 - 8) * 1 + 0 = 1
+            sz = torch.stack([torch.ones(2, 16), torch.zeros(2, 16)], dim=-1)
+            y = torch._weight_int4pack_mm_for_cpu(x, _to_kernel_layout(codes), 32, sz)
+        return bool(torch.allclose(y, torch.full((1, 16), 64.0)))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+class QuantLinear(nn.Module):
+    """nn.Linear with its weight held as int8 or int4 codes plus float scales (the bias stays float).
+
+    Buffers: int8 - qweight int8 [N, K], scales float32 [N];
+             int4 - qweight uint8 [N, K/2], scales_and_zeros float32 [K/group_size, N, 2].
+    On CPU an int4 qweight is held in the fused kernel's layout (`kernel_layout`); state_dict() always
+    gives, and load_state_dict() always takes, the plain layout."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 8, group_size: int | None = 32,
+                 bias: bool = False):
+        super().__init__()
+        check_shape(in_features, bits, group_size)
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        if bits == 8:
+            self.group_size = None
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("scales", torch.ones(out_features))
+        else:
+            self.group_size = group_size
+            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.kernel_layout = False  # int4 only: qweight is in the CPU kernel's layout
+        self.use_kernel = False
+        self._path_device = None  # the device the path above was chosen for
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, bits: int = 8, group_size: int | None = 32) -> "QuantLinear":
+        q = cls(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None)
+        w = linear.weight
+        if bits == 8:
+            q.qweight, q.scales = quantize_int8(w)
+        else:
+            codes, q.scales_and_zeros = quantize_int4(w, group_size)
+            q.qweight = pack_int4(codes)
+        if linear.bias is not None:
+            q.bias = linear.bias.detach().float().clone()
+        q.to(w.device)
+        q.select_path()
+        return q
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}, "
+                f"bias={self.bias is not None}, kernel={self.use_kernel}")
+
+    # ------------------------------------------------------------------ weights
+
+    def int4_codes(self) -> torch.Tensor:
+        """int4 codes uint8 [N, K] in 0..15, whatever layout qweight is held in."""
+        if self.kernel_layout:
+            return _from_kernel_layout(self.qweight, self.out_features, self.in_features)
+        return unpack_int4(self.qweight)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [N, K] the layer computes with."""
+        if self.bits == 8:
+            return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
+        return dequantize_int4(self.int4_codes(), self.scales_and_zeros, self.group_size, dtype)
+
+    @torch.no_grad()
+    def select_path(self) -> None:
+        """Choose fused kernel or dequantize fallback for the device the weights are on, converting
+        the int4 layout to match. Called after quantizing, after loading, and when the layer moved."""
+        device = self.qweight.device
+        self._path_device = device
+        want = device.type == "cpu" and kernel_available(self.bits)
+        if want == self.use_kernel:
+            return
+        # The kernels are private ops with shape rules of their own; one that rejects or mishandles
+        # this shape must cost speed, not correctness, hence the check against the plain matmul.
+        if self.bits == 8:
+            self.use_kernel = want and self._kernel_agrees(self.dequantize())
+            return
+        codes = self.int4_codes()
+        if want:
+            self.qweight, self.kernel_layout, self.use_kernel = _to_kernel_layout(codes), True, True
+            if self._kernel_agrees(dequantize_int4(codes, self.scales_and_zeros, self.group_size)):
+                return
+        self.qweight, self.kernel_layout, self.use_kernel = pack_int4(codes), False, False
+
+    def _kernel_agrees(self, weight: torch.Tensor) -> bool:
+        x = torch.randn(2, self.in_features, generator=torch.Generator().manual_seed(0))
+        try:
+            y = self._kernel_matmul(x)
+        except RuntimeError:
+            return False
+        ref = F.linear(x, weight)
+        return y.shape == ref.shape and bool(torch.allclose(y, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max())))
+
+    # ------------------------------------------------------------------ forward
+
+    def _kernel_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [M, K] float on CPU -> [M, N] in the kernel's compute dtype (x's if it supports it)."""
+        dt = x2.dtype if x2.dtype in _KERNEL_DTYPES else torch.float32
+        x2 = x2.to(dt).contiguous()
+        if self.bits == 8:
+            return torch._weight_int8pack_mm(x2, self.qweight, self.scales.to(dt))
+        return torch._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros.to(dt))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight.device != self._path_device:  # moved by .to() since the path was chosen
+            self.select_path()
+        x2 = x.reshape(-1, self.in_features)
+        if self.use_kernel:
+            y = self._kernel_matmul(x2).to(x.dtype)
+        elif self.bits == 8:
+            # Per-row scales commute with the matmul: scale the small output, not the weight.
+            y = F.linear(x2, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+        else:
+            y = F.linear(x2, self.dequantize(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    # ------------------------------------------------------------------ state dict: always the plain layout
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.kernel_layout:
+            destination[prefix + "qweight"] = pack_int4(self.int4_codes())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.kernel_layout:  # loading replaces the codes, so just return to the plain layout
+            self.qweight = torch.zeros(self.out_features, self.in_features // 2, dtype=torch.uint8,
+                                       device=self.qweight.device)
+        self.kernel_layout = self.use_kernel = False  # choose again for the new weights
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.select_path()
+
+
+def check_shape(in_features: int, bits: int, group_size: int | None) -> None:
+    if bits == 8:
+        return
+    if bits != 4:
+        raise LmforgeError(f"bits must be 8 or 4, got {bits}")
+    if group_size not in INT4_GROUP_SIZES:
+        raise LmforgeError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if in_features % group_size:
+        raise LmforgeError(f"int4 group size {group_size} does not divide a layer's input size "
+                           f"{in_features}; choose a smaller group size")
+
+
+# ----------------------------------------------------------------------------- whole models
+
+
+def _targets(model: nn.Module, include_lm_head: bool) -> list[tuple[str, nn.Linear]]:
+    """The nn.Linear layers to quantize. A head tied to the embedding table is left alone: the table
+    must stay float for lookups, so a quantized head would be an extra copy, not a saving."""
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)
+            and not (name == "lm_head" and (tied or not include_lm_head))]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def quantization_config(model: nn.Module) -> dict | None:
+    """{"bits", "group_size", "include_lm_head"} of a quantized model, None for a float one."""
+    qs = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not qs:
+        return None
+    kinds = {(m.bits, m.group_size) for m in qs}
+    if len(kinds) > 1:
+        raise LmforgeError(f"model mixes quantization settings {sorted(kinds, key=str)}")
+    bits, group_size = kinds.pop()
+    return {"bits": bits, "group_size": group_size,
+            "include_lm_head": isinstance(getattr(model, "lm_head", None), QuantLinear)}
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, bits: int = 8, group_size: int = 32,
+                   include_lm_head: bool = True) -> nn.Module:
+    """Replace the model's nn.Linear layers by QuantLinear in place (and return the model).
+    group_size applies to int4 only (int8 has one scale per output row)."""
+    targets = _targets(model, include_lm_head)
+    for _, m in targets:  # check every layer before changing any, so an error leaves the model whole
+        check_shape(m.in_features, bits, group_size)
+    existing = quantization_config(model)
+    if existing and (existing["bits"], existing["group_size"]) != (bits, group_size if bits == 4 else None):
+        raise LmforgeError(f"model is already quantized ({existing}); quantize the float model instead")
+    for name, m in targets:
+        _replace(model, name, QuantLinear.from_linear(m, bits, group_size))
+    return model
+
+
+def prepare_quantized(model: nn.Module, quantization: dict) -> nn.Module:
+    """Give a freshly built float model the quantized layers described by a checkpoint's
+    "quantization" entry, with empty weights, ready for load_state_dict (no quantization work)."""
+    bits, group_size = quantization["bits"], quantization.get("group_size")
+    targets = _targets(model, quantization.get("include_lm_head", True))
+    for _, m in targets:
+        check_shape(m.in_features, bits, group_size)
+    for name, m in targets:
+        _replace(model, name, QuantLinear(m.in_features, m.out_features, bits, group_size, bias=m.bias is not None))
+    return model
+
+
+def _tensors(modules) -> int:
+    """Bytes of the distinct parameters and buffers of `modules` (their own, not their children's)."""
+    seen, total = set(), 0
+    for m in modules:
+        for t in itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False)):
+            if t.data_ptr() not in seen:  # tied weights are one tensor
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def model_memory_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (including non-persistent ones such as the
+    rotary tables), counting shared tensors once."""
+    return _tensors(model.modules())
+
+
+def linear_memory_bytes(model: nn.Module) -> int:
+    """Bytes held by the linear layers alone (float or quantized): what quantization shrinks."""
+    return _tensors(m for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_quantized(model: nn.Module, out_dir: str | Path, *, step: int = 0, state: dict | None = None,
+                   files: dict[str, bytes] | None = None) -> Path:
+    """Write a quantized model as a checkpoint out_dir/step_{step}/ (model.safetensors + state.json with
+    the model config and "quantization"); returns that folder. `state` and `files` are extra state.json
+    entries and files, as for save_checkpoint (e.g. the tokenizer, to stay self-contained)."""
+    from lmforge.train.checkpoint import save_checkpoint
+
+    qcfg = quantization_config(model)
+    if qcfg is None:
+        raise LmforgeError("model is not quantized; call quantize_model first")
+    return save_checkpoint(out_dir, step, model, state={**(state or {}), "quantization": qcfg}, files=files)
+
+
+def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """Like checkpoint.load_model, also for quantized checkpoints: (model in eval mode, state)."""
+    from lmforge.model import GPT, GPTConfig
+    from lmforge.train.checkpoint import load_model_weights, read_checkpoint_state, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    state = read_checkpoint_state(ckpt)
+    model = GPT(GPTConfig.from_dict(state["model_config"]))
+    if state.get("quantization"):
+        prepare_quantized(model, state["quantization"])
+    load_model_weights(model, ckpt)
+    return model.to(device).eval(), state
+
+
+_NOT_COPIED = {"model.safetensors", "optimizer.safetensors", "state.json"}
+_STATE_RESET = {"format", "version", "step", "model_config", "optimizer", "quantization"}
+
+
+def quantize_checkpoint(src: str | Path, out_dir: str | Path, bits: int = 8, group_size: int = 32,
+                        include_lm_head: bool = True) -> Path:
+    """Quantize a float checkpoint (any path resolve_checkpoint accepts) into out_dir/step_N/, keeping
+    its step, its state entries (tokenizer fingerprint, ...) and its small files (tokenizer.json)."""
+    from lmforge.train.checkpoint import load_model, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(src)
+    model, state = load_model(ckpt)
+    if quantization_config(model) is not None:
+        raise LmforgeError(f"{ckpt} is already quantized")
+    quantize_model(model, bits, group_size, include_lm_head)
+    files = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file() and p.name not in _NOT_COPIED}
+    extra = {k: v for k, v in state.items() if k not in _STATE_RESET}
+    extra["quantized_from"] = str(ckpt.resolve())
+    return save_quantized(model, out_dir, step=int(state.get("step", 0)), state=extra, files=files)

@@ -1,0 +1,217 @@
+"""Hugging Face conversion: logits match transformers' in both directions (random tiny models, no
+hub), the exported tokenizer and chat template give lmforge's ids, and what HF cannot represent is
+refused with a clear error."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from lmforge.chat import render_messages  # noqa: E402
+from lmforge.common import LmforgeError  # noqa: E402
+from lmforge.hf import export_hf, import_hf  # noqa: E402
+from lmforge.model import GPT, get_config  # noqa: E402
+from lmforge.tokenizer import Tokenizer  # noqa: E402
+from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model, save_checkpoint  # noqa: E402
+
+ATOL = 1e-4  # fp32 logits
+VOCAB = 300
+TEXTS = ["Hello world!", "def f(x):\n    return x ** 2  # squared\n", "  leading spaces, 12345 digits",
+         "naïve café — 日本語 🙂", "it's <|bos|> as text", ""]
+
+
+def jitter(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random norm gains and biases: their initial values (1 and 0) would hide a mis-mapped norm or bias."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def random_ids(vocab: int = VOCAB, shape=(2, 24)) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(1))
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def lmforge_logits(ckpt, ids):
+    model, _ = load_model(ckpt)
+    with torch.no_grad():
+        return model(ids)
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=ATOL)
+
+
+# ----------------------------------------------------------------------------- HF -> lmforge -> HF
+
+LLAMA = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=5000.0)
+HF_CASES = {
+    "llama-gqa": ("LlamaConfig", "LlamaForCausalLM", LLAMA),
+    # attention biases only: lmforge's MLP biases are imported as zeros
+    "llama-tied-attn-bias": ("LlamaConfig", "LlamaForCausalLM",
+                             {**LLAMA, "tie_word_embeddings": True, "attention_bias": True}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**LLAMA, "head_dim": 16}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel",
+             dict(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4, n_inner=96)),
+}
+
+
+@pytest.mark.parametrize("case", HF_CASES)
+def test_hf_import_and_export_back_match_transformers(case, tmp_path):
+    config_cls, model_cls, kw = HF_CASES[case]
+    torch.manual_seed(0)
+    original = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw)).eval()
+    jitter(original)
+    original.save_pretrained(tmp_path / "hf")
+    ids = random_ids()
+    want = hf_logits(original, ids)
+
+    imported = import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    assert imported.architecture == model_cls
+    assert not imported.tokenizer and "no tokenizer.json" in imported.note
+    close(lmforge_logits(tmp_path / "ckpt", ids), want)
+    with pytest.raises(LmforgeError, match="no tokenizer.json"):  # weights only, and it says so
+        load_checkpoint_tokenizer(tmp_path / "ckpt")
+
+    exported = export_hf(tmp_path / "ckpt", tmp_path / "hf2")
+    assert exported.architecture == model_cls and not exported.tokenizer
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2").eval()
+    assert type(back).__name__ == model_cls
+    close(hf_logits(back, ids), want)
+
+
+# ----------------------------------------------------------------------------- lmforge -> HF -> lmforge
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    corpus = [t * 20 for t in TEXTS] + ["the quick brown fox jumps over the lazy dog " * 30]
+    return Tokenizer.train(corpus, vocab_size=256 + 12 + 80, show_progress=False)
+
+
+def small(preset: str, tok: Tokenizer, **kw):
+    return get_config(preset, vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=4, n_embd=64, **kw)
+
+
+LMFORGE_CASES = {  # preset, overrides, expected HF class
+    "cpu": ("cpu", {}, "Qwen3ForCausalLM"),  # the default: RoPE, GQA, QK-norm, untied
+    "llama-tied-bias": ("cpu", dict(qk_norm=False, tie_embeddings=True, bias=True), "LlamaForCausalLM"),
+    "gpt2-classic": ("gpt2-classic", {}, "GPT2LMHeadModel"),
+    "gpt2-untied-no-bias": ("gpt2-classic", dict(tie_embeddings=False, bias=False), "GPT2LMHeadModel"),
+}
+
+
+def save_lmforge(tmp_path, cfg, tok, seed=0):
+    torch.manual_seed(seed)
+    model = GPT(cfg).eval()
+    jitter(model, seed)
+    tok_bytes = tok.save(tmp_path / "tok.json").read_bytes()
+    return save_checkpoint(tmp_path / "run", 7, model, state={"tokenizer_fingerprint": tok.fingerprint},
+                           files={"tokenizer.json": tok_bytes})
+
+
+@pytest.mark.parametrize("case", LMFORGE_CASES)
+def test_lmforge_export_matches_transformers_and_imports_back(case, tmp_path, tokenizer):
+    preset, kw, model_cls = LMFORGE_CASES[case]
+    cfg = small(preset, tokenizer, **kw)
+    ckpt = save_lmforge(tmp_path, cfg, tokenizer)
+    ids = random_ids(cfg.vocab_size)
+    want = lmforge_logits(ckpt, ids)
+
+    exported = export_hf(tmp_path / "run", tmp_path / "hf")
+    assert exported.architecture == model_cls and exported.tokenizer
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == model_cls
+    close(hf_logits(hf, ids), want)
+
+    back = import_hf(tmp_path / "hf", tmp_path / "back")
+    assert back.tokenizer, back.note
+    assert load_checkpoint_tokenizer(back.path) == tokenizer
+    close(lmforge_logits(back.path, ids), want)
+    if case == "cpu":
+        assert back.config == replace(cfg, mlp_hidden=cfg.hidden_dim)
+
+
+def test_exported_tokenizer_and_chat_template_match_lmforge(tmp_path, tokenizer):
+    tok = tokenizer
+    save_lmforge(tmp_path, small("cpu", tok), tok)
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+
+    for text in TEXTS:
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text), text
+        assert hf_tok(text)["input_ids"] == [tok.bos_id] + tok.encode(text), text  # as lmforge samples
+        assert hf_tok.decode(tok.encode(text)) == text
+    assert (hf_tok.bos_token_id, hf_tok.pad_token_id) == (tok.bos_id, tok.pad_id)
+    assert hf_tok.eos_token == "<|assistant_end|>"
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert gen.eos_token_id == [tok.special_id("assistant_end"), tok.bos_id]
+
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello."}, {"role": "tool", "content": "42"},
+                {"role": "user", "content": "def f(x):\n    return 12345"}]
+    for prompt in (True, False):
+        ids = hf_tok.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=True, return_dict=False)
+        assert ids == render_messages(tok, messages, add_generation_prompt=prompt)
+
+
+# ----------------------------------------------------------------------------- what cannot be converted
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(mlp="relu2"), "mlp='relu2'"),
+    (dict(norm="layer"), "norm='layer'"),
+    (dict(pos="learned"), "norm='rms'"),
+    (dict(pos="learned", norm="layer", mlp="gelu", n_kv_head=2), "grouped-query"),
+    (dict(pos="learned", norm="layer", mlp="gelu", n_kv_head=None, qk_norm=True), "QK-norm"),
+    (dict(bias=True), "MLP biases"),  # QK-norm -> Qwen3, which has none
+])
+def test_export_refuses_what_hf_cannot_represent(kw, match, tmp_path, tokenizer):
+    save_lmforge(tmp_path, small("cpu", tokenizer, **kw), tokenizer)
+    with pytest.raises(LmforgeError, match=match):
+        export_hf(tmp_path / "run", tmp_path / "hf")
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"model_type": "llama", "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "RoPE scaling"),
+    ({"model_type": "llama", "rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_theta": 1e4}, "RoPE scaling"),
+    ({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "head_dim": 32}, "head_dim=32"),
+    ({"model_type": "llama", "hidden_act": "gelu"}, "hidden_act"),
+    ({"model_type": "qwen3", "use_sliding_window": True}, "sliding-window"),
+    ({"model_type": "gpt2", "activation_function": "relu"}, "activation_function"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "model type 'mistral'"),
+])
+def test_import_refuses_unsupported_configs(cfg, match, tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LmforgeError, match=match):
+        import_hf(tmp_path / "hf", tmp_path / "ckpt")
+
+
+def test_import_without_convertible_tokenizer_keeps_weights_and_says_why(tmp_path, tokenizer):
+    save_lmforge(tmp_path, small("cpu", tokenizer), tokenizer)
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    # A tokenizer with other special tokens (like GPT-2's <|endoftext|>) is not lmforge's layout.
+    path = tmp_path / "hf" / "tokenizer.json"
+    path.write_text(path.read_text().replace("<|pad|>", "<|endoftext|>"))
+    res = import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    assert not res.tokenizer and "special tokens" in res.note
+    ids = random_ids(res.config.vocab_size)
+    close(lmforge_logits(res.path, ids), lmforge_logits(tmp_path / "run", ids))
+
+    with pytest.raises(LmforgeError, match="already holds checkpoints"):
+        import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    with pytest.raises(LmforgeError, match="other files"):
+        export_hf(tmp_path / "run", tmp_path / "ckpt")
