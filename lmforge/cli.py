@@ -4,8 +4,9 @@
     lmforge tokenizer train|encode|decode|export-hf
     lmforge data prepare
     lmforge pretrain
-    lmforge sample
+    lmforge sample | generate | chat      text from a checkpoint (KV-cached engine)
     lmforge score
+    lmforge export --format hf | import                  Hugging Face interop
 
 Errors caused by input (missing files, mismatched tokenizer, bad option values) print one line
 starting with `error:` and exit with status 2.
@@ -184,6 +185,8 @@ def add_sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--temperature", type=temperature_value, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=top_p_value, default=0.95)
+    p.add_argument("--min-p", type=top_p_value, default=None, help="drop tokens below min_p x the top probability")
+    p.add_argument("--repetition-penalty", type=positive_float, default=None)
     p.add_argument("--seed", type=int, default=None)
 
 
@@ -267,17 +270,120 @@ def cmd_pretrain(args):
     cleanup_distributed()
 
 
-def _print_sample(model, tok, prompt: str, args, n: int = 1):
-    from lmforge.sampling import generate
+def _sampling_kwargs(args) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=getattr(args, "min_p", None), repetition_penalty=getattr(args, "repetition_penalty", None))
 
+
+def _print_sample(model, tok, prompt: str, args, n: int = 1):
+    """n samples continuing `prompt` from a document start, each streamed as it is generated."""
+    from lmforge.engine import Engine
+
+    engine = Engine(model, tok)
+    ids = [tok.bos_id] + tok.encode(prompt)
     for i in range(n):
-        ids = [tok.bos_id] + tok.encode(prompt)
         seed = None if args.seed is None else args.seed + i
-        new = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=seed, stop_ids={tok.bos_id})
         if n > 1:
             print(f"--- sample {i + 1}")
-        print(prompt + tok.decode(new))
+        print(prompt, end="", flush=True)
+        for piece in engine.stream(ids, args.max_new_tokens, seed=seed, stop_ids=[tok.bos_id], **_sampling_kwargs(args)):
+            print(piece, end="", flush=True)
+        print()
+
+
+def cmd_generate(args):
+    """One-shot completion for scripts: prints only the generated text."""
+    from lmforge.engine import Engine
+    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
+
+    model, _ = load_model(args.checkpoint, device=args.device)
+    tok = load_checkpoint_tokenizer(args.checkpoint)
+    prompt = _read_text_arg(args.prompt)
+    if args.chat:
+        from lmforge.chat import render_messages
+
+        ids = render_messages(tok, [{"role": "user", "content": prompt}])
+    else:
+        ids = [tok.bos_id] + tok.encode(prompt)
+    engine = Engine(model, tok)
+    for piece in engine.stream(ids, args.max_new_tokens, seed=args.seed, stop_strings=args.stop or (),
+                               **_sampling_kwargs(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+CHAT_HELP = "commands: /reset (new conversation), /temperature X, /quit"
+
+
+def fit_history(tok, messages: list[dict], budget: int) -> list[dict]:
+    """Drop the oldest turns (never the system prompt or the newest message) until the rendered
+    conversation plus room for the reply fits in `budget` tokens."""
+    from lmforge.chat import render_messages
+
+    msgs = list(messages)
+    system = [m for m in msgs[:1] if m["role"] == "system"]
+    rest = msgs[len(system):]
+    while len(rest) > 1 and len(render_messages(tok, system + rest)) > budget:
+        rest = rest[1:]
+    return system + rest
+
+
+def cmd_chat(args):
+    """A multi-turn chat in the terminal, streamed through the chat template."""
+    from lmforge.chat import render_messages
+    from lmforge.engine import Engine
+    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
+
+    model, _ = load_model(args.checkpoint, device=args.device)
+    tok = load_checkpoint_tokenizer(args.checkpoint)
+    engine = Engine(model, tok)
+    window = model.config.block_size
+    reply_room = min(args.max_new_tokens, window // 2)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    temperature = args.temperature
+    interactive = sys.stdin.isatty()
+    print(f"lmforge chat ({window}-token context). {CHAT_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            if cmd == "/quit":
+                break
+            if cmd == "/reset":
+                history = list(system)
+                print("(new conversation)", file=sys.stderr)
+            elif cmd == "/temperature":
+                try:
+                    temperature = temperature_value(arg.strip())
+                    print(f"(temperature {temperature})", file=sys.stderr)
+                except argparse.ArgumentTypeError as e:
+                    print(f"(error: {e})", file=sys.stderr)
+            else:
+                print(f"(unknown command {cmd}; {CHAT_HELP})", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        history = fit_history(tok, history, window - reply_room)
+        ids = render_messages(tok, history)
+        if len(ids) >= window:
+            print(f"(error: that message is {len(ids)} tokens; the context window is {window})", file=sys.stderr)
+            history.pop()
+            continue
+        print("assistant> " if interactive else "", end="", flush=True)
+        pieces = []
+        for piece in engine.stream(ids, reply_room, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
+                                   seed=args.seed):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(pieces)})
 
 
 def cmd_sample(args):
@@ -364,6 +470,21 @@ def cmd_speedrun(args):
           f"try: lmforge sample --checkpoint {run_dir} --prompt 'def '")
 
 
+def cmd_export(args):
+    from lmforge.hf import export_hf
+
+    conv = export_hf(args.checkpoint, args.out_dir, dtype=args.dtype)
+    print(f"exported {conv.architecture} to {conv.path}" + (f" ({conv.note})" if conv.note else ""))
+    print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(conv.path)!r})")
+
+
+def cmd_import(args):
+    from lmforge.hf import import_hf
+
+    conv = import_hf(args.hf_dir, args.out)
+    print(f"imported {conv.architecture} into {conv.path}" + (f" ({conv.note})" if conv.note else ""))
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -443,6 +564,36 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--device", default="cpu")
     add_sampling_args(sa)
     sa.set_defaults(func=cmd_sample)
+
+    # generate
+    ge = sub.add_parser("generate", help="one-shot completion for scripts (prompt as argument or stdin)")
+    ge.add_argument("--checkpoint", required=True)
+    ge.add_argument("prompt", nargs="?")
+    ge.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    ge.add_argument("--stop", action="append", help="stop string (repeatable)")
+    ge.add_argument("--device", default="cpu")
+    add_sampling_args(ge)
+    ge.set_defaults(func=cmd_generate)
+
+    # chat
+    ch = sub.add_parser("chat", help="talk to a model in the terminal")
+    ch.add_argument("--checkpoint", required=True)
+    ch.add_argument("--system", default=None, help="system prompt")
+    ch.add_argument("--device", default="cpu")
+    add_sampling_args(ch)
+    ch.set_defaults(func=cmd_chat)
+
+    # Hugging Face interop
+    ex = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder")
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--format", choices=["hf"], default="hf")
+    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ex.add_argument("out_dir")
+    ex.set_defaults(func=cmd_export)
+    im = sub.add_parser("import", help="convert a local Hugging Face Llama/Qwen3/GPT-2 folder to a checkpoint")
+    im.add_argument("hf_dir")
+    im.add_argument("--out", required=True, help="run folder for the lmforge checkpoint")
+    im.set_defaults(func=cmd_import)
 
     # score
     sc = sub.add_parser("score", help="log-probability and perplexity of texts; ranks several candidates")

@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.common import LmforgeError, atomic_write_bytes, atomic_write_json, read_json
 from lmforge.model import GPT, GPTConfig
-from lmforge.train.checkpoint import list_checkpoints, load_checkpoint_tokenizer, load_model, \
-    resolve_checkpoint, save_checkpoint
+from lmforge.train.checkpoint import (list_checkpoints, load_checkpoint_tokenizer, load_model,
+                                     resolve_checkpoint, save_checkpoint)
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,7 +62,7 @@ class HFConversion:
 
 
 def hf_family(cfg: GPTConfig) -> str:
-    """"llama", "qwen3" or "gpt2": the HF architecture that computes exactly what `cfg` computes.
+    """The HF architecture ("llama", "qwen3" or "gpt2") that computes exactly what `cfg` computes.
     Raises LmforgeError naming what has no HF equivalent."""
     if cfg.pos == "rope":
         wrong = [f"{k}={getattr(cfg, k)!r}" for k, want in (("norm", "rms"), ("mlp", "swiglu"))
@@ -433,6 +433,8 @@ def import_hf(hf_dir: str | Path, out_checkpoint_dir: str | Path) -> HFConversio
     if not hf_dir.is_dir():
         raise LmforgeError(f"Hugging Face model folder not found: {hf_dir}")
     family, cfg = gpt_config_from_hf(read_json(hf_dir / "config.json", "Hugging Face config"))
+    if out.exists() and not out.is_dir():
+        raise LmforgeError(f"{out} exists and is not a directory")
     if list_checkpoints(out):
         raise LmforgeError(f"{out} already holds checkpoints; import into an empty or new directory")
     model = GPT(cfg)

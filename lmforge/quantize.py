@@ -210,7 +210,7 @@ class QuantLinear(nn.Module):
             self.use_kernel = want and self._kernel_agrees(self.dequantize())
             return
         codes = self.int4_codes()
-        if want:
+        if want and self.out_features % 16 == 0:  # the int4 packing op requires it
             self.qweight, self.kernel_layout, self.use_kernel = _to_kernel_layout(codes), True, True
             if self._kernel_agrees(dequantize_int4(codes, self.scales_and_zeros, self.group_size)):
                 return

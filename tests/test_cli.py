@@ -494,3 +494,85 @@ def test_main_with_empty_argv_shows_help(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["host-program", "host-arg"])
     code, out, err = cli(capsys)
     assert "speedrun" in out and "host-arg" not in err
+
+
+# ----------------------------------------------------------------------------- generate and chat
+
+
+def test_generate_prints_only_the_completion(pipe, capsys):
+    from lmforge.engine import Engine
+    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
+
+    out = ok(cli(capsys, "generate", "--checkpoint", pipe.run, "ROMEO:", "--max-new-tokens", 12,
+                 "--temperature", 0))
+    model, _ = load_model(pipe.run)
+    tok = load_checkpoint_tokenizer(pipe.run)
+    [want] = Engine(model, tok).generate([[tok.bos_id] + tok.encode("ROMEO:")], 12, temperature=0)
+    assert out == want.text + "\n"  # no prompt echo, nothing else
+    # the prompt can come from stdin, and a stop string cuts the output before it
+    piped = ok(cli(capsys, "generate", "--checkpoint", pipe.run, "--max-new-tokens", 12, "--temperature", 0,
+                   stdin="ROMEO:"))
+    assert piped == out
+    if len(want.text) > 3:
+        stop = want.text[2:4]
+        cut = ok(cli(capsys, "generate", "--checkpoint", pipe.run, "ROMEO:", "--max-new-tokens", 12,
+                     "--temperature", 0, "--stop", stop))
+        assert cut == want.text[: want.text.index(stop)] + "\n"
+
+
+def test_chat_session_from_stdin(pipe, capsys):
+    from lmforge.chat import render_messages
+    from lmforge.engine import Engine
+    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
+
+    script = "hello there\n/temperature 0\n/temperature -3\n/bogus\nhow are you\n/reset\n/quit\nnever read\n"
+    code, out, err = cli(capsys, "chat", "--checkpoint", pipe.run, "--temperature", 0, "--max-new-tokens", 8,
+                         "--system", "Be brief.", stdin=script)
+    assert code == 0, err
+    assert "(temperature 0.0)" in err and "error:" in err and "unknown command /bogus" in err
+    assert "(new conversation)" in err
+    replies = out.splitlines()
+    assert len(replies) == 2  # two user turns, two streamed replies; nothing after /quit
+    # the first reply is exactly what the engine gives for the rendered conversation
+    model, _ = load_model(pipe.run)
+    tok = load_checkpoint_tokenizer(pipe.run)
+    ids = render_messages(tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}])
+    [first] = Engine(model, tok).generate([ids], 8, temperature=0)
+    assert replies[0] == first.text
+
+
+def test_chat_history_is_trimmed_to_the_window(pipe):
+    from lmforge.chat import render_messages
+    from lmforge.cli import fit_history
+    from lmforge.train.checkpoint import load_checkpoint_tokenizer
+
+    tok = load_checkpoint_tokenizer(pipe.run)
+    msgs = [{"role": "system", "content": "sys"}]
+    for i in range(6):
+        msgs += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+    msgs.append({"role": "user", "content": "last"})
+    budget = len(render_messages(tok, msgs)) // 2
+    kept = fit_history(tok, msgs, budget)
+    assert kept[0] == msgs[0] and kept[-1] == msgs[-1]  # system prompt and newest message survive
+    assert len(render_messages(tok, kept)) <= budget < len(render_messages(tok, msgs))
+    assert kept[1:] == msgs[len(msgs) - len(kept) + 1:]  # the oldest turns were the ones dropped
+
+
+def test_export_and_import_hf_round_trip(pipe, capsys, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.train.checkpoint import load_model
+
+    out = ok(cli(capsys, "export", "--format", "hf", "--checkpoint", pipe.run, tmp_path / "hf"))
+    assert "LlamaForCausalLM" in out  # the tiny preset: RoPE, RMSNorm, SwiGLU, GQA, no QK-norm
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours, _ = load_model(pipe.run)
+    x = torch.randint(0, ours.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x), atol=1e-4, rtol=0)
+    ok(cli(capsys, "import", tmp_path / "hf", "--out", tmp_path / "back"))
+    back, _ = load_model(tmp_path / "back")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ours(x), atol=1e-5, rtol=0)
+    assert_clean_error(cli(capsys, "import", tmp_path / "missing", "--out", tmp_path / "x"), "not found")

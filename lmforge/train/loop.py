@@ -430,9 +430,15 @@ def plot_loss_curve(log_path: str | Path, png_path: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    xs, ys = [r["tokens"] for r in train], [r["loss"] for r in train]
+    ax.plot(xs, ys, lw=0.8, alpha=0.35, color="C0")
+    smooth, ema = [], 0.0
+    for i, y in enumerate(ys, 1):  # bias-corrected moving average: the trend under batch noise
+        ema = 0.9 * ema + 0.1 * y
+        smooth.append(ema / (1 - 0.9**i))
+    ax.plot(xs, smooth, lw=1.6, color="C0", label="train loss (smoothed)")
     if val:
-        ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss")
+        ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", color="C1", label="val loss")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("cross-entropy (nats/token)")
     if val and "val_bpb" in val[-1]:
