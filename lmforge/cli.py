@@ -7,6 +7,7 @@
     lmforge sample | generate | chat      text from a checkpoint (KV-cached engine)
     lmforge score
     lmforge export --format hf | import                  Hugging Face interop
+    lmforge quantize                                     weight-only int8 / int4
 
 Errors caused by input (missing files, mismatched tokenizer, bad option values) print one line
 starting with `error:` and exit with status 2.
@@ -485,6 +486,16 @@ def cmd_import(args):
     print(f"imported {conv.architecture} into {conv.path}" + (f" ({conv.note})" if conv.note else ""))
 
 
+def cmd_quantize(args):
+    from lmforge.quantize import model_memory_bytes, quantize_checkpoint
+    from lmforge.train.checkpoint import load_model
+
+    out = quantize_checkpoint(args.checkpoint, args.out, bits=args.bits, group_size=args.group_size,
+                              include_lm_head=not args.no_lm_head)
+    before, after = model_memory_bytes(load_model(args.checkpoint)[0]), model_memory_bytes(load_model(out)[0])
+    print(f"int{args.bits} checkpoint in {out}: {after / 2**20:.1f} MiB in memory (from {before / 2**20:.1f} MiB)")
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -594,6 +605,14 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("hf_dir")
     im.add_argument("--out", required=True, help="run folder for the lmforge checkpoint")
     im.set_defaults(func=cmd_import)
+
+    qz = sub.add_parser("quantize", help="weight-only int8 / int4 quantization of a checkpoint")
+    qz.add_argument("--checkpoint", required=True)
+    qz.add_argument("--out", required=True, help="run folder for the quantized checkpoint")
+    qz.add_argument("--bits", type=int, choices=[8, 4], default=8)
+    qz.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], default=32, help="int4 columns per scale")
+    qz.add_argument("--no-lm-head", action="store_true", help="keep the output head in full precision")
+    qz.set_defaults(func=cmd_quantize)
 
     # score
     sc = sub.add_parser("score", help="log-probability and perplexity of texts; ranks several candidates")

@@ -384,7 +384,10 @@ def export_hf(checkpoint_path: str | Path, out_dir: str | Path, dtype: str = "fl
     if dtype not in DTYPES:
         raise LmforgeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     ckpt = resolve_checkpoint(checkpoint_path)
-    model, _ = load_model(ckpt)
+    model, state = load_model(ckpt)
+    if state.get("quantization"):
+        raise LmforgeError(f"{ckpt} is quantized ({state['quantization']['bits']}-bit); export the "
+                           "full-precision checkpoint instead")
     cfg = model.config
     family = hf_family(cfg)
     out = Path(out_dir)

@@ -34,7 +34,7 @@ def kernels(request, monkeypatch):
 # ----------------------------------------------------------------------------- single layers
 
 
-@pytest.mark.parametrize("bits,group_size,tol", [(8, None, 0.01), (4, 64, 0.10), (4, 32, 0.09)])
+@pytest.mark.parametrize("bits,group_size,tol", [(8, None, 0.01), (4, 64, 0.08), (4, 32, 0.075)])
 def test_quantlinear_close_to_float(kernels, bits, group_size, tol):
     lin = linear()
     q = QuantLinear.from_linear(lin, bits, group_size)
@@ -46,6 +46,8 @@ def test_quantlinear_close_to_float(kernels, bits, group_size, tol):
         assert rel_err(y, ref) < tol
         yb = q(x.bfloat16())  # bf16 activations, as under autocast
         assert yb.dtype == torch.bfloat16 and rel_err(yb, ref) < tol + 0.01
+        xl = torch.randn(80, 256)  # a prompt's worth of rows (int8 on CPU: the dense path)
+        assert rel_err(q(xl), lin(xl)) < tol
 
 
 def test_smaller_groups_are_more_accurate():
@@ -90,7 +92,24 @@ def test_state_dict_uses_the_plain_layout_on_every_path(monkeypatch):
     other = QuantLinear(256, 384, 4, 32)
     other.load_state_dict(sd)
     x = torch.randn(3, 256)
-    assert torch.allclose(other(x), slow(x), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(other(x), fast(x))
+        assert rel_err(other(x), slow(x)) < 0.01  # bf16 kernel vs fp32 fallback
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_switching_to_the_fallback_keeps_the_weights(monkeypatch, bits):
+    """What happens when a layer leaves the CPU: the int4 codes return to the plain layout."""
+    q = QuantLinear.from_linear(linear(), bits, 32)
+    before = q.state_dict()
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        fast = q(x)
+        monkeypatch.setattr(qz, "kernel_available", lambda bits: False)
+        q.select_path()
+        assert not q.use_kernel and not q.kernel_layout
+        assert rel_err(q(x), fast) < 0.01
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
 
 
 def test_bad_settings_are_user_errors():
@@ -124,8 +143,8 @@ def test_quantized_gpt_logits_and_memory():
         q4 = quantize_model(copy.deepcopy(model), bits=4, group_size=32)
         q4_body = quantize_model(copy.deepcopy(model), bits=4, group_size=64, include_lm_head=False)
         assert corr(q8(idx), ref) > 0.999
-        assert corr(q4(idx), ref) > 0.98
-        assert corr(q4_body(idx), ref) > 0.98
+        assert corr(q4(idx), ref) > 0.99
+        assert corr(q4_body(idx), ref) > 0.99
     assert isinstance(q4.lm_head, QuantLinear) and isinstance(q4_body.lm_head, nn.Linear)
     assert not any(isinstance(m, nn.Linear) for m in q8.modules())
     lin = linear_memory_bytes(model)
@@ -189,6 +208,7 @@ def test_trained_model_bits_per_byte(tiny_data, tmp_path):
     assert fp == pytest.approx(res["val_bpb"], rel=1e-5) and fp < 4.0  # it learned something
     b8 = bpb(quantize_model(copy.deepcopy(model), bits=8))
     b4 = bpb(quantize_model(copy.deepcopy(model), bits=4, group_size=32))
+    print(f"val bpb: fp32 {fp:.4f}, int8 {b8:.4f}, int4 g32 {b4:.4f}")
     assert abs(b8 / fp - 1) < 0.01, (fp, b8)
     assert abs(b4 / fp - 1) < 0.05, (fp, b4)
     # The checkpoint route gives the same model, and keeps the tokenizer and its fingerprint.

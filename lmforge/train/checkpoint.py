@@ -184,6 +184,10 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, dict]:
     ckpt = resolve_checkpoint(path)
     state = read_checkpoint_state(ckpt)
     model = GPT(GPTConfig.from_dict(state["model_config"]))
+    if state.get("quantization"):
+        from lmforge.quantize import prepare_quantized  # empty quantized layers to load into
+
+        prepare_quantized(model, state["quantization"])
     load_model_weights(model, ckpt)
     return model.to(device).eval(), state
 
