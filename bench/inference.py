@@ -43,11 +43,15 @@ def timed(fn, repeats: int = 1) -> float:
     return best
 
 
-def lmforge_tps(model, prompts, new_tokens, use_cache=True) -> float:
-    engine = Engine(model)
+def lmforge_tps(model, prompts, new_tokens, use_cache=True, dtype="fp32") -> float:
+    engine = Engine(model, dtype=dtype)
     engine.generate(prompts, 4, temperature=0, stop_ids=(), use_cache=use_cache)  # warm-up
-    dt = timed(lambda: engine.generate(prompts, new_tokens, temperature=0, stop_ids=(), use_cache=use_cache))
-    return len(prompts) * new_tokens / dt
+    out = []
+    dt = timed(lambda: out.append(engine.generate(prompts, new_tokens, temperature=0, stop_ids=(),
+                                                  use_cache=use_cache)))
+    made = sum(len(c.tokens) for c in out[-1])
+    assert made == len(prompts) * new_tokens, "generation stopped early"
+    return made / dt
 
 
 def hf_tps(hf_model, prompts, new_tokens) -> float:
@@ -85,15 +89,19 @@ def main():
             hf = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).eval()
         print(f"\n== {size}: {model.num_params() / 1e6:.1f}M parameters, HF {type(hf).__name__}", flush=True)
         row = {}
+        # The whole sequence must fit the context window (the cpu preset's is 256 tokens).
+        new_tokens = min(args.new_tokens, cfg.block_size - args.prompt_tokens)
+        row["new_tokens"] = new_tokens
         for batch in (1, 8):
             g = torch.Generator().manual_seed(batch)
             prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_tokens), generator=g).tolist()
-            r = {"engine": lmforge_tps(model, prompts, args.new_tokens),
+            r = {"engine": lmforge_tps(model, prompts, new_tokens),
+                 "engine_bf16": lmforge_tps(model, prompts, new_tokens, dtype="bf16"),
                  "no_cache": lmforge_tps(model, prompts, args.uncached_tokens, use_cache=False),
-                 "transformers": hf_tps(hf, prompts, args.new_tokens)}
+                 "transformers": hf_tps(hf, prompts, new_tokens)}
             for bits in (8, 4):
                 q = quantize_model(load_copy(model), bits=bits)
-                r[f"engine_int{bits}"] = lmforge_tps(q, prompts, args.new_tokens)
+                r[f"engine_int{bits}"] = lmforge_tps(q, prompts, new_tokens)
             r["engine_vs_transformers"] = r["engine"] / r["transformers"]
             row[f"batch{batch}"] = r
             print(f"batch {batch}: " + ", ".join(f"{k} {v:,.1f}" for k, v in r.items()), flush=True)
@@ -105,15 +113,16 @@ def main():
     if args.checkpoint and args.data_dir:
         results["quantization_quality"] = quant_quality(args.checkpoint, args.data_dir)
 
-    print("\n| size | batch | engine tok/s | no cache tok/s | transformers tok/s | engine / transformers "
-          "| int8 tok/s | int4 tok/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| size | batch | new tokens | engine tok/s | engine bf16 | no cache tok/s | transformers tok/s "
+          "| engine / transformers | int8 tok/s | int4 tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for size, row in results.items():
         if size == "quantization_quality":
             continue
         for b in ("batch1", "batch8"):
             r = row[b]
-            print(f"| {size} | {b[5:]} | {r['engine']:,.0f} | {r['no_cache']:,.0f} | {r['transformers']:,.0f} | "
+            print(f"| {size} | {b[5:]} | {row['new_tokens']} | {r['engine']:,.0f} | {r['engine_bf16']:,.0f} | "
+                  f"{r['no_cache']:,.0f} | {r['transformers']:,.0f} | "
                   f"{r['engine_vs_transformers']:.2f}x | {r['engine_int8']:,.0f} | {r['engine_int4']:,.0f} |")
     out = REPO / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)

@@ -190,7 +190,7 @@ def test_trained_model_bits_per_byte(tiny_data, tmp_path):
     from lmforge.quantize import quantize_checkpoint
 
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=100, eval_every=0, log_every=50, warmup_steps=5,
-                      dtype="fp32", progress=False, lr=3e-3)
+                      dtype="fp32", progress=False, lr=3e-3, compile="off")
     opts = PretrainOptions(data_dir=str(tiny_data), preset="tiny", batch_size=8, eval_tokens=8192,
                            model_overrides=dict(n_layer=2, n_head=2, n_kv_head=2, n_embd=64, block_size=64))
     res = pretrain(opts, cfg)
