@@ -386,20 +386,6 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, step: int = 0, stat
     return save_checkpoint(out_dir, step, model, state={**(state or {}), "quantization": qcfg}, files=files)
 
 
-def load_quantized(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
-    """Like checkpoint.load_model, also for quantized checkpoints: (model in eval mode, state)."""
-    from lmforge.model import GPT, GPTConfig
-    from lmforge.train.checkpoint import load_model_weights, read_checkpoint_state, resolve_checkpoint
-
-    ckpt = resolve_checkpoint(path)
-    state = read_checkpoint_state(ckpt)
-    model = GPT(GPTConfig.from_dict(state["model_config"]))
-    if state.get("quantization"):
-        prepare_quantized(model, state["quantization"])
-    load_model_weights(model, ckpt)
-    return model.to(device).eval(), state
-
-
 _NOT_COPIED = {"model.safetensors", "optimizer.safetensors", "state.json"}
 _STATE_RESET = {"format", "version", "step", "model_config", "optimizer", "quantization"}
 

@@ -7,7 +7,8 @@ import torch.nn as nn
 import lmforge.quantize as qz
 from lmforge.common import LmforgeError
 from lmforge.model import GPT, get_config
-from lmforge.quantize import (QuantLinear, linear_memory_bytes, load_quantized, model_memory_bytes, pack_int4,
+from lmforge.train.checkpoint import load_model
+from lmforge.quantize import (QuantLinear, linear_memory_bytes, model_memory_bytes, pack_int4,
                               quantize_model, save_quantized, unpack_int4)
 
 
@@ -161,7 +162,7 @@ def test_tied_head_stays_float_and_bias_is_kept(tmp_path):
     assert q.layers[0].mlp.up_proj.bias is not None
     with torch.no_grad():
         assert corr(q(idx), model(idx)) > 0.99
-        loaded, state = load_quantized(save_quantized(q, tmp_path / "q"))
+        loaded, state = load_model(save_quantized(q, tmp_path / "q"))
         assert torch.equal(loaded(idx), q(idx))
     assert state["quantization"] == {"bits": 4, "group_size": 32, "include_lm_head": False}
 
@@ -171,7 +172,7 @@ def test_save_load_round_trip(tmp_path, bits, group_size):
     model = quantize_model(tiny_gpt(), bits=bits, group_size=group_size)
     folder = save_quantized(model, tmp_path / "out", step=7, state={"note": "x"}, files={"a.txt": b"hi"})
     assert folder.name == "step_000007" and (folder / "a.txt").read_bytes() == b"hi"
-    loaded, state = load_quantized(tmp_path / "out")
+    loaded, state = load_model(tmp_path / "out")
     assert state["quantization"]["bits"] == bits and state["note"] == "x"
     idx = torch.randint(0, 512, (2, 24))
     with torch.no_grad():
@@ -213,6 +214,6 @@ def test_trained_model_bits_per_byte(tiny_data, tmp_path):
     assert abs(b4 / fp - 1) < 0.05, (fp, b4)
     # The checkpoint route gives the same model, and keeps the tokenizer and its fingerprint.
     out = quantize_checkpoint(tmp_path / "run", tmp_path / "int4", bits=4, group_size=32)
-    loaded, state = load_quantized(out)
+    loaded, state = load_model(out)
     assert bpb(loaded) == pytest.approx(b4, rel=1e-6)
     assert (out / "tokenizer.json").is_file() and state["tokenizer_fingerprint"] == tok.fingerprint
