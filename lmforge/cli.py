@@ -25,64 +25,28 @@ from lmforge.common import LmforgeError
 # ----------------------------------------------------------------------------- argument types
 
 
-def positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+def checked(cast, ok, expected: str):
+    """An argparse type: parse with `cast`, accept when ok(value) (NaN never passes), else a one-line
+    error saying what was expected."""
+    def parse(s: str):
+        try:
+            v = cast(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}")
+        return v
+
+    parse.__name__ = expected  # argparse names the type in some messages
+    return parse
 
 
-def nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return v
-
-
-def fraction(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s!r}") from None
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s!r}")
-    return v
-
-
-def temperature_value(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        v = float("nan")
-    if not (v >= 0 and v < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a temperature >= 0 (0 = greedy), got {s!r}")
-    return v
-
-
-def top_p_value(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        v = float("nan")
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}")
-    return v
-
-
-def positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
+positive_int = checked(int, lambda v: v > 0, "a positive integer")
+nonneg_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+fraction = checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+temperature_value = checked(float, lambda v: 0 <= v < float("inf"), "a temperature >= 0 (0 = greedy)")
+top_p_value = checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+positive_float = checked(float, lambda v: 0 < v < float("inf"), "a positive number")
 
 
 def parse_model_sets(pairs: list[str]) -> dict:
