@@ -27,37 +27,33 @@ TINY = ["--preset", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
 CORPUS_CHARS = 50_000
 
 
-def call(argv, stdin: str | None = None):
-    """Run main(argv) in-process; returns (exit code, stdout, stderr). argparse errors (SystemExit)
-    become their exit code; any other exception propagates (that is a traceback for the user)."""
-    out, err = io.StringIO(), io.StringIO()
+def _main(argv, stdin: str | None) -> int:
+    """main(argv) with optional stdin text; argparse errors (SystemExit) become their exit code. Any
+    other exception propagates (that would be a traceback for the user)."""
     old_stdin = sys.stdin
     if stdin is not None:
         sys.stdin = io.StringIO(stdin)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main([str(a) for a in argv])
-            except SystemExit as e:
-                code = e.code
+        try:
+            return main([str(a) for a in argv])
+        except SystemExit as e:
+            return e.code
     finally:
         sys.stdin = old_stdin
+
+
+def call(argv, stdin: str | None = None):
+    """Run main in-process; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = _main(argv, stdin)
     return code, out.getvalue(), err.getvalue()
 
 
 def cli(capsys, *argv, stdin: str | None = None):
     """Like call(), but through pytest's capsys (for tests that run after the module fixture)."""
     capsys.readouterr()
-    old_stdin = sys.stdin
-    if stdin is not None:
-        sys.stdin = io.StringIO(stdin)
-    try:
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as e:
-            code = e.code
-    finally:
-        sys.stdin = old_stdin
+    code = _main(argv, stdin)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

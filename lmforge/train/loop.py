@@ -189,8 +189,9 @@ class Trainer:
         self.train_time = 0.0  # seconds spent in training steps (excludes eval and checkpointing)
         self.last_eval: dict[str, float] = {}
         if resume:
-            self._resume()
+            self._resume()  # restores every rank's RNG state as it was at the checkpoint
         else:
+            torch.manual_seed(cfg.seed + self.rank)  # dropout etc.; the model was initialised before
             existing = ckpt_io.list_checkpoints(self.ckpt_root)
             if existing:
                 # Never mix two runs' checkpoints in one folder, and never delete one silently.
@@ -198,7 +199,6 @@ class Trainer:
                                    "pass --resume to continue that run, or choose another --out")
             if self.is_main and self.log_path.exists():
                 self.log_path.unlink()  # a fresh run starts a fresh log
-        torch.manual_seed(cfg.seed + self.rank + self.step)  # dropout etc.; model init happened before
 
         self.compiled = use_compile(cfg.compile, self.device)
         self.model = self._wrap(self.raw_model, self.compiled)
