@@ -586,7 +586,18 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--json", action="store_true")
     sc.add_argument("-v", "--verbose", action="store_true", help="per-token log-probs for every text")
     sc.set_defaults(func=cmd_score)
+
+    # Later pipeline stages define their subcommands next to their code.
+    import importlib
+
+    for module in STAGE_COMMANDS:
+        importlib.import_module(module).add_commands(sub)
     return p
+
+
+# Modules with an `add_commands(subparsers)` function; they import heavy libraries only inside the
+# command handlers, so `lmforge --help` stays fast.
+STAGE_COMMANDS = ("lmforge.eval.cli", "lmforge.posttrain.cli", "lmforge.serve.cli")
 
 
 def main(argv: list[str] | None = None) -> int:

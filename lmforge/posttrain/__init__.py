@@ -1,0 +1,1 @@
+"""Post-training: chat SFT, LoRA, tool calls, safety data, preference tuning and RL."""
