@@ -4,7 +4,7 @@ In one run, on the same weights (an lmforge checkpoint exported to Hugging Face 
 with `transformers`), at two sizes — the default `cpu` preset and a GPT-2-124M-shaped
 `gpt2-classic` model (random weights) — it measures tokens/s generating 256 new tokens after a
 32-token prompt, greedy, at batch 1 and batch 8, for
-  (a) lmforge's engine (prefill + KV cache),
+  (a) lmforge's engine (prefill + KV cache), plain and with Engine(compile=True)
   (b) lmforge without the cache (the whole sequence recomputed for every token),
   (c) `transformers` `generate()` with its own cache.
 Then int8 and int4 weight-only quantized engines: decode tokens/s and, with --checkpoint
@@ -43,9 +43,10 @@ def timed(fn, repeats: int = 1) -> float:
     return best
 
 
-def lmforge_tps(model, prompts, new_tokens, use_cache=True, dtype="fp32") -> float:
-    engine = Engine(model, dtype=dtype)
-    engine.generate(prompts, 4, temperature=0, stop_ids=(), use_cache=use_cache)  # warm-up
+def lmforge_tps(model, prompts, new_tokens, use_cache=True, dtype="fp32", compile=False) -> float:
+    engine = Engine(model, dtype=dtype, compile=compile)
+    # Warm-up (and, compiled, the compilation: a full-length run so every graph is built).
+    engine.generate(prompts, new_tokens if compile else 4, temperature=0, stop_ids=(), use_cache=use_cache)
     out = []
     dt = timed(lambda: out.append(engine.generate(prompts, new_tokens, temperature=0, stop_ids=(),
                                                   use_cache=use_cache)))
@@ -95,7 +96,11 @@ def main():
         for batch in (1, 8):
             g = torch.Generator().manual_seed(batch)
             prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_tokens), generator=g).tolist()
+            t0 = time.perf_counter()
+            Engine(model, compile=True).generate(prompts, new_tokens, temperature=0, stop_ids=())
+            compile_s = time.perf_counter() - t0
             r = {"engine": lmforge_tps(model, prompts, new_tokens),
+                 "engine_compiled": lmforge_tps(model, prompts, new_tokens, compile=True),
                  "engine_bf16": lmforge_tps(model, prompts, new_tokens, dtype="bf16"),
                  "no_cache": lmforge_tps(model, prompts, args.uncached_tokens, use_cache=False),
                  "transformers": hf_tps(hf, prompts, new_tokens)}
@@ -103,6 +108,8 @@ def main():
                 q = quantize_model(load_copy(model), bits=bits)
                 r[f"engine_int{bits}"] = lmforge_tps(q, prompts, new_tokens)
             r["engine_vs_transformers"] = r["engine"] / r["transformers"]
+            r["compiled_vs_transformers"] = r["engine_compiled"] / r["transformers"]
+            r["first_compiled_run_s"] = compile_s
             row[f"batch{batch}"] = r
             print(f"batch {batch}: " + ", ".join(f"{k} {v:,.1f}" for k, v in r.items()), flush=True)
         row["memory_bytes"] = {"fp32": model_memory_bytes(model),
@@ -113,17 +120,18 @@ def main():
     if args.checkpoint and args.data_dir:
         results["quantization_quality"] = quant_quality(args.checkpoint, args.data_dir)
 
-    print("\n| size | batch | new tokens | engine tok/s | engine bf16 | no cache tok/s | transformers tok/s "
-          "| engine / transformers | int8 tok/s | int4 tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| size | batch | new tokens | engine tok/s | engine compiled | engine bf16 | no cache tok/s "
+          "| transformers tok/s | engine / transformers | compiled / transformers | int8 tok/s | int4 tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for size, row in results.items():
         if size == "quantization_quality":
             continue
         for b in ("batch1", "batch8"):
             r = row[b]
-            print(f"| {size} | {b[5:]} | {row['new_tokens']} | {r['engine']:,.0f} | {r['engine_bf16']:,.0f} | "
-                  f"{r['no_cache']:,.0f} | {r['transformers']:,.0f} | "
-                  f"{r['engine_vs_transformers']:.2f}x | {r['engine_int8']:,.0f} | {r['engine_int4']:,.0f} |")
+            print(f"| {size} | {b[5:]} | {row['new_tokens']} | {r['engine']:,.0f} | {r['engine_compiled']:,.0f} | "
+                  f"{r['engine_bf16']:,.0f} | {r['no_cache']:,.0f} | {r['transformers']:,.0f} | "
+                  f"{r['engine_vs_transformers']:.2f}x | {r['compiled_vs_transformers']:.2f}x | "
+                  f"{r['engine_int8']:,.0f} | {r['engine_int4']:,.0f} |")
     out = REPO / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     (out / "inference.json").write_text(json.dumps(results, indent=2))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -142,14 +143,41 @@ def _right_padded(prompts: list[list[int]], width: int, device) -> torch.Tensor:
     return torch.tensor([p + [0] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
 
 
+class _CompiledStep:
+    """`model.decode_step` under torch.compile: at batch 1 on a small model a decode step is mostly
+    per-operation overhead (a few microseconds for each of ~100 small ops), which compiling fuses
+    away (docs/benchmarks.md). dynamic=True: one graph serves every cache length and batch size
+    instead of recompiling as they change. If compiling fails here (no C++ compiler, an unsupported
+    backend), it warns once and runs the plain step from then on."""
+
+    def __init__(self, model):
+        self.plain = model.decode_step
+        self.compiled = torch.compile(model.decode_step, dynamic=True)
+        self.failed = False
+
+    def __call__(self, *args):
+        if not self.failed:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # inductor raises many types; a real error recurs in the plain step
+                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); decoding without it")
+                self.failed = True
+        return self.plain(*args)
+
+
 class _CachedRunner:
     """Prefill once, then one token per row and step from the key/value cache."""
 
-    def __init__(self, model, prompts: list[list[int]], max_len: int, dtype: torch.dtype | None):
+    def __init__(self, model, prompts: list[list[int]], max_len: int, dtype: torch.dtype | None,
+                 step_fn=None):
         self.model = model
+        self.step_fn = step_fn
         self.prompts = prompts
         self.positions = [len(p) for p in prompts]  # where each row's next token goes
-        self.cache = model.new_cache(len(prompts), max_len, dtype)
+        # One spare slot when compiled: the last step would otherwise attend to exactly the whole
+        # buffer, a shape relation torch.compile specializes on (a second graph, compiled again).
+        self.cache = model.new_cache(len(prompts), max_len + (step_fn is not None), dtype)
 
     def start(self) -> torch.Tensor:
         device = self.cache.k[0].device
@@ -158,7 +186,7 @@ class _CachedRunner:
         return self.model.prefill(idx, self.cache, last)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        logits = self.model.decode(tokens[:, None], self.cache, self.positions)
+        logits = self.model.decode(tokens[:, None], self.cache, self.positions, step_fn=self.step_fn)
         self.positions = [p + 1 for p in self.positions]
         return logits
 
@@ -171,7 +199,7 @@ class _RecomputeRunner:
     """The baseline: every step runs the whole (right-padded) batch of sequences through the model.
     Causal attention keeps each row's real tokens blind to the padding after them."""
 
-    def __init__(self, model, prompts: list[list[int]], max_len: int, dtype: torch.dtype | None):
+    def __init__(self, model, prompts: list[list[int]], max_len: int):
         self.model = model
         self.lengths = [len(p) for p in prompts]
         self.ids = _right_padded(prompts, max_len, model.embed_tokens.weight.device)
@@ -200,12 +228,19 @@ class Engine:
     streaming, Completion.text); without it the engine works on token ids only.
 
     dtype "bf16" runs under bf16 autocast with a bf16 cache (faster on recent CPUs and GPUs, not
-    bit-comparable with fp32); "fp32" (the default) is exact."""
+    bit-comparable with fp32); "fp32" (the default) is exact.
 
-    def __init__(self, model, tokenizer=None, *, dtype: str = "fp32"):
+    compile=True runs each decode step as one torch.compile'd graph: faster per token once compiled
+    (the first generation pays ~10-30 s of compiling on a CPU), worth it for a server, a benchmark or
+    a long batch job, not for one short answer. Logits agree with the plain step to float rounding.
+    The model's weights may still change between generations (training in between): they are
+    inputs of the graph, not constants baked into it."""
+
+    def __init__(self, model, tokenizer=None, *, dtype: str = "fp32", compile: bool = False):
         if dtype not in ("fp32", "bf16"):
             raise LmforgeError(f"engine dtype must be fp32 or bf16, got {dtype!r}")
         self.model = model
+        self.step_fn = _CompiledStep(model) if compile else None
         self.tokenizer = tokenizer
         self.device = model.embed_tokens.weight.device
         self.amp_dtype = torch.bfloat16 if dtype == "bf16" else None
@@ -318,8 +353,10 @@ class Engine:
         model.eval()
         try:
             with self._context():
-                runner_cls = _CachedRunner if s.use_cache else _RecomputeRunner
-                runner = runner_cls(model, prompts, max_len, self.amp_dtype)
+                if s.use_cache:
+                    runner = _CachedRunner(model, prompts, max_len, self.amp_dtype, self.step_fn)
+                else:
+                    runner = _RecomputeRunner(model, prompts, max_len)
                 seen = None
                 if s.repetition_penalty is not None and s.repetition_penalty != 1.0:
                     seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool,

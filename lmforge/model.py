@@ -281,7 +281,7 @@ class CacheStep(NamedTuple):
     sin: torch.Tensor | None
     write: torch.Tensor | None  # decode: slot of each row's token, as a scatter index; None: prefill
     length: int  # decode: number of slots attended to (the furthest row's position + 1)
-    mask: torch.Tensor | None  # decode: (B, 1, 1, length), True where the row may attend; None: all
+    mask: torch.Tensor | None  # decode: (B, 1, 1, length), True where the row may attend; prefill: None
 
 
 # ----------------------------------------------------------------------------- the model
@@ -361,7 +361,12 @@ class GPT(nn.Module):
         cos = sin = None
         if self.rotary is not None:
             cos, sin = self.rotary.cos[:T], self.rotary.sin[:T]
-        x = self._forward_cached(idx, positions, cache, CacheStep(cos, sin, None, T, None))
+        step = CacheStep(cos, sin, None, T, None)
+        x = self.embed_tokens(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        for layer, k_buf, v_buf in zip(self.layers, cache.k, cache.v):
+            x = layer(x, self.rotary, positions, (k_buf, v_buf), step)
         if last is None:
             x = x[:, -1]
         else:
@@ -369,35 +374,42 @@ class GPT(nn.Module):
         # Only the wanted positions go through the head: vocab x T logits would dominate a long prefill.
         return self.lm_head(self.norm(x)).float()
 
-    def decode(self, idx: torch.Tensor, cache: KVCache, positions: list[int]) -> torch.Tensor:
+    def decode(self, idx: torch.Tensor, cache: KVCache, positions: list[int], step_fn=None) -> torch.Tensor:
         """One cached step: idx (B, 1) holds each row's next token, at position positions[b] (the
         number of tokens the row already has in the cache). Its key and value go to that slot and it
-        attends to the row's slots 0..positions[b]. Returns float32 logits (B, vocab)."""
-        B = idx.size(0)
+        attends to the row's slots 0..positions[b]. Returns float32 logits (B, vocab).
+
+        step_fn: a compiled `decode_step` to run instead of the plain one (see Engine(compile=True))."""
         length = max(positions) + 1
         if length > min(self.config.block_size, cache.max_len):
             raise LmforgeError(f"position {length - 1} is outside the context window "
                                f"({self.config.block_size}) or the cache ({cache.max_len})")
         pos = torch.tensor(positions, device=idx.device)
+        return (step_fn or self.decode_step)(idx, pos, length, cache.k, cache.v)
+
+    def decode_step(self, idx: torch.Tensor, pos: torch.Tensor, length: int,
+                    k_bufs: list[torch.Tensor], v_bufs: list[torch.Tensor]) -> torch.Tensor:
+        """The tensor work of `decode`, without checks or Python lists, so that torch.compile can
+        turn a whole step into one graph: pos (B,) are the rows' positions, length = max(pos) + 1
+        the number of cache slots attended to, k_bufs/v_bufs the cache's per-layer buffers."""
+        B = idx.size(0)
         cos = sin = None
         if self.rotary is not None:
             cos = self.rotary.cos[pos].view(B, 1, 1, -1)
             sin = self.rotary.sin[pos].view(B, 1, 1, -1)
         cfg = self.config
         write = pos.view(B, 1, 1, 1).expand(B, cfg.kv_heads, 1, cfg.head_dim)
-        mask = None
-        if min(positions) != length - 1:  # rows at different positions: hide slots beyond each row's own
-            mask = (torch.arange(length, device=idx.device) <= pos[:, None]).view(B, 1, 1, length)
-        x = self._forward_cached(idx, pos.view(B, 1), cache, CacheStep(cos, sin, write, length, mask))
-        return self.lm_head(self.norm(x[:, -1])).float()
-
-    def _forward_cached(self, idx, positions, cache: KVCache, step: CacheStep) -> torch.Tensor:
+        # Rows at different positions: each sees only its own slots 0..pos (the rest is padding or
+        # another row's future). The mask is built even when all rows line up, so the compiled step
+        # has one shape of graph.
+        mask = (torch.arange(length, device=idx.device) <= pos[:, None]).view(B, 1, 1, length)
+        step = CacheStep(cos, sin, write, length, mask)
         x = self.embed_tokens(idx)
         if self.wpe is not None:
-            x = x + self.wpe(positions)
-        for layer, k_buf, v_buf in zip(self.layers, cache.k, cache.v):
-            x = layer(x, self.rotary, positions, (k_buf, v_buf), step)
-        return x
+            x = x + self.wpe(pos.view(B, 1))
+        for layer, k_buf, v_buf in zip(self.layers, k_bufs, v_bufs):
+            x = layer(x, self.rotary, pos.view(B, 1), (k_buf, v_buf), step)
+        return self.lm_head(self.norm(x[:, -1])).float()
 
     # ------------------------------------------------------------------ accounting
 

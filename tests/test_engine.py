@@ -172,6 +172,54 @@ def test_stop_ids_with_random_weights_and_uneven_finishes():
     assert got[0].tokens == full[0][:full[0].index(stop)]
 
 
+def test_compiled_decode_step_matches_the_plain_one():
+    """Engine(compile=True): greedy tokens equal the plain engine's for rows of unequal lengths, a
+    row dropped mid-way (batch size changes) and a second call (cache length changes); per-step
+    logits agree to float rounding. (Batches of 2+ rows only: batch 1 is a second graph, and each
+    compile costs seconds.)"""
+    import torch._dynamo
+
+    model = model_for("cpu")
+    torch._dynamo.reset()
+    compiled = Engine(model, compile=True)
+    plain = Engine(model)
+    for prompts, n in ((PROMPTS, 12), (PROMPTS[1:], 5)):
+        assert ([c.tokens for c in compiled.generate(prompts, n, temperature=0)]
+                == [c.tokens for c in plain.generate(prompts, n, temperature=0)])
+    outputs = [c.tokens for c in plain.generate(PROMPTS, 12, temperature=0)]
+    # A stop id that ends row 1 only, after 3 tokens: the batch shrinks from 3 rows to 2.
+    stop = next(t for t in outputs[1][3:] if t not in outputs[0] + outputs[2])
+    assert ([c.tokens for c in compiled.generate(PROMPTS, 12, temperature=0, stop_ids=[stop])]
+            == [c.tokens for c in plain.generate(PROMPTS, 12, temperature=0, stop_ids=[stop])])
+    assert not compiled.step_fn.failed
+    with torch.inference_mode():
+        cache = model.new_cache(2, 16)
+        logits = model.prefill(torch.tensor([PROMPTS[0][:5], PROMPTS[1] + [0] * 3]), cache,
+                               torch.tensor([4, 1]))
+        for positions in ([5, 2], [6, 3], [7, 4]):
+            idx = logits.argmax(-1, keepdim=True)
+            saved = [t.clone() for t in cache.k + cache.v]
+            want = model.decode(idx, cache, positions)
+            for t, old in zip(cache.k + cache.v, saved):
+                t.copy_(old)
+            logits = model.decode(idx, cache, positions, step_fn=compiled.step_fn)
+            torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_compile_failure_falls_back_to_the_plain_step(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    engine = Engine(model_for("cpu"), compile=True)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        got = engine.generate(PROMPTS, 6, temperature=0)
+    assert [c.tokens for c in got] == [c.tokens for c in Engine(model_for("cpu")).generate(PROMPTS, 6, temperature=0)]
+    assert engine.step_fn.failed
+
+
 def test_bf16_autocast_runs():
     got = Engine(model_for("cpu"), dtype="bf16").generate(PROMPTS, 6, temperature=0)
     assert [len(c.tokens) for c in got] == [6, 6, 6]
