@@ -597,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules with an `add_commands(subparsers)` function; they import heavy libraries only inside the
 # command handlers, so `lmforge --help` stays fast.
-STAGE_COMMANDS = ("lmforge.eval.cli", "lmforge.posttrain.cli", "lmforge.serve.cli")
+STAGE_COMMANDS = ("lmforge.eval.cli", "lmforge.posttrain.cli", "lmforge.posttrain.align_cli",
+                  "lmforge.serve.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
