@@ -201,8 +201,11 @@ class CausalSelfAttention(nn.Module):
         # the query heads sharing a KV head become that head's "query positions": (B, n_kv, rep, hd)
         # against (B, n_kv, L, hd), the same grouping as repeat_interleave (query head h uses KV
         # head h // rep). No causal mask is needed for a single query, only the length mask.
-        k_buf.scatter_(2, step.write, k.to(k_buf.dtype))
-        v_buf.scatter_(2, step.write, v.to(v_buf.dtype))
+        # Indexed assignment, not scatter_: torch.compile updates the cache in place for it, while
+        # its scatter_ copied the whole cache buffer twice per layer and step.
+        rows, slots = step.write
+        k_buf[rows, :, slots] = k[:, :, 0].to(k_buf.dtype)
+        v_buf[rows, :, slots] = v[:, :, 0].to(v_buf.dtype)
         keys = k_buf[:, :, :step.length].to(q.dtype)
         values = v_buf[:, :, :step.length].to(q.dtype)
         q = q.reshape(B, self.n_kv_head, self.n_head // self.n_kv_head, hd)
@@ -279,7 +282,7 @@ class CacheStep(NamedTuple):
     """What every layer needs to know about one cached forward step (computed once per step)."""
     cos: torch.Tensor | None  # rotary angles of the step's tokens; None with learned positions
     sin: torch.Tensor | None
-    write: torch.Tensor | None  # decode: slot of each row's token, as a scatter index; None: prefill
+    write: tuple[torch.Tensor, torch.Tensor] | None  # decode: (row, slot) of each row's new token; None: prefill
     length: int  # decode: number of slots attended to (the furthest row's position + 1)
     mask: torch.Tensor | None  # decode: (B, 1, 1, length), True where the row may attend; prefill: None
 
@@ -397,8 +400,7 @@ class GPT(nn.Module):
         if self.rotary is not None:
             cos = self.rotary.cos[pos].view(B, 1, 1, -1)
             sin = self.rotary.sin[pos].view(B, 1, 1, -1)
-        cfg = self.config
-        write = pos.view(B, 1, 1, 1).expand(B, cfg.kv_heads, 1, cfg.head_dim)
+        write = (torch.arange(B, device=idx.device), pos)
         # Rows at different positions: each sees only its own slots 0..pos (the rest is padding or
         # another row's future). The mask is built even when all rows line up, so the compiled step
         # has one shape of graph.
