@@ -66,8 +66,9 @@ class _Settings:
     use_cache: bool
 
 
-class _Row:
-    """One sequence being generated: its tokens, its text so far, and whether and why it stopped.
+class RowOutput:
+    """The output of one sequence being generated: its tokens, its text so far, and whether and why
+    it stopped (shared by the engine and the server's scheduler).
 
     Text is decoded incrementally: a multi-byte character split across tokens is held back until its
     last byte arrives. Text that could be the start of a stop string is held back too, so streamed
@@ -143,7 +144,7 @@ def _right_padded(prompts: list[list[int]], width: int, device) -> torch.Tensor:
     return torch.tensor([p + [0] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
 
 
-class _CompiledStep:
+class CompiledDecodeStep:
     """`model.decode_step` under torch.compile: at batch 1 on a small model a decode step is mostly
     per-operation overhead (a few microseconds for each of ~100 small ops), which compiling fuses
     away (docs/benchmarks.md). dynamic=True: one graph serves every cache length and batch size
@@ -240,7 +241,7 @@ class Engine:
         if dtype not in ("fp32", "bf16"):
             raise LmforgeError(f"engine dtype must be fp32 or bf16, got {dtype!r}")
         self.model = model
-        self.step_fn = _CompiledStep(model) if compile else None
+        self.step_fn = CompiledDecodeStep(model) if compile else None
         self.tokenizer = tokenizer
         self.device = model.embed_tokens.weight.device
         self.amp_dtype = torch.bfloat16 if dtype == "bf16" else None
@@ -315,7 +316,7 @@ class Engine:
             raise LmforgeError("stop strings need a tokenizer")
         if any(not isinstance(s, str) or not s for s in stop_strings):
             raise LmforgeError("stop strings must be non-empty strings")
-        rows = [_Row(min(max_new_tokens, cfg.block_size - len(p)), stop_ids, stop_strings, self.tokenizer)
+        rows = [RowOutput(min(max_new_tokens, cfg.block_size - len(p)), stop_ids, stop_strings, self.tokenizer)
                 for p in prompts]
         settings = _Settings(temperature, top_k, top_p, min_p, repetition_penalty, seed, use_cache)
         return prompts, rows, settings
@@ -335,7 +336,7 @@ class Engine:
         return sample_next(logits, s.temperature, s.top_k, s.top_p, generator, min_p=s.min_p,
                            repetition_penalty=s.repetition_penalty, seen=seen)
 
-    def _steps(self, prompts: list[list[int]], rows: list[_Row], s: _Settings) -> Iterator[tuple[int, str]]:
+    def _steps(self, prompts: list[list[int]], rows: list[RowOutput], s: _Settings) -> Iterator[tuple[int, str]]:
         """Run generation, yielding (row index, text piece) as rows produce text."""
         live = [i for i, row in enumerate(rows) if not row.done]  # batch position -> row index
         if not live:

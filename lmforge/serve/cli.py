@@ -1,5 +1,66 @@
-"""`lmforge` subcommands of this stage (see lmforge.cli.STAGE_COMMANDS)."""
+"""`lmforge` subcommands of this stage (see lmforge.cli.STAGE_COMMANDS).
+
+    lmforge serve --checkpoint runs/sft [--port 8000] [--api-key KEY | $LMFORGE_API_KEY]
+"""
+from __future__ import annotations
+
+import os
+
+API_KEY_ENV = "LMFORGE_API_KEY"
+
+
+def cmd_serve(args):
+    import ipaddress
+    from pathlib import Path
+
+    import torch
+    import uvicorn
+
+    from lmforge.serve.app import ServeConfig, create_app, load_served_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_served_model(args.checkpoint, device=args.device)
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    cfg = ServeConfig(model_name=name, api_key=key, max_batch=args.max_batch, max_tokens=args.max_tokens,
+                      max_request_bytes=args.max_request_bytes, max_n=args.max_n, max_waiting=args.max_waiting,
+                      dtype=args.dtype, compile=args.compile)
+    app = create_app(model, tok, cfg)
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and not key:
+        print(f"warning: listening on {args.host} without an API key: anyone who can reach this port can "
+              f"use the model (set --api-key or ${API_KEY_ENV})", flush=True)
+    print(f"serving '{name}' ({model.config.block_size}-token context, batches of up to {args.max_batch}) "
+          f"on http://{args.host}:{args.port}/  (chat page at /, OpenAI API at /v1"
+          f"{', API key required' if key else ''})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
 def add_commands(sub) -> None:
     """Add this stage's subcommands to the `lmforge` parser's subparsers."""
+    from lmforge.cli import positive_int
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API and web chat page for a model")
+    p.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or Hugging Face model folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=positive_int, default=8000)
+    p.add_argument("--api-key", default=None, help=f"require this key on /v1 routes (default: ${API_KEY_ENV})")
+    p.add_argument("--model-name", default=None, help="the model id clients ask for (default: the folder name)")
+    p.add_argument("--max-batch", type=positive_int, default=16,
+                   help="most sequences decoded together (1 = one request at a time)")
+    p.add_argument("--max-tokens", type=positive_int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-request-bytes", type=positive_int, default=1_000_000)
+    p.add_argument("--max-n", type=positive_int, default=8, help="most choices (n) per request")
+    p.add_argument("--max-waiting", type=positive_int, default=256,
+                   help="queued sequences beyond the batch before new requests get 429")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: faster per token after a one-time compile")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)

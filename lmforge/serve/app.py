@@ -1,0 +1,439 @@
+"""The HTTP server: OpenAI-compatible routes and the chat page, over the continuous-batching scheduler.
+
+    POST /v1/chat/completions   messages -> reply (tool calls included), JSON or server-sent events
+    POST /v1/completions        prompt -> continuation, JSON or server-sent events
+    GET  /v1/models             the one model served
+    GET  /health                liveness and scheduler counters (no key needed)
+    GET  /                      the chat page (static/index.html)
+
+Each request's sequences report to an asyncio queue of their own (the scheduler thread puts events
+there with call_soon_threadsafe), so the model loop never waits for a client. A stream whose client
+goes away is cancelled and leaves the batch at the next step.
+
+Usage:
+    app = create_app(model, tokenizer, ServeConfig(api_key="secret"))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from lmforge.chat import render_messages
+from lmforge.common import LmforgeError
+from lmforge.serve.protocol import (APIError, ChatRequest, CompletionRequest, chat_messages, completion_prompts,
+                                    new_id, now, parse_request, sse, tool_call_obj, tool_choice_mode,
+                                    tools_system_text, usage)
+from lmforge.serve.scheduler import Event, SamplingParams, Scheduler
+
+log = logging.getLogger("lmforge.serve")
+
+
+@dataclass
+class ServeConfig:
+    model_name: str = "lmforge"
+    api_key: str | None = None  # required as "Authorization: Bearer <key>" on /v1 routes when set
+    max_batch: int = 16  # most sequences decoded together (1 = one at a time)
+    max_tokens: int = 1024  # largest max_tokens a request may ask for
+    max_prompt_tokens: int | None = None  # default: the context window minus one
+    max_request_bytes: int = 1_000_000
+    max_n: int = 8  # most choices per request
+    max_waiting: int = 256  # sequences queued beyond the batch before new requests get 429
+    dtype: str = "fp32"
+    compile: bool = False  # torch.compile the decode step (see Engine(compile=True))
+    chat_completion_default_tokens: int | None = None  # chat default for max_tokens (None: up to the limit)
+    completion_default_tokens: int = 16  # OpenAI's default for /v1/completions
+
+
+def chat_page() -> str:
+    page = resources.files("lmforge.serve").joinpath("static/index.html")
+    if not page.is_file():
+        raise LmforgeError("the chat page lmforge/serve/static/index.html is missing from this installation "
+                           "(it is package data of lmforge.serve)")
+    return page.read_text(encoding="utf-8")
+
+
+def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
+    cfg = config or ServeConfig()
+    sched = Scheduler(model, tokenizer, max_batch=cfg.max_batch, dtype=cfg.dtype, compile=cfg.compile)
+    window = model.config.block_size
+    max_prompt = min(cfg.max_prompt_tokens or window - 1, window - 1)
+    page = chat_page()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        sched.start()
+        yield
+        sched.stop()
+
+    app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.scheduler = sched
+    app.state.config = cfg
+
+    # ------------------------------------------------------------------ errors: always OpenAI's body
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        msg = f"{request.method} {request.url.path}: {e.detail}"
+        return JSONResponse(APIError(e.status_code, msg, code=code).body(), status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def request_error(request, e):
+        return JSONResponse(APIError(400, str(e)).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e):
+        log.exception("unhandled error")
+        body = APIError(500, f"internal error: {type(e).__name__}", type="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    # ------------------------------------------------------------------ helpers
+
+    def check_key(request: Request) -> None:
+        if not cfg.api_key:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, key = auth.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+        if not hmac.compare_digest(key.strip().encode(), cfg.api_key.encode()):
+            raise APIError(401, "incorrect API key", code="invalid_api_key")
+
+    async def read_json(request: Request):
+        check_key(request)
+        limit = cfg.max_request_bytes
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise APIError(413, f"request body of {int(length)} bytes is larger than the limit of {limit} bytes",
+                           code="request_too_large")
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"request body is larger than the limit of {limit} bytes",
+                                   code="request_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise APIError(499, "client closed the request while sending it") from None
+
+        def no_constants(name):
+            raise ValueError(f"{name} is not valid JSON")
+
+        try:
+            return json.loads(b"".join(chunks), parse_constant=no_constants)
+        except (ValueError, RecursionError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+
+    def check_common(req, default_tokens: int | None) -> int:
+        if req.model != cfg.model_name:
+            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{cfg.model_name}'",
+                           param="model", code="model_not_found")
+        if req.n > cfg.max_n:
+            raise APIError(400, f"n is {req.n}; this server allows at most {cfg.max_n}", param="n")
+        max_tokens = getattr(req, "max_completion_tokens", None)
+        max_tokens = req.max_tokens if max_tokens is None else max_tokens
+        if max_tokens is None:
+            max_tokens = cfg.max_tokens if default_tokens is None else min(default_tokens, cfg.max_tokens)
+        if max_tokens > cfg.max_tokens:
+            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {cfg.max_tokens}",
+                           param="max_tokens", code="max_tokens_too_large")
+        return max_tokens
+
+    def check_prompt(ids: list[int], param: str) -> None:
+        if len(ids) > max_prompt:
+            raise APIError(400, f"the prompt is {len(ids)} tokens; this model's limit is {max_prompt} "
+                                f"(context window {window} tokens, at least one for the reply)",
+                           param=param, code="context_length_exceeded")
+
+    def params_for(req, max_tokens: int, i: int, **extra) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+                              top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                              seed=None if req.seed is None else req.seed + i,  # n choices differ
+                              stop=req.stops(), **extra)
+
+    def submit_all(jobs: list[tuple[list[int], SamplingParams]]):
+        """Queue every sequence of a request; returns (queue, sequences in choice order)."""
+        if sched.waiting + len(jobs) > cfg.max_waiting:
+            raise APIError(429, "the server is busy (too many queued requests); retry shortly",
+                           type="rate_limit_error", code="server_busy")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(event: Event):
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        seqs = []
+        try:
+            for ids, params in jobs:
+                seqs.append(sched.submit(ids, params, emit))
+        except LmforgeError as e:
+            for s in seqs:
+                sched.cancel(s)
+            raise APIError(400, str(e)) from None
+        return queue, seqs
+
+    async def events(queue, seqs) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) until every sequence is done."""
+        index = {s.id: i for i, s in enumerate(seqs)}
+        remaining = len(seqs)
+        while remaining:
+            ev = await queue.get()
+            if ev.kind in ("done", "error"):
+                remaining -= 1
+            yield index[ev.seq_id], ev
+
+    async def collect(request: Request, queue, seqs) -> list[dict]:
+        """Wait for every sequence (cancelling them if the client disconnects); per choice:
+        text, tool_calls, finish_reason, token counts."""
+        out = [{"text": "", "tool_calls": [], "finish_reason": None, "prompt": 0, "completion": 0}
+               for _ in seqs]
+
+        async def gather():
+            async for i, ev in events(queue, seqs):
+                if ev.kind == "text":
+                    out[i]["text"] += ev.text
+                elif ev.kind == "tool_call":
+                    out[i]["tool_calls"].append(tool_call_obj(ev.tool_call))
+                elif ev.kind == "done":
+                    out[i].update(finish_reason=ev.finish_reason, prompt=ev.prompt_tokens,
+                                  completion=ev.completion_tokens)
+                else:
+                    raise APIError(500, ev.text, type="server_error")
+
+        async def disconnected():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        work, gone = asyncio.create_task(gather()), asyncio.create_task(disconnected())
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+                for s in seqs:
+                    sched.cancel(s)
+        if work.cancelled():
+            raise APIError(499, "client closed the request")
+        work.result()  # re-raise a generation error
+        return out
+
+    def total_usage(results, prompt_counts) -> dict:
+        return usage(sum(prompt_counts), sum(r["completion"] for r in results))
+
+    def streaming(body: AsyncIterator[str], queue, seqs) -> StreamingResponse:
+        async def guarded():
+            try:
+                # Events that piled up while this client was being served go out in one write.
+                pending = []
+                async for chunk in body:
+                    pending.append(chunk)
+                    if queue.empty():
+                        yield "".join(pending)
+                        pending = []
+                if pending:
+                    yield "".join(pending)
+            finally:  # finished, or the client went away (the task is cancelled): free the rows
+                for s in seqs:
+                    if not s.done:
+                        sched.cancel(s)
+
+        return StreamingResponse(guarded(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ------------------------------------------------------------------ routes
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health():
+        alive = sched._thread is not None and sched._thread.is_alive()
+        body = {"status": "ok" if alive else "error", "model": cfg.model_name, "scheduler": sched.snapshot()}
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    def model_card() -> dict:
+        return {"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "lmforge",
+                "context_length": window}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name}")
+    async def model_info(name: str, request: Request):
+        check_key(request)
+        if name != cfg.model_name:
+            raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse_request(ChatRequest, await read_json(request))
+        max_tokens = check_common(req, cfg.chat_completion_default_tokens)
+        if req.top_logprobs:
+            raise APIError(400, "'top_logprobs' is not supported by lmforge", param="top_logprobs")
+        mode, forced = tool_choice_mode(req.tool_choice, req.tools)
+        messages = chat_messages(req.messages)
+        if req.tools and mode != "none":  # the tool definitions go into the system prompt
+            text = tools_system_text(req.tools)
+            if messages[0]["role"] == "system" and isinstance(messages[0]["content"], str):
+                messages[0] = {**messages[0], "content": messages[0]["content"] + "\n\n" + text}
+            else:
+                messages.insert(0, {"role": "system", "content": text})
+        try:
+            ids = render_messages(tokenizer, messages)
+        except LmforgeError as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
+        prefix = None
+        if mode == "required":  # force a call: the reply starts inside one (with the name, if chosen)
+            prefix = "" if forced is None else '{"name": ' + json.dumps(forced) + ', "arguments": '
+            ids = ids + [tokenizer.special_id("<|tool_call_start|>")] + tokenizer.encode(prefix)
+        check_prompt(ids, "messages")
+        jobs = [(ids, params_for(req, max_tokens, i, tools=mode != "none", ban_tool_tokens=mode == "none",
+                                      tool_prefix=prefix))
+                for i in range(req.n)]
+        queue, seqs = submit_all(jobs)
+        rid, created = new_id("chatcmpl"), now()
+
+        def chunk(choices, **extra):
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_name,
+                    "system_fingerprint": None, "choices": choices, **extra}
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            async def body():
+                for i in range(len(seqs)):
+                    yield sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                      "logprobs": None, "finish_reason": None}]))
+                completion = 0
+                async for i, ev in events(queue, seqs):
+                    if ev.kind == "text":
+                        delta = {"content": ev.text}
+                    elif ev.kind == "tool_call":
+                        delta = {"tool_calls": [tool_call_obj(ev.tool_call, index=0)]}
+                    elif ev.kind == "done":
+                        completion += ev.completion_tokens
+                        yield sse(chunk([{"index": i, "delta": {}, "logprobs": None,
+                                          "finish_reason": ev.finish_reason}]))
+                        continue
+                    else:
+                        yield sse(APIError(500, ev.text, type="server_error").body())
+                        continue
+                    yield sse(chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]))
+                if include_usage:
+                    yield sse(chunk([], usage=usage(len(ids) * len(seqs), completion)))
+                yield sse("[DONE]")
+
+            return streaming(body(), queue, seqs)
+
+        results = await collect(request, queue, seqs)
+        choices = []
+        for i, r in enumerate(results):
+            msg = {"role": "assistant", "content": r["text"] if r["text"] or not r["tool_calls"] else None}
+            if r["tool_calls"]:
+                msg["tool_calls"] = r["tool_calls"]
+            choices.append({"index": i, "message": msg, "logprobs": None, "finish_reason": r["finish_reason"]})
+        return {"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_name,
+                "system_fingerprint": None, "choices": choices,
+                "usage": total_usage(results, [len(ids)] * len(seqs))}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = parse_request(CompletionRequest, await read_json(request))
+        max_tokens = check_common(req, cfg.completion_default_tokens)
+        if req.echo:
+            raise APIError(400, "'echo' is not supported by lmforge", param="echo")
+        if req.suffix:
+            raise APIError(400, "'suffix' (fill-in-the-middle) is not supported by lmforge", param="suffix")
+        if req.best_of not in (None, req.n):
+            raise APIError(400, "'best_of' is not supported by lmforge", param="best_of")
+        prompts = []
+        for p in completion_prompts(req.prompt):
+            ids = [tokenizer.bos_id] + tokenizer.encode(p) if isinstance(p, str) else list(p)
+            check_prompt(ids, "prompt")
+            prompts.append(ids)
+        if len(prompts) * req.n > cfg.max_n * 4:
+            raise APIError(400, f"{len(prompts)} prompts x n={req.n} is more than {cfg.max_n * 4} completions",
+                           param="prompt")
+        # Choice index = prompt index * n + j, as in OpenAI's API.
+        jobs = [(ids, params_for(req, max_tokens, j)) for ids in prompts for j in range(req.n)]
+        queue, seqs = submit_all(jobs)
+        prompt_counts = [len(ids) for ids, _ in jobs]
+        rid, created = new_id("cmpl"), now()
+
+        def chunk(choices, **extra):
+            return {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
+                    "system_fingerprint": None, "choices": choices, **extra}
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            async def body():
+                completion = 0
+                async for i, ev in events(queue, seqs):
+                    if ev.kind == "text":
+                        yield sse(chunk([{"index": i, "text": ev.text, "logprobs": None, "finish_reason": None}]))
+                    elif ev.kind == "done":
+                        completion += ev.completion_tokens
+                        yield sse(chunk([{"index": i, "text": "", "logprobs": None,
+                                          "finish_reason": ev.finish_reason}]))
+                    elif ev.kind == "error":
+                        yield sse(APIError(500, ev.text, type="server_error").body())
+                if include_usage:
+                    yield sse(chunk([], usage=usage(sum(prompt_counts), completion)))
+                yield sse("[DONE]")
+
+            return streaming(body(), queue, seqs)
+
+        results = await collect(request, queue, seqs)
+        choices = [{"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
+                   for i, r in enumerate(results)]
+        return {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
+                "system_fingerprint": None, "choices": choices, "usage": total_usage(results, prompt_counts)}
+
+    return app
+
+
+def load_served_model(path, device: str = "cpu"):
+    """(model, tokenizer) from an lmforge checkpoint (run or checkpoint folder) or a Hugging Face
+    model folder (config.json + weights, converted in memory through lmforge.hf.import_hf)."""
+    import tempfile
+    from pathlib import Path
+
+    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
+
+    path = Path(path)
+    if (path / "config.json").is_file() and not (path / "state.json").is_file():
+        from lmforge.hf import import_hf
+
+        with tempfile.TemporaryDirectory() as tmp:
+            conv = import_hf(path, tmp)
+            if not conv.tokenizer:
+                raise LmforgeError(f"cannot serve {path}: {conv.note}")
+            model, _ = load_model(tmp, device=device)
+            return model, load_checkpoint_tokenizer(tmp)
+    model, _ = load_model(path, device=device)
+    return model, load_checkpoint_tokenizer(path)

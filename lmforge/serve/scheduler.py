@@ -1,0 +1,425 @@
+"""Continuous batching: many requests share the model's decode steps, and new ones join between steps.
+
+`Engine.generate` batches a fixed set of prompts. A server cannot wait for a batch to fill, nor make
+a new request wait for the running batch to finish: a request arriving mid-way should start at the
+next step. The scheduler keeps one running batch, a key/value cache with one row per sequence:
+
+    step():  drop rows whose client went away
+             admit waiting sequences: prefill them together (their own cache, right-padded), sample
+             each one's first token, and concatenate their cache rows onto the running batch
+             one decode step for every row (each at its own position: model.decode handles that)
+             sample each row's next token with the row's own settings, hand out its text
+             drop finished rows (cache.keep)
+
+Every row's cache is allocated at the model's full context window, so caches admitted at
+different times always have the same length and concatenate along the batch dimension.
+
+One background thread runs the loop (torch releases the GIL during compute, so the HTTP server
+stays responsive). Sequences report through an `emit` callback, called on that thread; the server
+turns it into an asyncio queue per request, so a slow client never holds up the loop.
+
+Tool calls: when a sequence may call tools, `<|tool_call_start|>` ends its content; the tokens after
+it, up to `<|tool_call_end|>`, are the call's JSON (lmforge/chat.py's format), parsed and handed out
+as a tool call with finish reason "tool_calls".
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+import traceback
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.chat import parse_tool_call
+from lmforge.common import LmforgeError
+from lmforge.engine import DEFAULT_STOP_TOKENS, CompiledDecodeStep, RowOutput
+from lmforge.sampling import check_sampling_args, sample_next
+
+log = logging.getLogger("lmforge.serve")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One sequence's generation settings (checked by `Scheduler.submit`)."""
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings (not included in the text)
+    tools: bool = False  # may the model call a tool (its call becomes a tool_call event)
+    ban_tool_tokens: bool = False  # never sample the tool-call tokens (a chat request without tools)
+    tool_prefix: str | None = None  # the call was forced: this text (JSON) already follows <|tool_call_start|>
+
+
+@dataclass
+class Event:
+    """What a sequence reports. kind: "text" (text = the new piece), "tool_call" (tool_call =
+    {"name", "arguments"}), "done" (finish_reason, token counts), "error" (text = message)."""
+    kind: str
+    seq_id: int
+    text: str = ""
+    tool_call: dict | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Sequence:
+    """One prompt being continued: its tokens, sampling settings and where its text stands."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None], tokenizer,
+                 budget: int, stop_ids: frozenset[int], call_ids: tuple[int, int]):
+        self.id = next(Sequence._ids)
+        self.prompt = prompt
+        self.params = params
+        self.emit = emit
+        self.tok = tokenizer
+        self.budget = budget  # tokens this sequence may sample in total
+        self.generated = 0  # tokens sampled so far (stop tokens included: the model produced them)
+        self.cancelled = False
+        self.finish_reason: str | None = None
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device="cpu")
+            self.generator.manual_seed(params.seed)
+        self.call_start, self.call_end = call_ids
+        self.stop_ids = stop_ids
+        self.in_call = params.tool_prefix is not None
+        if self.in_call:  # forced call: generation starts inside the call's JSON
+            self.row = RowOutput(budget, stop_ids | {self.call_end}, (), tokenizer)
+        else:
+            content_stops = stop_ids | ({self.call_start} if params.tools else set())
+            self.row = RowOutput(budget, content_stops, params.stop, tokenizer)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def banned(self) -> list[int]:
+        """Ids this sequence must not sample."""
+        return [self.call_start, self.call_end] if self.params.ban_tool_tokens else []
+
+    def add(self, token: int) -> None:
+        """Take the next sampled token: hand out text, switch to the tool call, or finish."""
+        self.generated += 1
+        piece = self.row.add(token)
+        if not self.in_call:
+            if piece:
+                self._emit(Event("text", self.id, text=piece))
+            if not self.row.done:
+                return
+            if self.row.stop == self.call_start:
+                if self.generated >= self.budget:  # a call begun with no room left for it
+                    self._finish("length")
+                    return
+                # The content ended where a tool call begins: collect the call's JSON next.
+                self.in_call = True
+                self.row = RowOutput(self.budget - self.generated, self.stop_ids | {self.call_end}, (), self.tok)
+                return
+            self._finish("length" if self.row.finish_reason == "length" else "stop")
+            return
+        if not self.row.done:
+            return
+        call_text = (self.params.tool_prefix or "") + self.row.text
+        if self.row.stop == self.call_end:
+            try:
+                call = parse_tool_call(call_text)
+            except LmforgeError:
+                call = None
+            if call is not None:
+                self._emit(Event("tool_call", self.id, tool_call=call))
+                self._finish("tool_calls")
+                return
+        # A call cut short or malformed: nothing is dropped, its text becomes content.
+        self._emit(Event("text", self.id, text=call_text))
+        self._finish("length" if self.row.finish_reason == "length" else "stop")
+
+    def fail(self, message: str) -> None:
+        self.finish_reason = "error"
+        self._emit(Event("error", self.id, text=message))
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self._emit(Event("done", self.id, finish_reason=reason, prompt_tokens=len(self.prompt),
+                         completion_tokens=self.generated))
+
+    def _emit(self, event: Event) -> None:
+        try:
+            self.emit(event)
+        except Exception:  # the receiving side is gone (e.g. its event loop closed): stop working for it
+            self.cancelled = True
+
+
+@dataclass
+class SchedulerStats:
+    """Counters for tests, /health and the benchmark."""
+    decode_steps: int = 0
+    prefills: int = 0
+    admitted: int = 0
+    joined_running: int = 0  # sequences admitted while others were mid-generation (continuous batching)
+    finished: int = 0
+    cancelled: int = 0
+    errors: int = 0
+    generated_tokens: int = 0
+    max_rows: int = 0  # most rows in one decode step
+    rows_per_step: Counter = field(default_factory=Counter)  # decode steps by batch size
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "rows_per_step"}
+        d["rows_per_step"] = {str(k): v for k, v in sorted(self.rows_per_step.items())}
+        d["shared_steps"] = sum(v for k, v in self.rows_per_step.items() if k > 1)
+        return d
+
+
+class Scheduler:
+    """Runs a model over a changing batch of sequences. `submit` from any thread; `start()` runs the
+    loop on a background thread (or call `step()` yourself, e.g. in tests)."""
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 16, dtype: str = "fp32", compile: bool = False):
+        if max_batch < 1:
+            raise LmforgeError(f"max batch must be >= 1, got {max_batch}")
+        if dtype not in ("fp32", "bf16"):
+            raise LmforgeError(f"dtype must be fp32 or bf16, got {dtype!r}")
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.max_batch = max_batch
+        self.step_fn = CompiledDecodeStep(model) if compile else None  # see Engine(compile=True)
+        self.device = model.embed_tokens.weight.device
+        self.amp_dtype = torch.bfloat16 if dtype == "bf16" else None
+        self.window = model.config.block_size
+        # A model's vocabulary may be padded beyond the tokenizer's: those ids are never sampled.
+        self.sample_vocab = min(model.config.vocab_size, tokenizer.vocab_size)
+        self.stop_ids = frozenset(tokenizer.special_id(n) for n in DEFAULT_STOP_TOKENS)
+        self.call_ids = (tokenizer.special_id("<|tool_call_start|>"), tokenizer.special_id("<|tool_call_end|>"))
+        self.stats = SchedulerStats()
+        self._waiting: deque[Sequence] = deque()
+        self._rows: list[Sequence] = []  # the running batch, in cache row order
+        self._next: torch.Tensor | None = None  # each row's next input token
+        self._positions: list[int] = []  # each row's next cache slot
+        self._cache = None
+        self._cv = threading.Condition()
+        self._paused = False
+        self._in_step = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None]) -> Sequence:
+        """Queue a prompt; events go to `emit` (called on the scheduler's thread). Raises
+        LmforgeError for a prompt that does not fit or bad settings."""
+        check_sampling_args(params.temperature, params.top_k, params.top_p, params.max_tokens, params.min_p)
+        if not prompt:
+            raise LmforgeError("the prompt is empty")
+        if len(prompt) >= self.window:
+            raise LmforgeError(f"the prompt is {len(prompt)} tokens; the model's context window is {self.window} "
+                               "tokens and the reply needs at least one")
+        if not all(0 <= t < self.model.config.vocab_size for t in prompt):
+            raise LmforgeError(f"prompt token ids must be in 0..{self.model.config.vocab_size - 1}")
+        budget = min(params.max_tokens, self.window - len(prompt))
+        seq = Sequence(list(prompt), params, emit, self.tok, budget, self.stop_ids, self.call_ids)
+        with self._cv:
+            if budget == 0:  # nothing to generate: finished at once
+                seq._finish("length")
+                return seq
+            self._waiting.append(seq)
+            self._cv.notify_all()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """The client went away: the sequence leaves the batch at the next step."""
+        with self._cv:
+            seq.cancelled = True
+            self._cv.notify_all()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="lmforge-scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Hold the loop between steps (tests use it to line up requests without relying on timing)."""
+        with self._cv:
+            self._paused = True
+            while self._in_step:
+                self._cv.wait()
+        try:
+            yield self
+        finally:
+            with self._cv:
+                self._paused = False
+                self._cv.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    def snapshot(self) -> dict:
+        with self._cv:
+            return {"waiting": len(self._waiting), "running": len(self._rows), "max_batch": self.max_batch,
+                    **self.stats.as_dict()}
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and (self._paused or not (self._waiting or self._rows)):
+                    self._cv.wait()
+                if self._stopping:
+                    for seq in list(self._rows) + list(self._waiting):
+                        seq.fail("the server is shutting down")
+                    return
+                self._in_step = True
+            try:
+                self.step()
+            except Exception as e:  # a bug or an out-of-memory: fail the batch, keep serving
+                log.error("scheduler step failed:\n%s", traceback.format_exc())
+                self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+            finally:
+                with self._cv:
+                    self._in_step = False
+                    self._cv.notify_all()
+
+    def step(self) -> None:
+        """One round: drop cancelled rows, admit waiting sequences, one decode step for all rows."""
+        with self._cv:
+            for seq in self._waiting:
+                if seq.cancelled:
+                    self.stats.cancelled += 1
+            self._waiting = deque(s for s in self._waiting if not s.cancelled)
+            room = self.max_batch - len(self._rows) + sum(s.cancelled for s in self._rows)
+            new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        with self._context():
+            self._drop_rows(cancelled=True)
+            if new:
+                self._admit(new)
+            if self._rows:
+                self._decode()
+
+    # ------------------------------------------------------------------ internals
+
+    def _context(self):
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.amp_dtype is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.amp_dtype))
+        return stack
+
+    def _admit(self, new: list[Sequence]) -> None:
+        if self._rows:
+            self.stats.joined_running += len(new)
+        self.stats.admitted += len(new)
+        self.stats.prefills += 1
+        width = max(len(s.prompt) for s in new)
+        idx = torch.tensor([s.prompt + [0] * (width - len(s.prompt)) for s in new], dtype=torch.long,
+                           device=self.device)
+        last = torch.tensor([len(s.prompt) - 1 for s in new], device=self.device)
+        cache = self.model.new_cache(len(new), self.window, self.amp_dtype)
+        logits = self.model.prefill(idx, cache, last)
+        tokens = self._sample(logits, new)
+        if self._cache is None or not self._rows:
+            self._cache, self._rows, self._next = cache, [], tokens[:0]
+            self._positions = []
+        else:
+            self._cache.k = [torch.cat([a, b]) for a, b in zip(self._cache.k, cache.k)]
+            self._cache.v = [torch.cat([a, b]) for a, b in zip(self._cache.v, cache.v)]
+        self._rows += new
+        self._next = torch.cat([self._next, tokens])
+        self._positions += [len(s.prompt) for s in new]
+        for seq, t in zip(new, tokens.tolist()):
+            seq.add(t)
+        self._drop_rows()
+
+    def _decode(self) -> None:
+        self.stats.decode_steps += 1
+        self.stats.rows_per_step[len(self._rows)] += 1
+        self.stats.max_rows = max(self.stats.max_rows, len(self._rows))
+        logits = self.model.decode(self._next[:, None], self._cache, self._positions, step_fn=self.step_fn)
+        self._positions = [p + 1 for p in self._positions]
+        tokens = self._sample(logits, self._rows)
+        self._next = tokens
+        for seq, t in zip(self._rows, tokens.tolist()):
+            seq.add(t)
+        self._drop_rows()
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Each row with its own settings. Rows that share settings and no private generator are
+        sampled together; a seeded row draws from its own generator, so its output does not depend
+        on which other requests share the batch."""
+        self.stats.generated_tokens += len(seqs)
+        logits = logits.float()
+        if self.sample_vocab < logits.size(-1):
+            logits[:, self.sample_vocab:] = float("-inf")
+        for b, seq in enumerate(seqs):
+            banned = seq.banned()
+            if banned:
+                logits[b, banned] = float("-inf")
+        out = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        groups: dict[tuple, list[int]] = {}
+        for b, seq in enumerate(seqs):
+            p = seq.params
+            key = (p.temperature, p.top_k, p.top_p, p.min_p, b if seq.generator is not None else -1)
+            groups.setdefault(key, []).append(b)
+        for (temperature, top_k, top_p, min_p, _), rows in groups.items():
+            index = torch.tensor(rows, device=logits.device)
+            gen = seqs[rows[0]].generator
+            group_logits = logits.index_select(0, index)
+            if gen is not None and group_logits.device.type != "cpu":
+                group_logits = group_logits.cpu()  # the per-request generators live on the CPU
+            out[index] = sample_next(group_logits, temperature, top_k, top_p, gen, min_p=min_p).to(out.device)
+        return out
+
+    def _drop_rows(self, cancelled: bool = False) -> None:
+        """Remove finished (and, between steps, cancelled) rows from the batch and its cache."""
+        keep = []
+        for j, seq in enumerate(self._rows):
+            if seq.done:
+                self.stats.finished += 1
+            elif cancelled and seq.cancelled:
+                self.stats.cancelled += 1
+                seq.finish_reason = "cancelled"
+            else:
+                keep.append(j)
+        if len(keep) == len(self._rows):
+            return
+        with self._cv:
+            self._rows = [self._rows[j] for j in keep]
+        if keep:
+            index = torch.tensor(keep, device=self.device)
+            self._cache.keep(index)
+            self._next = self._next.index_select(0, index)
+            self._positions = [self._positions[j] for j in keep]
+        else:  # empty batch: free the cache
+            self._cache, self._next, self._positions = None, None, []
+
+    def _fail_all(self, message: str) -> None:
+        with self._cv:
+            rows, self._rows = self._rows, []
+            self._cache, self._next, self._positions = None, None, []
+        for seq in rows:
+            if not seq.done:
+                self.stats.errors += 1
+                seq.fail(message)
