@@ -221,6 +221,8 @@ def cmd_data_prepare(args):
 def cmd_pretrain(args):
     from lmforge.train.pretrain import PretrainOptions, pretrain
 
+    if args.dry_run:
+        return print_training_estimate(args)
     opts = PretrainOptions(data_dir=args.data_dir, preset=args.preset, model_overrides=model_overrides(args),
                            batch_size=args.batch_size, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
                            resume=args.resume)
@@ -233,6 +235,28 @@ def cmd_pretrain(args):
     from lmforge.train.loop import cleanup_distributed
 
     cleanup_distributed()
+
+
+def print_training_estimate(args):
+    """`pretrain --dry-run`: what a step costs, per device, before any memory is spent on it."""
+    from lmforge.common import dist_info
+    from lmforge.model import get_config
+    from lmforge.train.budget import training_footprint
+    from lmforge.train.pretrain import load_data_tokenizer
+
+    tok, _ = load_data_tokenizer(args.data_dir)
+    cfg = get_config(args.preset, **{**model_overrides(args), "vocab_size": tok.vocab_size})
+    seq_len = args.seq_len or cfg.block_size
+    world = dist_info()[2]
+    f = training_footprint(cfg, batch_size=args.batch_size, seq_len=seq_len, grad_accum=args.grad_accum,
+                           world=world, optimizer=args.optimizer)
+    gib = 2.0 ** 30
+    print(f"model: {args.preset}, {f.params / 1e6:.2f}M parameters, context {cfg.block_size}")
+    print(f"batch: {args.batch_size} sequences x {seq_len} tokens x {args.grad_accum} accumulation steps x "
+          f"{world} processes = {args.batch_size * seq_len * args.grad_accum * world:,} tokens per step")
+    print(f"memory per device (estimate): {f.total / gib:.2f} GiB = weights {f.weights / gib:.2f} + gradients "
+          f"{f.gradients / gib:.2f} + optimizer {f.optimizer / gib:.2f} + activations {f.activations / gib:.2f}")
+    print(f"compute: {f.flops_per_step / 1e12:.2f} TFLOP per step (all devices)")
 
 
 def _sampling_kwargs(args) -> dict:
@@ -527,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("pretrain", help="train a model on token shards (runs under torchrun too)")
     pt.add_argument("--data-dir", required=True, help="folder written by `lmforge data prepare`")
     pt.add_argument("--out", required=True, help="run folder (checkpoints, log.jsonl, loss.png)")
+    pt.add_argument("--dry-run", action="store_true",
+                    help="print parameters, tokens per step, memory per device and FLOPs per step; do not train")
     add_model_args(pt)
     add_train_args(pt)
     pt.set_defaults(func=cmd_pretrain)

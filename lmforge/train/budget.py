@@ -1,0 +1,95 @@
+"""What a training run needs before it starts: memory per device and compute.
+
+The point is to catch a configuration that cannot fit before it runs (or before GPUs are rented).
+Memory per device under data parallelism (DDP: every rank holds the whole model and optimizer):
+
+    weights   4 bytes per parameter (fp32 master weights), plus 2 for the bf16 copies autocast makes
+              and keeps for the backward pass
+    gradients 4 bytes per parameter
+    optimizer AdamW: 8 bytes per parameter (two moments); Muon: 4 bytes (one momentum buffer)
+              for the hidden matrices it handles, AdamW's 8 for the rest
+    activations: the tensors autograd keeps for the backward pass, per token of the micro-batch,
+              plus the gradient of the logits (6 bytes per vocabulary entry and token) at its peak
+
+Activations are not guessed from a textbook formula (which depends on every detail of the block):
+they are measured, by running a 1-layer and a 2-layer model of the same widths forward on a short
+sequence under bf16 autocast and counting every tensor saved for backward once. The difference is
+one layer's cost per token; the rest is embeddings, final norm and the logits. Attention runs through
+`scaled_dot_product_attention`, which never stores the T x T scores, so the cost is linear in T.
+Measured on the CPU; CUDA's kernels save the same tensors up to small per-head statistics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from lmforge.model import GPT, GPTConfig
+
+
+def saved_activation_bytes(model: GPT, seq: int) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward pass of `seq` tokens under
+    bf16 autocast (each storage counted once; the parameters themselves excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    idx = torch.zeros(1, seq, dtype=torch.long)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx, idx)
+    return sum(storages.values())
+
+
+def activation_bytes_per_token(cfg: GPTConfig, probe_seq: int = 32) -> tuple[float, float]:
+    """(bytes per token per layer, bytes per token outside the layers) kept for backward.
+
+    Measured at two sequence lengths, so what does not grow with tokens (autocast's bf16 copies of
+    the weights, also saved for backward) drops out of the difference; and with small vocabularies
+    (the logits' share grows linearly with the vocabulary), so a big model's probe stays cheap."""
+    def per_token(n_layer: int, vocab: int) -> float:
+        model = GPT(replace(cfg, n_layer=n_layer, vocab_size=vocab, block_size=2 * probe_seq, dropout=0.0))
+        return (saved_activation_bytes(model, 2 * probe_seq) - saved_activation_bytes(model, probe_seq)) / probe_seq
+
+    small = per_token(1, 512)
+    per_layer = per_token(2, 512) - small
+    per_vocab_entry = (per_token(1, 1024) - small) / 512
+    return per_layer, small - per_layer + per_vocab_entry * (cfg.vocab_size - 512)
+
+
+@dataclass
+class TrainingFootprint:
+    params: int
+    weights: float  # bytes per device (fp32 weights and their bf16 copies)
+    gradients: float
+    optimizer: float
+    activations: float
+    flops_per_step: float  # whole step, all devices
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def training_footprint(cfg: GPTConfig, *, batch_size: int, seq_len: int, grad_accum: int = 1, world: int = 1,
+                       optimizer: str = "muon") -> TrainingFootprint:
+    """Per-device memory and per-step FLOPs of training `cfg` with `batch_size` sequences of
+    `seq_len` tokens per micro-step on each of `world` data-parallel devices."""
+    with torch.device("meta"):  # shapes only: no memory for the weights of a big model
+        model = GPT(cfg)
+    n = model.num_params()  # a tied matrix counts once
+    # The matrices Muon updates (as lmforge.train.optim.build_optimizers splits them).
+    hidden = sum(p.numel() for name, p in model.named_parameters()
+                 if p.ndim == 2 and not any(k in name for k in ("embed_tokens", "wpe", "lm_head")))
+    opt_bytes = 8.0 * n if optimizer == "adamw" else 4.0 * hidden + 8.0 * (n - hidden)
+    per_layer, rest = activation_bytes_per_token(cfg)
+    tokens = batch_size * seq_len
+    # Plus the backward pass's largest transient: the logits' gradient, in fp32 and then bf16.
+    acts = tokens * (cfg.n_layer * per_layer + rest + 6.0 * cfg.vocab_size)
+    flops = model.flops_per_token(seq_len) * tokens * grad_accum * world
+    return TrainingFootprint(params=n, weights=6.0 * n, gradients=4.0 * n, optimizer=opt_bytes,
+                             activations=acts, flops_per_step=flops)
