@@ -82,11 +82,11 @@ def parse_model_sets(pairs: list[str]) -> dict:
 # ----------------------------------------------------------------------------- shared option groups
 
 
-def add_model_args(p: argparse.ArgumentParser, default_preset: str = "cpu"):
+def add_model_args(p: argparse.ArgumentParser, default_preset: str | None = "cpu", flag: str = "--preset"):
     from lmforge.model import PRESETS
 
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default=default_preset, choices=sorted(PRESETS), help="model preset")
+    g.add_argument(flag, dest="preset", default=default_preset, choices=sorted(PRESETS), help="model preset")
     g.add_argument("--n-layer", type=positive_int)
     g.add_argument("--n-head", type=positive_int)
     g.add_argument("--n-kv-head", type=positive_int)
@@ -408,26 +408,44 @@ def cmd_score(args):
 
 
 def cmd_speedrun(args):
-    """The main job: every stage that exists, in order, under one run folder."""
-    from lmforge.data.prepare import prepare_shards
+    """The main job: every stage that exists, in order, under one run folder. Options left unset
+    come from the speedrun preset (lmforge/speedrun.py)."""
+    from lmforge.data.prepare import load_manifest, prepare_shards
     from lmforge.data.sources import iter_documents
+    from lmforge.model import get_config
+    from lmforge.speedrun import check_preset, get_speedrun_preset
     from lmforge.tokenizer import Tokenizer
+    from lmforge.train.checkpoint import list_checkpoints
     from lmforge.train.pretrain import PretrainOptions, pretrain
 
-    from lmforge.data.prepare import load_manifest
-    from lmforge.train.checkpoint import list_checkpoints
-
+    preset = get_speedrun_preset(args.speedrun_preset)
+    for name in ("data", "max_chars", "vocab_size", "tokenizer_chars", "batch_size", "max_steps", "time_budget"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(preset, name))
+    args.preset = args.preset or preset.model
+    if args.seq_len is None:
+        args.seq_len = min(preset.seq_len, get_config(args.preset, **model_overrides(args)).block_size)
+    if args.device == "auto" and preset.device != "cpu":
+        args.device = preset.device
+    if args.grad_accum is None:
+        # Keep the preset's tokens per step whatever the micro-batch: accumulate the difference.
+        args.grad_accum = max(1, preset.total_batch_tokens // (args.batch_size * args.seq_len * preset.nproc))
+    if preset.gpu_memory_gib is not None:
+        check_preset(preset)  # fail before the tokenizer and data stages spend hours, not after
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok_path, data_dir, run_dir = out / "tokenizer.json", out / "data", out / "pretrain"
-    source = args.data or "stdlib"
+    source = args.data
+    print(f"speedrun preset {preset.name}: model {args.preset}, data {source}, "
+          f"{args.batch_size * args.seq_len * args.grad_accum * preset.nproc:,} tokens per step on "
+          f"{preset.nproc} x {args.device if args.device != 'auto' else preset.device}")
     # A re-run reuses finished stages and resumes an interrupted pretraining run.
     if tok_path.is_file():
         tok = Tokenizer.load(tok_path)
         print(f"[1/4] tokenizer: reusing {tok_path} ({tok.vocab_size} ids)")
     else:
         print(f"[1/4] tokenizer: byte-level BPE, vocab {args.vocab_size}, on {source}")
-        tok = Tokenizer.train(iter_documents(args.data, max_chars=args.max_chars), args.vocab_size,
+        tok = Tokenizer.train(iter_documents(source, max_chars=args.max_chars), args.vocab_size,
                               show_progress=not args.no_progress, max_chars=args.tokenizer_chars)
         tok.save(tok_path)
     try:
@@ -440,11 +458,15 @@ def cmd_speedrun(args):
         print(f"[2/4] data: reusing shards in {data_dir}")
     else:
         print(f"[2/4] data: tokenizing into shards in {data_dir}")
-        m = prepare_shards(args.data, tok_path, data_dir, val_fraction=args.val_fraction,
+        m = prepare_shards(source, tok_path, data_dir, val_fraction=args.val_fraction,
                            max_chars=args.max_chars, show_progress=not args.no_progress)
     print("      " + ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in m["splits"].items()))
     resume = args.resume or bool(list_checkpoints(run_dir / "checkpoints"))
-    print(f"[3/4] pretrain: preset {args.preset}" + (" (resuming)" if resume else ""))
+    print(f"[3/4] pretrain: model {args.preset}" + (" (resuming)" if resume else ""))
+    if preset.nproc > 1:
+        _pretrain_under_torchrun(args, preset.nproc, data_dir, run_dir, resume)
+        print(f"\ncheckpoint: {run_dir / 'checkpoints'}\ntry: lmforge sample --checkpoint {run_dir}")
+        return
     opts = PretrainOptions(data_dir=str(data_dir), preset=args.preset, model_overrides=model_overrides(args),
                            batch_size=args.batch_size, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
                            resume=resume)
@@ -457,6 +479,37 @@ def cmd_speedrun(args):
     _print_sample(result["model"].eval(), result["tokenizer"], args.prompt, args)
     print(f"\ncheckpoint: {result['checkpoint']}\n"
           f"try: lmforge sample --checkpoint {run_dir} --prompt 'def '")
+
+
+def pretrain_argv(args, data_dir, run_dir, resume: bool) -> list[str]:
+    """The `lmforge pretrain` arguments equivalent to this speedrun's pretraining stage."""
+    argv = ["pretrain", "--data-dir", str(data_dir), "--out", str(run_dir), "--preset", args.preset]
+    for flag in ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "batch_size", "seq_len", "grad_accum",
+                 "max_steps", "time_budget", "optimizer", "lr", "muon_lr", "weight_decay", "warmup_steps",
+                 "schedule", "decay_frac", "min_lr_frac", "grad_clip", "eval_every", "eval_tokens", "ckpt_every",
+                 "log_every", "seed", "dtype", "compile", "device"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += ["--" + flag.replace("_", "-"), str(value)]
+    for pair in args.set:
+        argv += ["--set", pair]
+    if args.no_progress:
+        argv.append("--no-progress")
+    if resume:
+        argv.append("--resume")
+    return argv
+
+
+def _pretrain_under_torchrun(args, nproc: int, data_dir, run_dir, resume: bool):
+    """Multi-GPU presets: the pretraining stage runs as `torchrun -m lmforge.cli pretrain` (DDP);
+    every other stage runs in this one process."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "lmforge.cli", *pretrain_argv(args, data_dir, run_dir, resume)]
+    print("      " + " ".join(cmd[2:]), flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise LmforgeError(f"pretraining under torchrun failed (see its output above); re-run to resume")
 
 
 def cmd_export(args):
@@ -493,11 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     # speedrun
     s = sub.add_parser("speedrun", help="run the whole pipeline on a corpus (default: the Python standard library)")
-    s.add_argument("--data", default=None, help="file, folder, glob or HF dataset name (default: Python stdlib source)")
+    s.add_argument("--preset", dest="speedrun_preset", default="cpu", choices=["cpu", "gpu-1", "gpu-8"],
+                   help="corpus, model, batch and budget (lmforge/speedrun.py); the options below override it")
+    s.add_argument("--data", default=None, help="file, folder, glob or HF dataset name (cpu preset: Python stdlib source)")
     s.add_argument("--out", default="runs/speedrun")
-    s.add_argument("--vocab-size", type=positive_int, default=4096)
+    s.add_argument("--vocab-size", type=positive_int, default=None)
     s.add_argument("--max-chars", type=positive_int, default=None, help="read at most this many characters")
-    s.add_argument("--tokenizer-chars", type=positive_int, default=20_000_000)
+    s.add_argument("--tokenizer-chars", type=positive_int, default=None)
     s.add_argument("--val-fraction", type=fraction, default=0.05)
     s.add_argument("--prompt", default="def ")
     s.add_argument("--sample-seed", type=int, default=None)
@@ -505,9 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=temperature_value, default=0.8)
     s.add_argument("--top-k", type=positive_int, default=None)
     s.add_argument("--top-p", type=top_p_value, default=0.95)
-    add_model_args(s)
-    add_train_args(s, max_steps=1000)
-    s.set_defaults(func=cmd_speedrun)
+    add_model_args(s, default_preset=None, flag="--model")
+    add_train_args(s)
+    s.set_defaults(func=cmd_speedrun, batch_size=None, max_steps=None, grad_accum=None)
 
     # tokenizer
     t = sub.add_parser("tokenizer", help="train and use byte-level BPE tokenizers")

@@ -24,6 +24,7 @@ from lmforge.tokenizer import Tokenizer
 # under a second per run.
 TINY = ["--preset", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32",
         "--batch-size", "4", "--no-progress", "--compile", "off"]
+SPEEDRUN_TINY = ["--model", "tiny", *TINY[2:]]  # speedrun's --preset names a speedrun preset
 CORPUS_CHARS = 50_000
 
 
@@ -262,7 +263,7 @@ def test_pretrain_resume_continues(pipe, capsys, tmp_path):
 
 def test_speedrun_end_to_end(pipe, capsys, tmp_path):
     out_dir = tmp_path / "speedrun"
-    out = ok(cli(capsys, "speedrun", "--data", pipe.corpus, "--out", out_dir, "--vocab-size", 300, *TINY,
+    out = ok(cli(capsys, "speedrun", "--data", pipe.corpus, "--out", out_dir, "--vocab-size", 300, *SPEEDRUN_TINY,
                  "--max-steps", 5, "--eval-every", 0, "--max-new-tokens", 5, "--tokenizer-chars", CORPUS_CHARS,
                  "--prompt", "QUEEN:"))
     for stage in ("[1/4]", "[2/4]", "[3/4]", "[4/4] sample:"):
@@ -274,7 +275,7 @@ def test_speedrun_end_to_end(pipe, capsys, tmp_path):
     assert (out_dir / "pretrain" / "checkpoints" / "step_000005" / "model.safetensors").is_file()
     assert "val loss" in out and "checkpoint:" in out
     # Running again reuses the finished stages and continues pretraining from its checkpoint.
-    again = ok(cli(capsys, "speedrun", "--data", pipe.corpus, "--out", out_dir, "--vocab-size", 300, *TINY,
+    again = ok(cli(capsys, "speedrun", "--data", pipe.corpus, "--out", out_dir, "--vocab-size", 300, *SPEEDRUN_TINY,
                    "--max-steps", 8, "--eval-every", 0, "--max-new-tokens", 5, "--prompt", "QUEEN:"))
     assert "reusing" in again.split("[2/4]")[0] and "reusing shards" in again
     assert "(resuming)" in again and "resumed from" in again

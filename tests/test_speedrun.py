@@ -1,0 +1,73 @@
+"""Tests for the speedrun presets (lmforge/speedrun.py) and the multi-process pretraining stage."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from lmforge.cli import build_parser, main, pretrain_argv
+from lmforge.common import LmforgeError
+from lmforge.speedrun import SPEEDRUN_PRESETS, check_preset, get_speedrun_preset
+
+
+@pytest.mark.parametrize("name", ["gpu-1", "gpu-8"])
+def test_gpu_presets_fit_an_80gb_gpu_with_exact_batch_arithmetic(name):
+    p = get_speedrun_preset(name)
+    r = check_preset(p)
+    assert p.device == "cuda" and p.gpu_memory_gib == 80
+    assert p.batch_size * p.seq_len * p.grad_accum * p.nproc == p.total_batch_tokens
+    assert r["memory_gib"] < 80
+    assert 15 < r["tokens_per_param"] < 30  # about Chinchilla's 20 tokens per parameter
+    # Training FLOPs: 6 per parameter and token plus attention, within what a node can do in a day
+    # (8 x ~400 TFLOP/s bf16 at 40% utilisation).
+    assert 6 * r["params"] * r["tokens"] < r["flops"] < 8 * 400e12 * 0.4 * 86400
+    assert r["params"] > 100e6
+
+
+def test_cpu_preset_is_the_default_model_on_a_time_budget():
+    p = get_speedrun_preset("cpu")
+    r = check_preset(p)
+    assert p.device == "cpu" and p.nproc == 1 and p.model == "cpu" and p.data == "stdlib"
+    assert p.time_budget is not None and p.time_budget <= 10 * 60 and "tokens" not in r
+    assert r["grad_accum"] == 1
+
+
+def test_check_preset_names_the_problem():
+    gpu8 = SPEEDRUN_PRESETS["gpu-8"]
+    with pytest.raises(LmforgeError, match="GiB per device does not fit 80 GiB"):
+        check_preset(replace(gpu8, batch_size=64, total_batch_tokens=64 * 2048 * 8))
+    with pytest.raises(LmforgeError, match="not a multiple"):
+        check_preset(replace(gpu8, total_batch_tokens=500_000))
+    with pytest.raises(LmforgeError, match="exceeds the model's context"):
+        check_preset(replace(gpu8, seq_len=4096))
+    with pytest.raises(LmforgeError, match="unknown speedrun preset"):
+        get_speedrun_preset("tpu")
+
+
+def test_pretrain_argv_reproduces_the_stage_settings():
+    args = build_parser().parse_args(["speedrun", "--preset", "gpu-8", "--model", "d12", "--batch-size", "4",
+                                      "--grad-accum", "16", "--max-steps", "7", "--set", "qk_norm=false",
+                                      "--no-progress"])
+    args.seq_len, args.time_budget, args.preset = 2048, None, "d12"
+    argv = pretrain_argv(args, "data", "run", resume=True)
+    back = build_parser().parse_args(argv)
+    assert (back.preset, back.batch_size, back.grad_accum, back.max_steps, back.seq_len) == ("d12", 4, 16, 7, 2048)
+    assert back.set == ["qk_norm=false"] and back.resume and back.no_progress and back.data_dir == "data"
+
+
+def test_multi_process_preset_pretrains_under_torchrun(monkeypatch, tmp_path, shakespeare_path, capsys):
+    """A two-process preset on the CPU (gloo) exercises the path the 8-GPU preset takes: the
+    pretraining stage runs as `torchrun -m lmforge.cli pretrain`, and its checkpoint lands in the run."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shakespeare_path.read_text()[:30_000])
+    two = replace(SPEEDRUN_PRESETS["cpu"], name="gpu-8", nproc=2, batch_size=2, seq_len=32,
+                  total_batch_tokens=2 * 32 * 2 * 2, time_budget=None, max_steps=3)
+    monkeypatch.setitem(SPEEDRUN_PRESETS, "gpu-8", two)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    code = main(["speedrun", "--preset", "gpu-8", "--data", str(corpus), "--out", str(tmp_path / "run"),
+                 "--vocab-size", "300", "--tokenizer-chars", "30000", "--model", "tiny", "--block-size", "32",
+                 "--eval-every", "0", "--compile", "off", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "--nproc_per_node=2" in out and "--grad-accum 2" in out
+    assert (tmp_path / "run" / "pretrain" / "checkpoints" / "step_000003" / "model.safetensors").is_file()
