@@ -436,9 +436,9 @@ def cmd_speedrun(args):
     out.mkdir(parents=True, exist_ok=True)
     tok_path, data_dir, run_dir = out / "tokenizer.json", out / "data", out / "pretrain"
     source = args.data
-    print(f"speedrun preset {preset.name}: model {args.preset}, data {source}, "
-          f"{args.batch_size * args.seq_len * args.grad_accum * preset.nproc:,} tokens per step on "
-          f"{preset.nproc} x {args.device if args.device != 'auto' else preset.device}")
+    print(f"speedrun preset {preset.name}: model {args.preset}, data {source}; {args.batch_size} sequences x "
+          f"{args.seq_len} tokens x {args.grad_accum} accumulation steps x {preset.nproc} processes = "
+          f"{args.batch_size * args.seq_len * args.grad_accum * preset.nproc:,} tokens per step")
     # A re-run reuses finished stages and resumes an interrupted pretraining run.
     if tok_path.is_file():
         tok = Tokenizer.load(tok_path)

@@ -1,6 +1,7 @@
 """Tests for the speedrun presets (lmforge/speedrun.py) and the multi-process pretraining stage."""
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -71,3 +72,41 @@ def test_multi_process_preset_pretrains_under_torchrun(monkeypatch, tmp_path, sh
     assert code == 0, out
     assert "--nproc_per_node=2" in out and "--grad-accum 2" in out
     assert (tmp_path / "run" / "pretrain" / "checkpoints" / "step_000003" / "model.safetensors").is_file()
+
+
+def test_killed_speedrun_resumes_where_it_stopped(tmp_path, shakespeare_path):
+    """Kill -9 the speedrun in the middle of pretraining; running the same command again reuses the
+    tokenizer and shards and continues from the last checkpoint instead of starting over."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lmforge.train.checkpoint import list_checkpoints
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shakespeare_path.read_text()[:30_000])
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "lmforge.cli", "speedrun", "--data", str(corpus), "--out", str(run),
+            "--vocab-size", "300", "--tokenizer-chars", "30000", "--model", "tiny", "--block-size", "32",
+            "--batch-size", "2", "--grad-accum", "1", "--eval-every", "0", "--ckpt-every", "5", "--compile", "off",
+            "--no-progress",
+            "--max-new-tokens", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv + ["--max-steps", "1000000"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 120
+        while not any(c.name >= "step_000010" for c in list_checkpoints(run / "pretrain" / "checkpoints")):
+            assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_at = int(list_checkpoints(run / "pretrain" / "checkpoints")[-1].name.split("_")[1])
+    again = subprocess.run(argv + ["--max-steps", str(killed_at + 5)], capture_output=True, text=True, env=env,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "reusing" in again.stdout and "reusing shards" in again.stdout and "(resuming)" in again.stdout
+    assert f"at step {killed_at}" in again.stdout + again.stderr  # "resumed from <checkpoint> at step N"
+    assert (run / "pretrain" / "checkpoints" / f"step_{killed_at + 5:06d}").is_dir()
