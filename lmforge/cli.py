@@ -1,6 +1,6 @@
 """The `lmforge` command line: one subcommand per pipeline stage.
 
-    lmforge speedrun                      tokenizer -> shards -> pretrain -> sample, on a default corpus
+    lmforge speedrun                      tokenizer -> shards -> pretrain -> sample (presets cpu, gpu-1, gpu-8)
     lmforge tokenizer train|encode|decode|export-hf
     lmforge data prepare
     lmforge pretrain

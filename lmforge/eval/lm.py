@@ -1,0 +1,100 @@
+"""Language-modelling metrics: perplexity and bits per byte of a text file or a shard split.
+
+Perplexity, exp(mean negative log-likelihood per token), depends on the tokenizer: a tokenizer with
+longer tokens has fewer, harder predictions. Bits per byte divides the total negative
+log-likelihood (in bits) by the text's UTF-8 bytes instead, so models with different tokenizers
+(an lmforge checkpoint and any Hugging Face model) compare directly.
+
+A text longer than the context window is cut into windows. With stride = window (the default)
+each token is predicted once, conditioned on the tokens before it in its window; a smaller stride
+overlaps the windows, so tokens after the first window see at least window - stride tokens of
+context (better estimates, more compute), and each token is still scored once.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.common import LmforgeError
+from lmforge.eval.harness import EvalModel
+
+
+def text_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first_scored) over a sequence of n_tokens ids: the window's inputs are
+    seq[start:end], its targets seq[start+1:end+1], and targets from index first_scored on are new."""
+    if not 0 < stride <= window:
+        raise LmforgeError(f"stride must be in 1..{window} (the context window), got {stride}")
+    out, scored = [], 0  # targets seq[1..scored] are done
+    start = 0
+    while scored < n_tokens - 1:
+        end = min(start + window, n_tokens - 1)
+        out.append((start, end, scored + 1))
+        scored = end
+        start += stride
+    return out
+
+
+@torch.inference_mode()
+def evaluate_text(lm: EvalModel, text: str, *, stride: int | None = None, batch_size: int = 8,
+                  progress: bool = False) -> dict[str, float]:
+    """Negative log-likelihood of `text` (conditioned on the model's document start) in nats per
+    token, perplexity and bits per byte."""
+    from tqdm import tqdm
+
+    if not text:
+        raise LmforgeError("the text is empty")
+    seq = list(lm.prefix_ids or getattr(lm, "empty_context_ids", [])) + lm.encode(text)
+    L = lm.max_length
+    wins = text_windows(len(seq), L, stride or L)
+    nll, ntok = 0.0, 0
+    for b in tqdm(range(0, len(wins), batch_size), desc="perplexity", disable=not progress, unit="batch"):
+        chunk = wins[b:b + batch_size]
+        width = max(e - s for s, e, _ in chunk)
+        x = torch.tensor([seq[s:e] + [0] * (width - (e - s)) for s, e, _ in chunk], dtype=torch.long)
+        logits = lm.logits(x)
+        for row, (s, e, first) in enumerate(chunk):
+            # target index t (in seq) is predicted at row position t - 1 - s
+            pos = torch.arange(first - 1 - s, e - s, device=logits.device)
+            tgt = torch.tensor(seq[first:e + 1], device=logits.device)
+            nll -= float(F.log_softmax(logits[row, pos], dim=-1).gather(1, tgt[:, None]).sum())
+            ntok += len(tgt)
+    nbytes = len(text.encode("utf-8"))
+    return {"tokens": ntok, "bytes": nbytes, "loss": nll / ntok, "perplexity": math.exp(nll / ntok),
+            "bits_per_byte": nll / (math.log(2) * nbytes)}
+
+
+def evaluate_text_file(lm: EvalModel, path: str | Path, **kw) -> dict[str, float]:
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"text file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"{path} is not UTF-8 text: {e}") from None
+    return evaluate_text(lm, text, **kw)
+
+
+@torch.inference_mode()
+def evaluate_shards(model, tokenizer, data_dir: str | Path, split: str = "val", *, max_tokens: int | None = None,
+                    batch_size: int = 8, seq_len: int | None = None) -> dict[str, float]:
+    """Loss, perplexity and bits per byte of an lmforge model on a prepared shard split, computed
+    exactly as pretraining's validation does (`NextTokenTask.evaluate`)."""
+    from lmforge.data.loader import TokenSplit
+    from lmforge.train.pretrain import NextTokenTask
+
+    seq_len = seq_len or model.config.block_size
+    data = TokenSplit(data_dir, split, tokenizer=tokenizer)
+    budget = max_tokens if max_tokens is not None else data.num_tokens
+    device = str(next(model.parameters()).device)
+    task = NextTokenTask(data, data, torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long),
+                         batch_size=batch_size, seq_len=seq_len, seed=0, device=device, eval_tokens=budget)
+    was_training = model.training
+    model.eval()
+    try:
+        m = task.evaluate(model)
+    finally:
+        model.train(was_training)
+    return {"loss": m["loss"], "perplexity": math.exp(m["loss"]), "bits_per_byte": m["bpb"]}

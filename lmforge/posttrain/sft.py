@@ -1,0 +1,290 @@
+"""Supervised fine-tuning on conversations, through the shared Trainer.
+
+Each conversation is rendered with `chat.render_for_training` into token ids and a loss mask (1 on
+the assistant's tokens). A training row is one conversation, cut to the sequence length and
+right-padded: y[t] = ids[t+1] where the mask of token t+1 is 1, else -100 (ignored). Causal attention
+means a real token never attends to the padding after it, so rows of one batch never leak into each
+other and padding never enters the loss. (Packing several conversations into one row would waste
+less compute but needs a block-diagonal attention mask; the model does not take one yet.)
+
+Several sources are mixed with weights: every row draws its source with probability proportional to
+its weight, then that source's next conversation from a shuffled pass over it (reshuffled each pass).
+The draw is a pure function of (seed, rows drawn so far), so a resumed run sees the same rows.
+Held-out conversations (a fraction of each source, or --val-data) give the validation loss over
+assistant tokens.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from lmforge.chat import render_for_training
+from lmforge.common import LmforgeError, dist_info
+from lmforge.train.loop import Trainer, TrainConfig, all_reduce_sum, setup_distributed
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    mask: list[int]
+
+
+def tokenize_conversations(tok, conversations, seq_len: int) -> tuple[list[Example], dict]:
+    """Render and cut to seq_len + 1 tokens (inputs and shifted targets). Conversations left with no
+    assistant token to learn are dropped, and counted."""
+    out, stats = [], {"truncated": 0, "dropped_no_target": 0}
+    for msgs in conversations:
+        ids, mask = render_for_training(tok, msgs)
+        if len(ids) > seq_len + 1:
+            stats["truncated"] += 1
+            ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
+        if not any(mask[1:]):
+            stats["dropped_no_target"] += 1
+            continue
+        out.append(Example(ids, mask))
+    return out, stats
+
+
+def collate(examples: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (x, y) with y = -100 wherever there is nothing to learn."""
+    width = max(len(e.ids) for e in examples) - 1
+    x = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), width), -100, dtype=torch.long)
+    for r, e in enumerate(examples):
+        n = len(e.ids) - 1
+        x[r, :n] = torch.tensor(e.ids[:-1])
+        tgt = torch.tensor(e.ids[1:])
+        y[r, :n] = torch.where(torch.tensor(e.mask[1:], dtype=torch.bool), tgt, -100)
+    return x.to(device), y.to(device)
+
+
+class MixtureSampler:
+    """Which (source, index) each row uses: source drawn by weight, index from a per-pass permutation."""
+
+    def __init__(self, sizes: list[int], weights: list[float], seed: int):
+        if len(sizes) != len(weights) or not sizes or min(sizes) <= 0:
+            raise LmforgeError("every SFT source needs at least one training conversation")
+        self.sizes, self.seed = sizes, seed
+        w = np.asarray(weights, dtype=np.float64)
+        self.cum = np.cumsum(w / w.sum())
+        self.drawn, self.pos, self.epoch = 0, [0] * len(sizes), [0] * len(sizes)
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}
+
+    def _perm(self, d: int) -> np.ndarray:
+        if self._perms.get(d, (None,))[0] != self.epoch[d]:
+            self._perms[d] = (self.epoch[d], np.random.default_rng([self.seed, d, self.epoch[d]]).permutation(self.sizes[d]))
+        return self._perms[d][1]
+
+    def next(self) -> tuple[int, int]:
+        u = np.random.default_rng([self.seed, 1 << 30, self.drawn]).random()
+        d = min(int(np.searchsorted(self.cum, u, side="right")), len(self.sizes) - 1)
+        i = int(self._perm(d)[self.pos[d]])
+        self.drawn += 1
+        self.pos[d] += 1
+        if self.pos[d] == self.sizes[d]:
+            self.pos[d], self.epoch[d] = 0, self.epoch[d] + 1
+        return d, i
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn, "pos": list(self.pos), "epoch": list(self.epoch)}
+
+    def load_state_dict(self, s: dict) -> None:
+        if len(s["pos"]) != len(self.sizes):
+            raise LmforgeError("--resume: the run was started with a different number of --data sources")
+        self.drawn, self.pos, self.epoch = s["drawn"], list(s["pos"]), list(s["epoch"])
+
+
+class SFTTask:
+    """The Task for the Trainer: padded conversation batches, masked next-token loss."""
+
+    def __init__(self, sources: list[list[Example]], weights: list[float], val: list[Example], *, pad_id: int,
+                 batch_size: int, seed: int, device: str, max_val: int = 512):
+        self.rank, _, self.world = dist_info()
+        self.sources, self.val = sources, val[:max_val]
+        self.sampler = MixtureSampler([len(s) for s in sources], weights, seed)
+        self.pad_id, self.batch_size, self.device = pad_id, batch_size, device
+
+    def next_batch(self):
+        # Every rank walks the same global stream of rows and keeps its own slice of each batch.
+        rows = [self.sampler.next() for _ in range(self.batch_size * self.world)]
+        mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return collate([self.sources[d][i] for d, i in mine], self.pad_id, self.device)
+
+    def loss(self, model: nn.Module, batch):
+        x, y = batch
+        return model(x, y), int((y != -100).sum().item())
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        mine = self.val[self.rank::self.world]
+        nll, ntok = 0.0, 0
+        for k in range(0, len(mine), self.batch_size):
+            x, y = collate(mine[k:k + self.batch_size], self.pad_id, self.device)
+            nll += model(x, y, reduction="sum").item()
+            ntok += int((y != -100).sum().item())
+        nll, ntok = all_reduce_sum([nll, ntok], self.device)
+        return {"loss": nll / ntok} if ntok else {}
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+@dataclass
+class SFTOptions:
+    checkpoint: str  # the pretrained model to start from
+    data: list[str]  # source specs, each optionally "*WEIGHT"
+    val_data: list[str] = field(default_factory=list)
+    val_fraction: float = 0.05
+    max_val: int = 512
+    batch_size: int = 8
+    seq_len: int | None = None
+    skip_invalid: bool = False
+    tools: bool = True  # synthetic sources: worked examples call tools
+    lora: object | None = None  # a LoRAConfig
+    resume: bool = False
+
+
+def split_heldout(convs: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out): a seeded random fraction of the conversations, at least one if fraction > 0
+    and there are at least two."""
+    if fraction <= 0 or len(convs) < 2:
+        return convs, []
+    order = list(range(len(convs)))
+    random.Random(seed).shuffle(order)
+    k = max(1, int(round(len(convs) * fraction)))
+    held = set(order[:k])
+    return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
+
+
+def sft(opts: SFTOptions, train_cfg: TrainConfig, log=print) -> dict:
+    """Fine-tune opts.checkpoint on the conversation mixture; returns the Trainer's final metrics."""
+    from lmforge.posttrain.conversations import load_source, parse_mixture
+    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model, resolve_checkpoint
+
+    base = resolve_checkpoint(opts.checkpoint)
+    model, base_state = load_model(base)
+    tok = load_checkpoint_tokenizer(base)
+    seq_len = opts.seq_len or model.config.block_size
+    if seq_len > model.config.block_size:
+        raise LmforgeError(f"--seq-len {seq_len} is longer than the model's context window ({model.config.block_size})")
+    if opts.batch_size <= 0:
+        raise LmforgeError(f"--batch-size must be positive, got {opts.batch_size}")
+    mixture = parse_mixture(opts.data)
+    sources, weights, val_convs, stats = [], [], [], {"truncated": 0, "dropped_no_target": 0}
+    for k, (spec, weight) in enumerate(mixture):
+        convs, report = load_source(spec, skip_invalid=opts.skip_invalid, seed=train_cfg.seed, tools=opts.tools)
+        train, held = split_heldout(convs, 0.0 if opts.val_data else opts.val_fraction, train_cfg.seed + k)
+        examples, st = tokenize_conversations(tok, train, seq_len)
+        for key in stats:
+            stats[key] += st[key]
+        if not examples:
+            raise LmforgeError(f"{spec}: no conversation has an assistant token within {seq_len} tokens")
+        sources.append(examples)
+        weights.append(weight)
+        val_convs += held
+        log(f"data: {report.summary()}; {len(examples)} train, {len(held)} held out, weight {weight:g}")
+    for spec in opts.val_data:
+        convs, report = load_source(spec, skip_invalid=opts.skip_invalid, seed=train_cfg.seed + 7919, tools=opts.tools)
+        val_convs += convs
+        log(f"val data: {report.summary()}")
+    random.Random(train_cfg.seed).shuffle(val_convs)  # --max-val keeps a sample of every source, not the first ones
+    val, st = tokenize_conversations(tok, val_convs, seq_len)
+    if stats["truncated"] or stats["dropped_no_target"]:
+        log(f"data: {stats['truncated']} conversations cut to {seq_len + 1} tokens, "
+            f"{stats['dropped_no_target']} dropped (no assistant token left after cutting)")
+
+    lora_info = None
+    if opts.lora is not None and train_cfg.optimizer != "adamw":
+        # Muon orthogonalises whole weight matrices; for rank-r adapters plain AdamW is the usual choice.
+        raise LmforgeError("LoRA fine-tuning uses AdamW: pass --optimizer adamw")
+    if opts.lora is not None:
+        from lmforge.posttrain.lora import apply_lora
+
+        torch.manual_seed(train_cfg.seed)  # the adapters' initial A matrices
+        apply_lora(model, opts.lora)
+        lora_info = asdict(opts.lora)
+        lora_info["targets"] = list(opts.lora.targets)
+    from lmforge.posttrain.lora import trainable_summary
+
+    counts = trainable_summary(model)
+    log(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['trainable'] / 1e6:.3f}M trainable "
+        f"({100 * counts['fraction']:.2f}%)" + (f", LoRA r={opts.lora.rank} on {','.join(opts.lora.targets)}" if lora_info else ""))
+    _, _, _, device = setup_distributed(train_cfg.device)
+    train_cfg.device = device
+    task = SFTTask(sources, weights, val, pad_id=tok.pad_id, batch_size=opts.batch_size, seed=train_cfg.seed,
+                   device=device, max_val=opts.max_val)
+    extra = {"stage": "sft", "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(base.resolve()),
+             "data": [f"{s}*{w:g}" for s, w in mixture], "batch_size": opts.batch_size, "seq_len": seq_len,
+             "lora": lora_info}
+    trainer = Trainer(model, task, train_cfg, extra_state=extra, resume=opts.resume,
+                      extra_files={"tokenizer.json": (base / "tokenizer.json").read_bytes()})
+    result = trainer.fit()
+    result.update({"trainable_params": counts["trainable"], "total_params": counts["total"],
+                   "checkpoint": str(trainer.ckpt_root)})
+    if lora_info and trainer.is_main:
+        from lmforge.posttrain.lora import save_adapter
+
+        path = save_adapter(model, Path(train_cfg.out_dir) / "adapter",
+                            extra={"base_checkpoint": str(base.resolve()), "tokenizer_fingerprint": tok.fingerprint})
+        result["adapter"] = str(path)
+    result["model"], result["tokenizer"] = model, tok
+    return result
+
+
+# ----------------------------------------------------------------------------- task evaluation
+
+
+def evaluate_tasks(model, tok, tasks: list[str], n: int, *, seed: int = 0, tools: bool = True,
+                   max_new_tokens: int = 96, examples: int = 0) -> dict:
+    """Greedy replies to n held-out problems per synthetic task (the tool loop runs the tools the model
+    calls). Reports exact-match accuracy per task and the fraction of replies that ended their turn
+    with <|assistant_end|> ("well-formed") instead of running out of tokens."""
+    from lmforge.engine import Engine
+    from lmforge.posttrain.synthetic import get_task
+    from lmforge.posttrain.tools import generate_with_tools
+
+    engine = Engine(model, tok)
+    out, correct_all, formed_all, total = {"tasks": {}}, 0, 0, 0
+    for name in tasks:
+        task = get_task(name, split="test")
+        rng = random.Random(f"eval-{name}-{seed}")
+        correct = formed = calls = 0
+        shown = []
+        for k in range(n):
+            prompt, answer = task.sample(rng)
+            r = generate_with_tools(engine, [{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens,
+                                    temperature=0.0, tools=None if tools else {})
+            ok = r.finish_reason == "stop" and task.check(r.text, answer)
+            correct += ok
+            formed += r.finish_reason == "stop"
+            calls += r.tool_calls
+            if k < examples:
+                shown.append({"prompt": prompt, "expected": answer, "reply": tok.decode(r.tokens), "correct": bool(ok)})
+        out["tasks"][name] = {"accuracy": correct / n, "well_formed": formed / n, "tool_calls_per_reply": calls / n,
+                              **({"examples": shown} if shown else {})}
+        correct_all, formed_all, total = correct_all + correct, formed_all + formed, total + n
+    out["accuracy"] = correct_all / max(total, 1)
+    out["well_formed"] = formed_all / max(total, 1)
+    return out
+
+
+def safety_eval(model, tok, max_new_tokens: int = 64) -> dict:
+    """Refusal rate on the held-out harmful prompts and over-refusal on their benign look-alikes."""
+    from lmforge.chat import render_messages
+    from lmforge.engine import Engine
+    from lmforge.posttrain.safety import refusal_eval
+
+    engine = Engine(model, tok)
+
+    def reply(prompt: str) -> str:
+        ids = render_messages(tok, [{"role": "user", "content": prompt}])
+        return engine.generate([ids], max_new_tokens, temperature=0.0)[0].text
+
+    return refusal_eval(reply)

@@ -1,0 +1,271 @@
+"""Tools a chat model can call, and the generation loop that runs them.
+
+The model writes a call inside its turn, `<|tool_call_start|>{"name": ..., "arguments": {...}}<|tool_call_end|>`
+(see lmforge/chat.py). `generate_with_tools` stops generation at `<|tool_call_end|>`, parses the
+call, runs the tool, appends `<|assistant_end|><|tool_result_start|>result<|tool_result_end|><|assistant_start|>`
+and lets the model continue until it ends a turn without a call.
+
+Tools:
+  calculator  arithmetic on numbers (+ - * / // % ** and parentheses), evaluated by walking the
+              `ast` of the expression: no eval, no names, no attribute access, bounded sizes.
+  python      a snippet run by a separate Python process: isolated mode (-I: no user site, no
+              PYTHON* variables, no current folder on sys.path), empty environment, a fresh temp
+              folder as working directory, CPU-time / memory / file-size / open-file limits
+              (setrlimit), a wall-clock timeout, and an audit hook that refuses sockets, new
+              processes, ctypes and writes outside the temp folder. This keeps honest mistakes and
+              casual misuse contained; it is NOT a security boundary against a determined attacker
+              (that needs an OS sandbox: containers, seccomp, namespaces).
+"""
+from __future__ import annotations
+
+import ast
+import math
+import operator
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable
+
+from lmforge.chat import format_tool_call, parse_tool_call, render_messages
+from lmforge.common import LmforgeError
+
+# ----------------------------------------------------------------------------- calculator
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+MAX_DIGITS = 1000  # results beyond this many digits are refused (a ** b can be astronomically large)
+
+
+def calculator(expression: str) -> str:
+    """Value of an arithmetic expression as text; LmforgeError for anything that is not arithmetic."""
+    if not isinstance(expression, str) or not expression.strip():
+        raise LmforgeError("calculator: give an arithmetic expression, e.g. '12 * (3 + 4)'")
+    if len(expression) > 500:
+        raise LmforgeError("calculator: expression longer than 500 characters")
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError:
+        raise LmforgeError(f"calculator: cannot parse {expression!r}") from None
+    value = _eval(tree.body)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise LmforgeError("calculator: result is not a finite number")
+        if value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return format(value, ".12g")
+    return str(value)
+
+
+def _eval(node):
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _UNARY[type(node.op)](_eval(node.operand))
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        left, right = _eval(node.left), _eval(node.right)
+        if isinstance(node.op, ast.Pow):
+            if abs(right) > 10_000 or (abs(left) > 1 and abs(right) * math.log10(abs(left)) > MAX_DIGITS):
+                raise LmforgeError("calculator: power too large")
+        try:
+            value = _BINOPS[type(node.op)](left, right)
+        except ZeroDivisionError:
+            raise LmforgeError("calculator: division by zero") from None
+        except OverflowError:
+            raise LmforgeError("calculator: result too large") from None
+        if isinstance(value, int) and value.bit_length() > MAX_DIGITS * 3.33:
+            raise LmforgeError("calculator: result too large")
+        if isinstance(value, complex):
+            raise LmforgeError("calculator: result is not a real number")
+        return value
+    raise LmforgeError(f"calculator: only numbers and + - * / // % ** ( ) are allowed, "
+                       f"not {type(node).__name__}")
+
+
+# ----------------------------------------------------------------------------- python in a subprocess
+
+# Runs inside the child before the snippet. Audit hooks cannot be removed once added.
+_GUARD = r'''
+import os, sys
+_root = os.path.realpath(os.getcwd())
+_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+def _inside(p):
+    try:
+        p = os.path.realpath(os.fsdecode(p) if not isinstance(p, int) else "")
+    except Exception:
+        return False
+    return p == _root or p.startswith(_root + os.sep)
+def _hook(event, args):
+    if event.startswith(("socket.", "subprocess.", "os.exec", "os.posix_spawn", "os.fork", "os.system",
+                         "os.spawn", "ctypes.", "os.kill", "pty.", "winreg.")):
+        raise PermissionError(f"python tool: {event} is not allowed")
+    if event == "open" and len(args) >= 3 and not isinstance(args[0], int):
+        mode, flags = args[1], args[2]
+        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags & _WRITE)
+        if writing and not _inside(args[0]):
+            raise PermissionError(f"python tool: writing outside the temp folder is not allowed: {args[0]}")
+    if event in ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.link",
+                 "os.symlink", "os.truncate", "shutil.rmtree", "os.utime") and args and not _inside(args[0]):
+        raise PermissionError(f"python tool: {event} outside the temp folder is not allowed")
+sys.addaudithook(_hook)
+del _hook
+_code = sys.stdin.read()
+exec(compile(_code, "<tool>", "exec"), {"__name__": "__main__"})
+'''
+
+
+@dataclass
+class PythonLimits:
+    timeout: float = 5.0  # wall-clock seconds
+    cpu_seconds: int = 5
+    memory_mb: int = 512  # address space (RLIMIT_AS)
+    file_mb: int = 16  # largest file the snippet may write (RLIMIT_FSIZE)
+    open_files: int = 64
+    max_output: int = 2000  # characters of output returned to the model
+
+
+def _set_limits(limits: PythonLimits):
+    def apply():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
+        mem = limits.memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+        size = limits.file_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.setsid()  # its own process group, so a timeout kills everything it started
+    return apply
+
+
+def run_python(code: str, limits: PythonLimits | None = None) -> str:
+    """Run a Python snippet in a limited child process; returns its stdout and stderr (truncated).
+    Errors in the snippet come back as text (the model sees them), never as exceptions here."""
+    if not isinstance(code, str) or not code.strip():
+        raise LmforgeError("python tool: give some code to run")
+    limits = limits or PythonLimits()
+    with tempfile.TemporaryDirectory(prefix="lmforge-py-") as tmp:
+        try:
+            proc = subprocess.run([sys.executable, "-I", "-c", _GUARD], input=code, capture_output=True,
+                                  text=True, cwd=tmp, env={}, timeout=limits.timeout,
+                                  preexec_fn=_set_limits(limits))
+        except subprocess.TimeoutExpired:
+            return f"error: timed out after {limits.timeout:g} s"
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0 and not out:
+        out = f"error: exited with status {proc.returncode}"
+    out = out.strip()
+    if len(out) > limits.max_output:
+        out = out[:limits.max_output] + f"... ({len(out) - limits.max_output} more characters)"
+    return out
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass
+class Tool:
+    name: str
+    description: str
+    parameters: dict  # JSON schema of the arguments (OpenAI's "function" shape)
+    fn: Callable[..., str]
+
+    def __call__(self, arguments: dict) -> str:
+        try:
+            return str(self.fn(**arguments))
+        except TypeError as e:  # wrong or missing argument names
+            raise LmforgeError(f"{self.name}: bad arguments {sorted(arguments)}: {e}") from None
+
+    def schema(self) -> dict:
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": self.parameters}}
+
+
+TOOLS: dict[str, Tool] = {
+    "calculator": Tool("calculator", "Evaluate an arithmetic expression (+ - * / // % ** and parentheses).",
+                       {"type": "object", "properties": {"expression": {"type": "string"}},
+                        "required": ["expression"]}, calculator),
+    "python": Tool("python", "Run a short Python program and return what it prints.",
+                   {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]},
+                   lambda code: run_python(code)),
+}
+
+
+def run_tool(call: dict, tools: dict[str, Tool] | None = None) -> str:
+    """Run one parsed call; any failure becomes an 'error: ...' result for the model to read."""
+    tools = TOOLS if tools is None else tools
+    if call["name"] not in tools:
+        return f"error: unknown tool {call['name']!r} (available: {', '.join(tools)})"
+    try:
+        return tools[call["name"]](call["arguments"])
+    except LmforgeError as e:
+        return f"error: {e}"
+
+
+# ----------------------------------------------------------------------------- the tool-using loop
+
+
+@dataclass
+class ToolChatResult:
+    messages: list[dict]  # the new messages: assistant turns (with tool_calls) and tool results
+    text: str  # the final assistant turn's content
+    finish_reason: str  # "stop" (ended its turn), "length" (tokens / context ran out), "eos", "max_calls"
+    tool_calls: int = 0
+    failed_calls: int = 0  # malformed calls or calls whose tool returned an error
+    tokens: list[int] = field(default_factory=list)  # everything generated after the prompt, tool results included
+
+
+def generate_with_tools(engine, messages: list[dict], *, max_new_tokens: int = 128, max_calls: int = 4,
+                        tools: dict[str, Tool] | None = None, **sampling) -> ToolChatResult:
+    """Reply to a conversation, running the tools the model calls along the way. `sampling` goes to
+    `Engine.generate` (temperature, top_p, seed, ...). max_new_tokens bounds the model's own tokens."""
+    tok = engine.tokenizer
+    if tok is None:
+        raise LmforgeError("generate_with_tools needs an Engine with a tokenizer")
+    sid = tok.special_id
+    call_start, call_end = sid("<|tool_call_start|>"), sid("<|tool_call_end|>")
+    end, a_start = sid("<|assistant_end|>"), sid("<|assistant_start|>")
+    stop_ids = [end, tok.bos_id, call_end]
+    ids = render_messages(tok, messages, add_generation_prompt=True)
+    prompt_len, budget = len(ids), max_new_tokens
+    window = engine.model.config.block_size
+    out, n_calls, n_failed = [], 0, 0
+    while True:
+        if budget <= 0 or len(ids) >= window:
+            return ToolChatResult(out, "", "length", n_calls, n_failed, ids[prompt_len:])
+        [c] = engine.generate([ids], budget, stop_ids=stop_ids, **sampling)
+        budget -= len(c.tokens) + (c.finish_reason == "stop")
+        ids = ids + c.tokens
+        if c.stop != call_end:
+            text = tok.decode(c.tokens)
+            out.append({"role": "assistant", "content": text})
+            # "stop": the turn ended properly; "eos": it stopped at <|bos|> (end of text, not of turn)
+            reason = "stop" if c.stop == end else "length" if c.finish_reason == "length" else "eos"
+            return ToolChatResult(out, text, reason, n_calls, n_failed, ids[prompt_len:] + ([end] if c.stop == end else []))
+        # A completed call: content before <|tool_call_start|>, the call's JSON after it.
+        if call_start in c.tokens:
+            k = c.tokens.index(call_start)
+            content, call_text = tok.decode(c.tokens[:k]), tok.decode(c.tokens[k + 1:])
+        else:
+            content, call_text = "", tok.decode(c.tokens)
+        n_calls += 1
+        try:
+            call = parse_tool_call(call_text)
+            result = run_tool(call, tools)
+            out.append({"role": "assistant", "content": content, "tool_calls": [call]})
+        except LmforgeError as e:
+            result = f"error: {e}"
+            out.append({"role": "assistant", "content": content + call_text})
+        n_failed += result.startswith("error:")
+        out.append({"role": "tool", "content": result})
+        if n_calls > max_calls:
+            return ToolChatResult(out, "", "max_calls", n_calls, n_failed, ids[prompt_len:])
+        ids = ids + [call_end, end, sid("<|tool_result_start|>")] + tok.encode(result) + \
+            [sid("<|tool_result_end|>"), a_start]
+
+
+__all__ = ["calculator", "run_python", "PythonLimits", "Tool", "TOOLS", "run_tool", "generate_with_tools",
+           "ToolChatResult", "format_tool_call"]

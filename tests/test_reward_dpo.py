@@ -1,0 +1,202 @@
+"""Reward model (Bradley-Terry) and DPO: losses against hand computations, the scalar head, and
+tiny end-to-end runs of `lmforge reward train|score` and `lmforge dpo`."""
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.common import LmforgeError
+from lmforge.model import GPT, get_config
+from lmforge.posttrain.dpo import DPOTask, dpo_loss, pair_rows
+from lmforge.posttrain.preference import encode_pairs, pack, record_to_pair, sequence_logprob
+from lmforge.posttrain.reward import RewardModel, bradley_terry_loss, hidden_states, load_reward_model, pack_for_scoring
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.checkpoint import load_model, save_checkpoint
+from lmforge.train.loop import read_log
+
+
+def run_cli(*argv):
+    from lmforge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.byte_level()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tok):
+    root = tmp_path_factory.mktemp("pref_base")
+    tok.save(root / "tokenizer.json")
+    torch.manual_seed(0)
+    model = GPT(get_config("tiny", vocab_size=tok.vocab_size, block_size=96))
+    save_checkpoint(root / "checkpoints", 0, model, None, {"tokenizer_fingerprint": tok.fingerprint},
+                    files={"tokenizer.json": (root / "tokenizer.json").read_bytes()})
+    return root
+
+
+# ----------------------------------------------------------------------------- losses by hand
+
+
+def test_bradley_terry_loss_by_hand():
+    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    # −log σ(1) = log(1 + e^−1), −log σ(−1) = log(1 + e)
+    want = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))) / 2
+    assert bradley_terry_loss(rc, rr).item() == pytest.approx(want, abs=1e-6)
+    assert bradley_terry_loss(torch.tensor([500.0]), torch.tensor([-500.0])).item() == 0.0  # no overflow
+
+
+def test_dpo_loss_by_hand():
+    # pair 1: policy raised the chosen reply by 0.5 nats vs the reference and lowered the rejected by 0.5
+    # pair 2: the policy moved the wrong way by 1 nat on the chosen reply
+    pc, pr = torch.tensor([-1.0, -4.0]), torch.tensor([-2.0, -2.0])
+    rc, rr = torch.tensor([-1.5, -3.0]), torch.tensor([-1.5, -2.0])
+    beta = 0.5
+    loss, cr, rj = dpo_loss(pc, pr, rc, rr, beta)
+    assert cr.tolist() == [0.25, -0.5] and rj.tolist() == [-0.25, 0.0]
+    # margins 0.5 and −0.5: −log σ(0.5) = 0.474077, −log σ(−0.5) = 0.974077
+    assert loss.item() == pytest.approx((0.4740770 + 0.9740770) / 2, abs=1e-6)
+    # Gradient: dL/d pc_i = −β σ(−margin_i) / n
+    pc.requires_grad_(True)
+    dpo_loss(pc, pr, rc, rr, beta)[0].backward()
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    assert pc.grad.tolist() == pytest.approx([-0.5 * sig(-0.5) / 2, -0.5 * sig(0.5) / 2], abs=1e-6)
+
+
+def test_sequence_logprob_matches_token_by_token_scoring(tok):
+    """The summed reply log-probability from one padded batch equals scoring the reply one token at a
+    time on its own prefix (no padding, no batching)."""
+    torch.manual_seed(1)
+    model = GPT(get_config("tiny", vocab_size=tok.vocab_size, block_size=96)).eval()
+    pairs = [record_to_pair({"prompt": "2+2?", "chosen": "4", "rejected": "five, I think"})]
+    [e], _ = encode_pairs(tok, pairs, 96)
+    x, mask = pack([e.prompt, e.prompt], [e.chosen, e.rejected], tok.pad_id, "cpu")
+    got = sequence_logprob(model, x, mask)
+    for row, reply in enumerate([e.chosen, e.rejected]):
+        seq, total = list(e.prompt), 0.0
+        for t in reply:
+            logits = model(torch.tensor([seq]))[0, -1]
+            total += F.log_softmax(logits.double(), -1)[t].item()
+            seq.append(t)
+        assert got[row].item() == pytest.approx(total, abs=1e-4)
+
+
+def test_reward_model_reads_the_last_reply_token(tok):
+    torch.manual_seed(2)
+    lm = GPT(get_config("tiny", vocab_size=tok.vocab_size, block_size=64)).eval()
+    # hidden_states is the forward pass without the head
+    x = torch.randint(0, 256, (2, 20))
+    torch.testing.assert_close(lm.lm_head(hidden_states(lm, x)).float(), lm(x))
+    rm = RewardModel.from_lm(lm).eval()
+    assert rm(x, torch.tensor([5, 19])).tolist() == [0.0, 0.0]  # zero-initialised head
+    torch.nn.init.normal_(rm.score_head.weight)
+    a, last = pack_for_scoring([[1, 2, 3]], [[4, 5]], tok.pad_id, "cpu")
+    b, _ = pack_for_scoring([[1, 2, 3], [9] * 10], [[4, 5], [6]], tok.pad_id, "cpu")
+    # the score ignores padding after the last token and other rows of the batch
+    torch.testing.assert_close(rm(a, last)[0], rm(b, torch.tensor([4, 10]))[0])
+    x2 = a.clone()
+    x2[0, 1] = 77  # ... but depends on earlier tokens
+    assert rm(x2, last).item() != rm(a, last).item()
+
+
+def test_dpo_starts_at_log2_and_one_step_raises_the_margin(tok):
+    torch.manual_seed(3)
+    policy = GPT(get_config("tiny", vocab_size=tok.vocab_size, block_size=96))
+    ref = GPT(policy.config)
+    ref.load_state_dict(policy.state_dict())
+    ref.eval().requires_grad_(False)
+    pairs = [record_to_pair({"prompt": f"{a}+{a}?", "chosen": str(2 * a), "rejected": str(2 * a + 1)}) for a in range(4)]
+    enc, _ = encode_pairs(tok, pairs, 96)
+    task = DPOTask(enc, enc, ref, beta=0.1, pad_id=tok.pad_id, batch_size=4, seed=0, device="cpu")
+    batch = pair_rows(enc, tok.pad_id, "cpu")
+    loss, n = task.loss(policy, batch)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and n == sum(len(e.chosen) + len(e.rejected) for e in enc)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        task.loss(policy, batch)[0].backward()
+        opt.step()
+    m = task.evaluate(policy.eval())
+    assert m["margin"] > 0 and m["accuracy"] > 0.5 and m["loss"] < math.log(2)
+    with pytest.raises(LmforgeError, match="beta"):
+        DPOTask(enc, enc, ref, beta=0.0, pad_id=0, batch_size=1, seed=0, device="cpu")
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def test_cli_reward_train_and_score(base, tmp_path):
+    out = tmp_path / "rm"
+    code, stdout, err = run_cli("reward", "train", "--checkpoint", base, "--data", "synthetic:arithmetic:80",
+                                "--val-fraction", "0.2", "--out", out, "--max-steps", "6", "--batch-size", "4",
+                                "--eval-every", "3", "--log-every", "2", "--no-progress", "--device", "cpu",
+                                "--dtype", "fp32", "--lr", "1e-3")
+    assert code == 0, err
+    result = json.loads(stdout[stdout.index("{"):])
+    assert 0.0 <= result["val_accuracy"] <= 1.0 and result["step"] == 6
+    log = read_log(out / "log.jsonl")
+    train_lines = [r for r in log if "loss" in r]
+    assert len(train_lines) == 3 and all("accuracy" in r and "margin" in r for r in train_lines)
+    assert [r["step"] for r in log if "val_accuracy" in r] == [3, 6]
+    rm, state = load_reward_model(out)
+    assert state["stage"] == "reward" and rm.score_head.weight.abs().sum() > 0
+    with pytest.raises(LmforgeError, match="not a reward model"):
+        load_reward_model(base)
+    with pytest.raises(LmforgeError):  # the value head makes it no plain language model
+        load_model(out)
+    code, stdout, err = run_cli("reward", "score", "--checkpoint", out, "--prompt", "What is 2 + 2?", "2 + 2 = 4.",
+                                "2 + 2 = 5.")
+    assert code == 0, err
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 2 and {ln.split("\t")[1] for ln in lines} == {"2 + 2 = 4.", "2 + 2 = 5."}
+    code, stdout, err = run_cli("reward", "score", "--checkpoint", out, "--data", "synthetic:arithmetic:10")
+    assert code == 0 and json.loads(stdout)["pairs"] == 10
+    code, _, err = run_cli("reward", "score", "--checkpoint", out)
+    assert code == 2 and err.startswith("error:")
+
+
+def test_cli_dpo_runs_logs_and_resumes(base, tmp_path):
+    out = tmp_path / "dpo"
+    common = ["dpo", "--checkpoint", base, "--data", "synthetic:arithmetic:40", "--val-fraction", "0.25", "--out", out,
+              "--batch-size", "4", "--eval-every", "2", "--ckpt-every", "2", "--log-every", "1", "--no-progress",
+              "--device", "cpu", "--dtype", "fp32", "--lr", "1e-3", "--beta", "0.2"]
+    code, stdout, err = run_cli(*common, "--max-steps", "4")
+    assert code == 0, err
+    result = json.loads(stdout[stdout.index("{"):])
+    # At the start the policy is the reference: every implicit reward is 0.
+    assert result["start_val_margin"] == 0.0 and result["start_val_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert "val_logp_accuracy" in result and result["val_margin"] != 0.0
+    log = read_log(out / "log.jsonl")
+    assert all({"reward_chosen", "reward_rejected", "margin", "accuracy"} <= set(r) for r in log if "loss" in r)
+    full = [r["loss"] for r in log if "loss" in r]
+    # resume from the step-2 checkpoint gives the same steps 3-4
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step_000004")
+    code, _, err = run_cli(*common, "--max-steps", "4", "--resume")
+    assert code == 0, err
+    again = [r["loss"] for r in read_log(out / "log.jsonl") if "loss" in r]
+    assert again == pytest.approx(full, abs=1e-6)
+    code, _, err = run_cli("dpo", "--checkpoint", base, "--data", "synthetic:identity:10", "--out", tmp_path / "x")
+    assert code == 2 and "arithmetic and letters" in err
+
+
+def test_cli_dpo_lora(base, tmp_path):
+    out = tmp_path / "dpo_lora"
+    code, stdout, err = run_cli("dpo", "--checkpoint", base, "--data", "synthetic:letters:20", "--out", out,
+                                "--batch-size", "2", "--max-steps", "2", "--lora-rank", "2", "--no-progress",
+                                "--device", "cpu", "--dtype", "fp32", "--eval-every", "0")
+    assert code == 0, err
+    assert (out / "adapter" / "adapter.safetensors").is_file()

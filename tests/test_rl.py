@@ -1,0 +1,255 @@
+"""GRPO and PPO: advantages, the clipped objective, the KL estimator and GAE against hand
+computations; a policy-gradient step moves probability the right way; tiny end-to-end runs."""
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from lmforge.common import LmforgeError
+from lmforge.model import GPT, get_config
+from lmforge.posttrain.preference import pack, token_logprobs
+from lmforge.posttrain.rl import (ActorCritic, RLOptions, RLTask, Rollout, clipped_surrogate, gae, group_advantages,
+                                  kl_k3)
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.checkpoint import load_model, save_checkpoint
+from lmforge.train.loop import read_log
+
+
+def run_cli(*argv):
+    from lmforge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.byte_level()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tok):
+    root = tmp_path_factory.mktemp("rl_base")
+    tok.save(root / "tokenizer.json")
+    torch.manual_seed(0)
+    model = GPT(get_config("tiny", vocab_size=tok.vocab_size, block_size=96))
+    save_checkpoint(root / "checkpoints", 0, model, None, {"tokenizer_fingerprint": tok.fingerprint},
+                    files={"tokenizer.json": (root / "tokenizer.json").read_bytes()})
+    return root
+
+
+# ----------------------------------------------------------------------------- the pieces by hand
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0, 0.0, 0.0, 1.0])
+    a = group_advantages(r, 4, eps=0.0 + 1e-12)
+    # group 1: mean 0.5, population std 0.5 -> ±1; group 2: all equal -> 0
+    assert a[:8].tolist() == pytest.approx([1, -1, -1, 1, 0, 0, 0, 0], abs=1e-6)
+    # group 3: mean 1, std sqrt((4 + 1 + 1 + 0) / 4) = sqrt(1.5)
+    s = math.sqrt(1.5)
+    assert a[8:].tolist() == pytest.approx([2 / s, -1 / s, -1 / s, 0.0], abs=1e-6)
+    with pytest.raises(LmforgeError, match="groups of 5"):
+        group_advantages(r, 5)
+
+
+def test_clipped_surrogate_by_hand():
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([1.5, 0.5, 0.5, 1.5]))
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    obj, clipped = clipped_surrogate(logp, old, adv, 0.2)
+    # ratio 1.5, A>0: capped at 1.2; ratio 0.5, A>0: 0.5 (the pessimistic, unclipped term);
+    # ratio 0.5, A<0: clip to 0.8 -> -0.8; ratio 1.5, A<0: -1.5 (unclipped, pessimistic)
+    assert obj.tolist() == pytest.approx([1.2, 0.5, -0.8, -1.5], abs=1e-6)
+    assert clipped.tolist() == [True, False, True, False]
+    # gradient vanishes exactly where the clip is active
+    logp.requires_grad_(True)
+    clipped_surrogate(logp, old, adv, 0.2)[0].sum().backward()
+    assert logp.grad.tolist() == pytest.approx([0.0, 0.5, 0.0, -1.5], abs=1e-6)
+
+
+def test_k3_kl_estimator_is_unbiased_and_nonnegative():
+    assert kl_k3(torch.tensor([-1.0]), torch.tensor([-2.0])).item() == pytest.approx(math.exp(-1), abs=1e-6)
+    assert kl_k3(torch.tensor([-0.7]), torch.tensor([-0.7])).item() == 0.0
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    q = torch.tensor([0.2, 0.2, 0.6], dtype=torch.float64)
+    exact = (p * (p / q).log()).sum()
+    expectation = (p * kl_k3(p.log(), q.log())).sum()  # E_{x~p}[k3], exactly
+    assert expectation.item() == pytest.approx(exact.item(), abs=1e-12)
+    assert (kl_k3(torch.randn(100), torch.randn(100)) >= 0).all()
+
+
+def test_gae_by_hand():
+    # one reply of 3 tokens after a prompt position (mask 0) and before padding (mask 0)
+    mask = torch.tensor([[0.0, 1, 1, 1, 0]])
+    rewards = torch.tensor([[9.0, 0, 0, 1, 9]])  # outside the mask: must not leak in
+    values = torch.tensor([[5.0, 0.5, 0.6, 0.7, 5.0]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.9)
+    # δ2 = 1 − 0.7 = 0.3, A2 = 0.3; δ1 = 0.7 − 0.6 = 0.1, A1 = 0.1 + 0.9·0.3 = 0.37;
+    # δ0 = 0.6 − 0.5 = 0.1, A0 = 0.1 + 0.9·0.37 = 0.433
+    assert adv[0].tolist() == pytest.approx([0, 0.433, 0.37, 0.3, 0], abs=1e-6)
+    assert ret[0].tolist() == pytest.approx([0, 0.933, 0.97, 1.0, 0], abs=1e-6)
+    # λ = 1: returns are the discounted rewards-to-go (Monte Carlo), whatever the values
+    r2 = torch.tensor([[0.5, -1.0, 2.0]])
+    _, ret2 = gae(r2, torch.tensor([[3.0, -2.0, 7.0]]), torch.ones(1, 3), gamma=0.9, lam=1.0)
+    assert ret2[0].tolist() == pytest.approx([0.5 - 0.9 + 0.81 * 2, -1 + 0.9 * 2, 2.0], abs=1e-6)
+    # λ = 0: one-step TD errors
+    a0, _ = gae(r2, torch.tensor([[3.0, -2.0, 7.0]]), torch.ones(1, 3), gamma=0.9, lam=0.0)
+    assert a0[0].tolist() == pytest.approx([0.5 + 0.9 * -2 - 3, -1 + 0.9 * 7 + 2, 2 - 7], abs=1e-6)
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_actor_critic_keeps_the_policy_and_adds_a_value_per_position(tok, separate):
+    torch.manual_seed(0)
+    lm = GPT(get_config("tiny", vocab_size=tok.vocab_size, block_size=64)).eval()
+    ac = ActorCritic.from_lm(lm, separate).eval()
+    x = torch.randint(0, 256, (2, 10))
+    logits, values = ac(x)
+    torch.testing.assert_close(logits, lm(x))
+    assert values.shape == (2, 10) and values.abs().sum() == 0
+    assert set(ac.policy_state_dict()) == set(lm.state_dict())
+    n_lm = sum(p.numel() for p in lm.parameters())
+    n_ac = sum(p.numel() for p in ac.parameters())
+    head = lm.lm_head.weight.numel()
+    # a separate critic doubles the trunk (not the vocabulary head); a shared one adds only the value head
+    assert n_ac == (2 * n_lm - head if separate else n_lm) + lm.config.n_embd + 1
+    if separate:  # the critic's trunk is its own copy: training it leaves the policy alone
+        assert ac.critic.embed_tokens.weight.data_ptr() != ac.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_one_policy_gradient_step_favours_the_rewarded_reply(tok, algorithm):
+    """Two replies to one prompt, one rewarded: after one step on the RL loss the rewarded reply is
+    more likely and the other less likely."""
+    torch.manual_seed(4)
+    lm = GPT(get_config("tiny", vocab_size=tok.vocab_size, block_size=64))
+    model = ActorCritic.from_lm(lm, separate_critic=False) if algorithm == "ppo" else lm
+    ref = GPT(lm.config)
+    ref.load_state_dict(lm.state_dict())
+    ref.requires_grad_(False)
+    opts = RLOptions(checkpoint="-", algorithm=algorithm, group_size=2, kl_beta=0.0)
+    task = RLTask(opts, tok, ref, seed=0, device="cpu")
+    prompt = tok.encode("Q: 1+1=")
+    good, bad = tok.encode("2") + [tok.special_id("<|assistant_end|>")], tok.encode("3") + [tok.special_id("<|assistant_end|>")]
+    x, mask = pack([prompt, prompt], [good, bad], tok.pad_id, "cpu")
+    roll = Rollout(x, mask, torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0]), torch.tensor([2.0, 2.0]))
+
+    def logps():
+        with torch.no_grad():
+            out = model(x)
+            return (token_logprobs(out[0] if isinstance(out, tuple) else out, x) * mask).sum(1)
+
+    before = logps()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss, n = task.loss(model, roll)
+    assert n == 4
+    loss.backward()
+    opt.step()
+    after = logps()
+    assert after[0] > before[0] and after[1] < before[1]
+    if algorithm == "ppo":
+        assert model.value_head.weight.abs().sum() > 0  # the critic learned too
+
+
+def test_rl_options_are_checked(tok):
+    ref = GPT(get_config("tiny", vocab_size=tok.vocab_size))
+    for kw, msg in [({"group_size": 1}, "group-size >= 2"), ({"clip": 1.5}, "clip"), ({"kl_beta": -1}, "kl-beta"),
+                    ({"tasks": ["nope"]}, "unknown synthetic task"), ({"max_new_tokens": 0}, "max-new-tokens"),
+                    ({"tasks": ["gsm8k:/missing.jsonl"]}, "not found")]:
+        with pytest.raises(LmforgeError, match=msg):
+            RLTask(RLOptions(checkpoint="-", **kw), tok, ref, seed=0, device="cpu")
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+RL_ARGS = ["--group-size", "3", "--batch-size", "2", "--max-new-tokens", "6", "--eval-n", "4", "--eval-every", "2",
+           "--no-progress", "--device", "cpu", "--dtype", "fp32", "--lr", "1e-3"]
+
+
+def test_cli_grpo_logs_reward_accuracy_kl_length_and_resumes(base, tmp_path):
+    out = tmp_path / "grpo"
+    common = ["grpo", "--checkpoint", base, "--task", "arithmetic,letters", "--out", out, "--ckpt-every", "2", *RL_ARGS]
+    code, stdout, err = run_cli(*common, "--max-steps", "3")
+    assert code == 0, err
+    result = json.loads(stdout[stdout.index("{"):])
+    assert result["step"] == 3 and "start_val_accuracy" in result and "val_accuracy_letters" in result
+    log = read_log(out / "log.jsonl")
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert {"reward", "accuracy", "kl", "length", "clip_frac"} <= set(r)
+        assert 0 <= r["accuracy"] <= 1 and 1 <= r["length"] <= 7 and r["kl"] >= 0
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first rollout is sampled from the reference
+    # resume from step 2 repeats step 3 exactly (same rollout seed, same weights)
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step_000003")
+    code, _, err = run_cli(*common, "--max-steps", "3", "--resume")
+    assert code == 0, err
+    again = [r for r in read_log(out / "log.jsonl") if "loss" in r]
+    assert again[-1]["loss"] == pytest.approx(steps[-1]["loss"], abs=1e-6)
+    assert again[-1]["length"] == steps[-1]["length"]
+
+
+def test_cli_ppo_writes_a_plain_policy_checkpoint(base, tmp_path):
+    out = tmp_path / "ppo"
+    code, stdout, err = run_cli("ppo", "--checkpoint", base, "--task", "arithmetic", "--out", out,
+                                "--max-steps", "2", "--updates-per-rollout", "2", *RL_ARGS)
+    assert code == 0, err
+    result = json.loads(stdout[stdout.index("{"):])
+    steps = [r for r in read_log(out / "log.jsonl") if "loss" in r]
+    assert len(steps) == 2 and all("value_loss" in r and "reward" in r for r in steps)
+    policy, state = load_model(result["policy_checkpoint"])
+    assert state["stage"] == "ppo-policy" and not hasattr(policy, "value_head")
+    code, _, err = run_cli("ppo", "--checkpoint", base, "--out", tmp_path / "shared", "--critic", "shared",
+                           "--max-steps", "1", *RL_ARGS)
+    assert code == 0, err
+
+
+def test_cli_rl_errors(base, tmp_path):
+    code, _, err = run_cli("grpo", "--checkpoint", base, "--task", "nope", "--out", tmp_path / "x", "--no-progress")
+    assert code == 2 and err.startswith("error:") and "unknown synthetic task" in err
+    code, _, err = run_cli("grpo", "--checkpoint", base, "--out", tmp_path / "y", "--group-size", "1", "--no-progress")
+    assert code == 2 and "group-size" in err
+
+
+def test_gsm8k_prompts_and_answer_checking(tmp_path):
+    from lmforge.posttrain.rl import prompt_source
+    import random
+
+    p = tmp_path / "gsm.jsonl"
+    p.write_text(json.dumps({"question": "Tom has 3 apples and buys 1,200 more. How many?",
+                             "answer": "3 + 1200 = <<3+1200=1203>>1203\n#### 1,203"}) + "\n")
+    src = prompt_source(f"gsm8k:{p}", "train")
+    q, a = src.sample(random.Random(0))
+    assert q.startswith("Tom") and a == "1203"
+    assert src.check("He has 1,203 apples.", a) and not src.check("He has 1204.", a)
+    p.write_text(json.dumps({"question": "q", "answer": "no marker"}) + "\n")
+    with pytest.raises(LmforgeError, match="gsm.jsonl:1"):
+        prompt_source(f"gsm8k:{p}", "train")
+
+
+def test_arithmetic_difficulty_spec():
+    import random
+    import re
+
+    from lmforge.posttrain.rl import prompt_source
+
+    src = prompt_source("arithmetic:1:+", "train")
+    rng = random.Random(0)
+    for _ in range(50):
+        q, a = src.sample(rng)
+        x, y = map(int, re.findall(r"\d+", q))
+        assert x < 10 and y < 10 and "+" in q and a == str(x + y)
+    for bad in ("arithmetic:x", "arithmetic:0", "arithmetic:2:/", "letters:3"):
+        with pytest.raises(LmforgeError):
+            prompt_source(bad, "train")
