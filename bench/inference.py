@@ -74,6 +74,9 @@ def main():
     ap.add_argument("--checkpoint", help="trained lmforge checkpoint for the quantization quality check")
     ap.add_argument("--data-dir", help="its data folder (validation split)")
     ap.add_argument("--sizes", default="cpu,gpt2-124m")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--core", action="store_true",
+                    help="only the engine (plain, compiled) and transformers: no bf16, no-cache or quantized runs")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -93,7 +96,7 @@ def main():
         # The whole sequence must fit the context window (the cpu preset's is 256 tokens).
         new_tokens = min(args.new_tokens, cfg.block_size - args.prompt_tokens)
         row["new_tokens"] = new_tokens
-        for batch in (1, 8):
+        for batch in map(int, args.batches.split(",")):
             g = torch.Generator().manual_seed(batch)
             prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_tokens), generator=g).tolist()
             t0 = time.perf_counter()
@@ -101,10 +104,11 @@ def main():
             compile_s = time.perf_counter() - t0
             r = {"engine": lmforge_tps(model, prompts, new_tokens),
                  "engine_compiled": lmforge_tps(model, prompts, new_tokens, compile=True),
-                 "engine_bf16": lmforge_tps(model, prompts, new_tokens, dtype="bf16"),
-                 "no_cache": lmforge_tps(model, prompts, args.uncached_tokens, use_cache=False),
                  "transformers": hf_tps(hf, prompts, new_tokens)}
-            for bits in (8, 4):
+            if not args.core:
+                r["engine_bf16"] = lmforge_tps(model, prompts, new_tokens, dtype="bf16")
+                r["no_cache"] = lmforge_tps(model, prompts, args.uncached_tokens, use_cache=False)
+            for bits in () if args.core else (8, 4):
                 q = quantize_model(load_copy(model), bits=bits)
                 r[f"engine_int{bits}"] = lmforge_tps(q, prompts, new_tokens)
                 r[f"engine_int{bits}_compiled"] = lmforge_tps(q, prompts, new_tokens, compile=True)
@@ -113,6 +117,9 @@ def main():
             r["first_compiled_run_s"] = compile_s
             row[f"batch{batch}"] = r
             print(f"batch {batch}: " + ", ".join(f"{k} {v:,.1f}" for k, v in r.items()), flush=True)
+        if args.core:
+            results[size] = row
+            continue
         row["memory_bytes"] = {"fp32": model_memory_bytes(model),
                                **{f"int{b}": model_memory_bytes(quantize_model(load_copy(model), bits=b))
                                   for b in (8, 4)}}
@@ -128,8 +135,10 @@ def main():
     for size, row in results.items():
         if size == "quantization_quality":
             continue
-        for b in ("batch1", "batch8"):
-            r = row[b]
+        for b in [k for k in row if k.startswith("batch")]:
+            r = {"engine_bf16": float("nan"), "no_cache": float("nan"), "engine_int8": float("nan"),
+                 "engine_int8_compiled": float("nan"), "engine_int4": float("nan"),
+                 "engine_int4_compiled": float("nan"), **row[b]}
             print(f"| {size} | {b[5:]} | {row['new_tokens']} | {r['engine']:,.0f} | {r['engine_compiled']:,.0f} | "
                   f"{r['engine_bf16']:,.0f} | {r['no_cache']:,.0f} | {r['transformers']:,.0f} | "
                   f"{r['engine_vs_transformers']:.2f}x | {r['compiled_vs_transformers']:.2f}x | "
