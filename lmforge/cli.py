@@ -509,7 +509,7 @@ def _pretrain_under_torchrun(args, nproc: int, data_dir, run_dir, resume: bool):
            "-m", "lmforge.cli", *pretrain_argv(args, data_dir, run_dir, resume)]
     print("      " + " ".join(cmd[2:]), flush=True)
     if subprocess.run(cmd).returncode != 0:
-        raise LmforgeError(f"pretraining under torchrun failed (see its output above); re-run to resume")
+        raise LmforgeError("pretraining under torchrun failed (see its output above); re-run to resume")
 
 
 def cmd_export(args):

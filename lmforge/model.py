@@ -321,6 +321,15 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
         """idx: (B, T) token ids. Without targets: logits (B, T, vocab) in float32.
         With targets (B, T; -100 = ignore): the cross-entropy loss (`reduction` as in F.cross_entropy)."""
+        logits = self.lm_head(self.hidden_states(idx)).float()  # softmax statistics in fp32 even under bf16 autocast
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-100, reduction=reduction)
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final normed hidden states (B, T, n_embd): the forward pass without the LM head (what a
+        reward model's or value function's scalar head reads)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise LmforgeError(f"sequence of {T} tokens is longer than the model's context window "
@@ -332,12 +341,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         for layer in self.layers:
             x = layer(x, self.rotary, positions)
-        x = self.norm(x)
-        logits = self.lm_head(x).float()  # softmax statistics in fp32 even under bf16 autocast
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-100, reduction=reduction)
+        return self.norm(x)
 
     # ------------------------------------------------------------------ cached inference
 

@@ -13,7 +13,7 @@ from lmforge.common import LmforgeError
 from lmforge.model import GPT, get_config
 from lmforge.posttrain.dpo import DPOTask, dpo_loss, pair_rows
 from lmforge.posttrain.preference import encode_pairs, pack, record_to_pair, sequence_logprob
-from lmforge.posttrain.reward import RewardModel, bradley_terry_loss, hidden_states, load_reward_model, pack_for_scoring
+from lmforge.posttrain.reward import RewardModel, bradley_terry_loss, load_reward_model, pack_for_scoring
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import load_model, save_checkpoint
 from lmforge.train.loop import read_log
@@ -98,7 +98,7 @@ def test_reward_model_reads_the_last_reply_token(tok):
     lm = GPT(get_config("tiny", vocab_size=tok.vocab_size, block_size=64)).eval()
     # hidden_states is the forward pass without the head
     x = torch.randint(0, 256, (2, 20))
-    torch.testing.assert_close(lm.lm_head(hidden_states(lm, x)).float(), lm(x))
+    torch.testing.assert_close(lm.lm_head(lm.hidden_states(x)).float(), lm(x))
     rm = RewardModel.from_lm(lm).eval()
     assert rm(x, torch.tensor([5, 19])).tolist() == [0.0, 0.0]  # zero-initialised head
     torch.nn.init.normal_(rm.score_head.weight)

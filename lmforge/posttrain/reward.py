@@ -25,23 +25,6 @@ from lmforge.posttrain.preference import (EncodedPair, MetricsTrainer, RunningMe
 from lmforge.train.loop import TrainConfig, all_reduce_sum, setup_distributed
 
 
-def hidden_states(model: GPT, idx: torch.Tensor) -> torch.Tensor:
-    """The final normed hidden states (B, T, n_embd) of a GPT: its forward pass without the LM head.
-    (A candidate for a `GPT.hidden_states` method; kept here so model.py is unchanged.)"""
-    B, T = idx.shape
-    if T > model.config.block_size:
-        raise LmforgeError(f"sequence of {T} tokens is longer than the model's context window "
-                           f"({model.config.block_size})")
-    positions = torch.arange(T, device=idx.device)
-    x = model.embed_tokens(idx)
-    if model.wpe is not None:
-        x = x + model.wpe(positions)
-    x = model.drop(x)
-    for layer in model.layers:
-        x = layer(x, model.rotary, positions)
-    return model.norm(x)
-
-
 class RewardModel(GPT):
     """GPT trunk + linear score head read at one position per row."""
 
@@ -53,7 +36,7 @@ class RewardModel(GPT):
 
     def forward(self, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Scores (B,) in float32: the head applied to the hidden state at position last[b] of row b."""
-        h = hidden_states(self, idx)
+        h = self.hidden_states(idx)
         h = h[torch.arange(idx.size(0), device=idx.device), last]
         return self.score_head(h).squeeze(-1).float()
 
@@ -232,5 +215,5 @@ def score_pairs(rm: RewardModel, tok, specs: list[str], batch_size: int = 16) ->
     return {"pairs": len(enc), "accuracy": correct / len(enc), "margin": margin / len(enc)}
 
 
-__all__ = ["RewardModel", "hidden_states", "load_reward_model", "bradley_terry_loss", "RewardTask",
+__all__ = ["RewardModel", "load_reward_model", "bradley_terry_loss", "RewardTask",
            "PairOptions", "train_reward_model", "score_replies", "score_pairs"]

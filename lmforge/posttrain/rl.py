@@ -113,10 +113,8 @@ class ActorCritic(GPT):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, idx: torch.Tensor):
-        from lmforge.posttrain.reward import hidden_states
-
-        h = hidden_states(self, idx)
-        hv = h if self.critic is None else hidden_states(self.critic, idx)
+        h = self.hidden_states(idx)
+        hv = h if self.critic is None else self.critic.hidden_states(idx)
         return self.lm_head(h).float(), self.value_head(hv).squeeze(-1).float()
 
     @classmethod
@@ -254,8 +252,6 @@ class RLTask:
     """The Task of both algorithms: rollouts in next_batch, the clipped objective in loss."""
 
     def __init__(self, opts: RLOptions, tok, ref_model, *, seed: int, device: str, reward_model=None):
-        from lmforge.engine import Engine  # noqa: F401  (fail early if missing)
-
         if opts.algorithm not in ("grpo", "ppo"):
             raise LmforgeError(f"algorithm must be grpo or ppo, got {opts.algorithm!r}")
         for name in ("prompts_per_step", "group_size", "max_new_tokens", "updates_per_rollout", "eval_n"):
