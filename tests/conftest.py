@@ -44,3 +44,36 @@ def tiny_data(tmp_path_factory, shakespeare_path):
     prepare_shards(str(root / "corpus.txt"), root / "tokenizer.json", root / "data", val_fraction=0.1,
                    workers=1, show_progress=False)
     return root / "data"
+
+
+def run_cli(*argv):
+    """`lmforge ARGV...` in this process: (exit code, stdout, stderr); argparse exits become codes."""
+    import contextlib
+    import io
+
+    from lmforge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def save_tiny_checkpoint(root: Path, block_size: int = 96) -> Path:
+    """A random `tiny` model with the byte-level tokenizer, saved as a run folder in root."""
+    import torch
+
+    from lmforge.model import GPT, get_config
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.checkpoint import save_checkpoint
+
+    tok = Tokenizer.byte_level()
+    tok.save(root / "tokenizer.json")
+    torch.manual_seed(0)
+    model = GPT(get_config("tiny", vocab_size=tok.vocab_size, block_size=block_size))
+    save_checkpoint(root / "checkpoints", 0, model, None, {"tokenizer_fingerprint": tok.fingerprint},
+                    files={"tokenizer.json": (root / "tokenizer.json").read_bytes()})
+    return root

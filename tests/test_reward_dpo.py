@@ -1,7 +1,5 @@
 """Reward model (Bradley-Terry) and DPO: losses against hand computations, the scalar head, and
 tiny end-to-end runs of `lmforge reward train|score` and `lmforge dpo`."""
-import contextlib
-import io
 import json
 import math
 
@@ -9,26 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_cli, save_tiny_checkpoint
 from lmforge.common import LmforgeError
 from lmforge.model import GPT, get_config
 from lmforge.posttrain.dpo import DPOTask, dpo_loss, pair_rows
 from lmforge.posttrain.preference import encode_pairs, pack, record_to_pair, sequence_logprob
 from lmforge.posttrain.reward import RewardModel, bradley_terry_loss, load_reward_model, pack_for_scoring
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoint import load_model, save_checkpoint
+from lmforge.train.checkpoint import load_model
 from lmforge.train.loop import read_log
-
-
-def run_cli(*argv):
-    from lmforge.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +25,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tok):
-    root = tmp_path_factory.mktemp("pref_base")
-    tok.save(root / "tokenizer.json")
-    torch.manual_seed(0)
-    model = GPT(get_config("tiny", vocab_size=tok.vocab_size, block_size=96))
-    save_checkpoint(root / "checkpoints", 0, model, None, {"tokenizer_fingerprint": tok.fingerprint},
-                    files={"tokenizer.json": (root / "tokenizer.json").read_bytes()})
-    return root
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("pref_base"))
 
 
 # ----------------------------------------------------------------------------- losses by hand

@@ -1,33 +1,20 @@
 """GRPO and PPO: advantages, the clipped objective, the KL estimator and GAE against hand
 computations; a policy-gradient step moves probability the right way; tiny end-to-end runs."""
-import contextlib
-import io
 import json
 import math
 
 import pytest
 import torch
 
+from conftest import run_cli, save_tiny_checkpoint
 from lmforge.common import LmforgeError
 from lmforge.model import GPT, get_config
 from lmforge.posttrain.preference import pack, token_logprobs
 from lmforge.posttrain.rl import (ActorCritic, RLOptions, RLTask, Rollout, clipped_surrogate, gae, group_advantages,
                                   kl_k3)
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoint import load_model, save_checkpoint
+from lmforge.train.checkpoint import load_model
 from lmforge.train.loop import read_log
-
-
-def run_cli(*argv):
-    from lmforge.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +24,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tok):
-    root = tmp_path_factory.mktemp("rl_base")
-    tok.save(root / "tokenizer.json")
-    torch.manual_seed(0)
-    model = GPT(get_config("tiny", vocab_size=tok.vocab_size, block_size=96))
-    save_checkpoint(root / "checkpoints", 0, model, None, {"tokenizer_fingerprint": tok.fingerprint},
-                    files={"tokenizer.json": (root / "tokenizer.json").read_bytes()})
-    return root
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("rl_base"))
 
 
 # ----------------------------------------------------------------------------- the pieces by hand

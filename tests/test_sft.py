@@ -1,13 +1,11 @@
 """Conversation loading, SFT batching (masking, padding without leaks, mixture), the sft run, LoRA merge."""
-import contextlib
-import io
 import json
 import shutil
 
 import pytest
 import torch
 
-from conftest import shared_data
+from conftest import run_cli, shared_data
 from lmforge.chat import render_for_training
 from lmforge.common import LmforgeError
 from lmforge.model import GPT, get_config
@@ -17,18 +15,6 @@ from lmforge.posttrain.sft import (MixtureSampler, SFTOptions, collate, sft, spl
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import list_checkpoints, load_model, save_checkpoint
 from lmforge.train.loop import TrainConfig, read_log
-
-
-def run_cli(*argv):
-    from lmforge.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 # ----------------------------------------------------------------------------- loading

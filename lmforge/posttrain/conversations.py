@@ -167,15 +167,9 @@ def load_source(spec: str, *, skip_invalid: bool = False, seed: int = 0, tools: 
     if spec.startswith("hf:"):
         return load_hf(spec[3:], skip_invalid=skip_invalid)
     if spec.startswith("synthetic:"):
-        from lmforge.posttrain.synthetic import generate_conversations
+        from lmforge.posttrain.synthetic import generate_conversations, parse_synthetic_spec
 
-        task, _, n = spec[len("synthetic:"):].partition(":")
-        try:
-            n = int(n) if n else 2000
-        except ValueError:
-            raise LmforgeError(f"{spec}: the count after the task name must be an integer") from None
-        if n <= 0:
-            raise LmforgeError(f"{spec}: the count must be positive")
+        task, n = parse_synthetic_spec(spec)
         recs = generate_conversations(task, n, seed=seed, tools=tools)
         return load_records(((f"{spec} #{i}", r) for i, r in enumerate(recs)), spec)
     if spec == "safety":

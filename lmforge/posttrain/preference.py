@@ -189,13 +189,9 @@ def synthetic_pairs(task_name: str, n: int, seed: int = 0) -> list[PreferencePai
 def load_preferences(spec: str, *, skip_invalid: bool = False, seed: int = 0) -> tuple[list[PreferencePair], str]:
     """Pairs of one source spec (see the module docstring) and a one-line summary."""
     if spec.startswith("synthetic:"):
-        name, _, n = spec[len("synthetic:"):].partition(":")
-        try:
-            n = int(n) if n else 2000
-        except ValueError:
-            raise LmforgeError(f"{spec}: the count after the task name must be an integer") from None
-        if n <= 0:
-            raise LmforgeError(f"{spec}: the count must be positive")
+        from lmforge.posttrain.synthetic import parse_synthetic_spec
+
+        name, n = parse_synthetic_spec(spec)
         pairs = synthetic_pairs(name, n, seed)
         return pairs, f"{spec}: {len(pairs)} pairs"
     if spec.startswith("hf:"):

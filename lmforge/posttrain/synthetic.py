@@ -212,3 +212,15 @@ def generate_conversations(task: str | SyntheticTask, n: int, seed: int = 0, too
     task = get_task(task) if isinstance(task, str) else task
     rng = random.Random(f"{task.name}-{seed}")
     return [{"messages": task.conversation(rng, tools)} for _ in range(n)]
+
+
+def parse_synthetic_spec(spec: str, default_n: int = 2000) -> tuple[str, int]:
+    """`synthetic:TASK[:N]` -> (TASK, N), with a clear error for a bad count."""
+    task, _, n = spec[len("synthetic:"):].partition(":")
+    try:
+        n = int(n) if n else default_n
+    except ValueError:
+        raise LmforgeError(f"{spec}: the count after the task name must be an integer") from None
+    if n <= 0:
+        raise LmforgeError(f"{spec}: the count must be positive")
+    return task, n
