@@ -48,7 +48,7 @@ def train_cfg(args, name: str, **kw) -> TrainConfig:
 def run_rl(args, algorithm: str) -> dict:
     from lmforge.posttrain.rl import RLOptions, train_rl
 
-    opts = RLOptions(checkpoint=args.checkpoint, algorithm=algorithm, tasks=[args.task],
+    opts = RLOptions(checkpoint=args.checkpoint, algorithm=algorithm, tasks=[args.task], tools=args.tools,
                      prompts_per_step=args.prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, kl_beta=args.kl_beta, eval_n=args.eval_n,
                      updates_per_rollout=args.updates_per_rollout)
@@ -58,7 +58,7 @@ def run_rl(args, algorithm: str) -> dict:
             "wall_seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb()),
             "start_accuracy": r["start_val_accuracy"], "accuracy": r["val_accuracy"],
             "start_length": r["start_val_length"], "length": r["val_length"],
-            "settings": {"task": args.task, "prompts_per_step": args.prompts, "group_size": args.group_size,
+            "settings": {"task": args.task, "tools": args.tools, "prompts_per_step": args.prompts, "group_size": args.group_size,
                          "lr": args.lr, "kl_beta": args.kl_beta, "temperature": args.temperature,
                          "updates_per_rollout": args.updates_per_rollout, "budget_s": args.budget,
                          "eval_n": args.eval_n}}
@@ -138,6 +138,7 @@ def main():
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--tools", action="store_true", help="RL with the tool loop (the SFT model calls the calculator)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--kl-beta", type=float, default=0.02)
     p.add_argument("--updates-per-rollout", type=int, default=1)

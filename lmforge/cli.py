@@ -407,18 +407,28 @@ def cmd_score(args):
         print(f"{i:>4}  {s.logprob:10.3f}  {s.perplexity:9.2f}  {s.text}")
 
 
+SPEEDRUN_STAGES = ("tokenizer", "data", "pretrain", "sft", "rl", "eval", "report")
+
+
 def cmd_speedrun(args):
-    """The main job: every stage that exists, in order, under one run folder. Options left unset
-    come from the speedrun preset (lmforge/speedrun.py)."""
+    """The main job: every stage in order under one run folder. Options left unset come from the
+    speedrun preset (lmforge/speedrun.py). Finished stages are reused, an interrupted one resumes."""
+    import time
+    from dataclasses import replace
+
     from lmforge.data.prepare import load_manifest, prepare_shards
     from lmforge.data.sources import iter_documents
     from lmforge.model import get_config
-    from lmforge.speedrun import check_preset, get_speedrun_preset
+    from lmforge.speedrun import (check_preset, eval_stage, get_speedrun_preset, rl_stage, save_stage, sft_stage,
+                                  stage_record, start_stage, write_report)
     from lmforge.tokenizer import Tokenizer
-    from lmforge.train.checkpoint import list_checkpoints
     from lmforge.train.pretrain import PretrainOptions, pretrain
 
+    t_start = time.perf_counter()
     preset = get_speedrun_preset(args.speedrun_preset)
+    overrides = {k: getattr(args, k) for k in ("sft_steps", "sft_time_budget", "rl_steps", "rl_time_budget",
+                                                "eval_limit", "task_eval_n") if getattr(args, k) is not None}
+    preset = replace(preset, **overrides)
     for name in ("data", "max_chars", "vocab_size", "tokenizer_chars", "batch_size", "max_steps", "time_budget"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(preset, name))
@@ -432,22 +442,32 @@ def cmd_speedrun(args):
         args.grad_accum = max(1, preset.total_batch_tokens // (args.batch_size * args.seq_len * preset.nproc))
     if preset.gpu_memory_gib is not None:
         check_preset(preset)  # fail before the tokenizer and data stages spend hours, not after
+    last = SPEEDRUN_STAGES.index(args.stop_after)
+    n_stages = last + 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok_path, data_dir, run_dir = out / "tokenizer.json", out / "data", out / "pretrain"
     source = args.data
+    stages: dict[str, dict] = {}
+
+    def head(i: int, text: str):
+        print(f"[{i}/{n_stages}] {text}", flush=True)
+
     print(f"speedrun preset {preset.name}: model {args.preset}, data {source}; {args.batch_size} sequences x "
           f"{args.seq_len} tokens x {args.grad_accum} accumulation steps x {preset.nproc} processes = "
           f"{args.batch_size * args.seq_len * args.grad_accum * preset.nproc:,} tokens per step")
-    # A re-run reuses finished stages and resumes an interrupted pretraining run.
+    # 1. tokenizer
     if tok_path.is_file():
         tok = Tokenizer.load(tok_path)
-        print(f"[1/4] tokenizer: reusing {tok_path} ({tok.vocab_size} ids)")
+        head(1, f"tokenizer: reusing {tok_path} ({tok.vocab_size} ids)")
     else:
-        print(f"[1/4] tokenizer: byte-level BPE, vocab {args.vocab_size}, on {source}")
+        head(1, f"tokenizer: byte-level BPE, vocab {args.vocab_size}, on {source}")
         tok = Tokenizer.train(iter_documents(source, max_chars=args.max_chars), args.vocab_size,
                               show_progress=not args.no_progress, max_chars=args.tokenizer_chars)
         tok.save(tok_path)
+    if last < 1:
+        return
+    # 2. data
     try:
         m = load_manifest(data_dir)
         reuse = (m.get("tokenizer_fingerprint") == tok.fingerprint and m.get("source") == str(source)
@@ -455,30 +475,124 @@ def cmd_speedrun(args):
     except LmforgeError:
         reuse = False
     if reuse:
-        print(f"[2/4] data: reusing shards in {data_dir}")
+        head(2, f"data: reusing shards in {data_dir}")
     else:
-        print(f"[2/4] data: tokenizing into shards in {data_dir}")
+        head(2, f"data: tokenizing into shards in {data_dir}")
         m = prepare_shards(source, tok_path, data_dir, val_fraction=args.val_fraction,
                            max_chars=args.max_chars, show_progress=not args.no_progress)
     print("      " + ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in m["splits"].items()))
-    resume = args.resume or bool(list_checkpoints(run_dir / "checkpoints"))
-    print(f"[3/4] pretrain: model {args.preset}" + (" (resuming)" if resume else ""))
-    if preset.nproc > 1:
-        _pretrain_under_torchrun(args, preset.nproc, data_dir, run_dir, resume)
-        print(f"\ncheckpoint: {run_dir / 'checkpoints'}\ntry: lmforge sample --checkpoint {run_dir}")
+    sp = m["splits"]
+    stages["tokenizer"] = {"vocab_size": tok.vocab_size,
+                           "bytes_per_token": sum(v.get("bytes", 0) for v in sp.values()) /
+                           max(1, sum(v["tokens"] for v in sp.values()))}
+    stages["data"] = {"train_tokens": sp["train"]["tokens"], "val_tokens": sp.get("val", {}).get("tokens", 0)}
+    if last < 2:
         return
-    opts = PretrainOptions(data_dir=str(data_dir), preset=args.preset, model_overrides=model_overrides(args),
-                           batch_size=args.batch_size, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
-                           resume=resume)
-    result = pretrain(opts, train_config(args, str(run_dir)))
-    print(f"      val loss {result.get('val_loss', float('nan')):.4f} nats/token, "
-          f"{result.get('val_bpb', float('nan')):.4f} bits/byte after {result['tokens']:,} tokens; "
-          f"loss curve {run_dir / 'loss.png'}")
-    print("[4/4] sample:")
-    args.seed = 0 if args.sample_seed is None else args.sample_seed
-    _print_sample(result["model"].eval(), result["tokenizer"], args.prompt, args)
-    print(f"\ncheckpoint: {result['checkpoint']}\n"
-          f"try: lmforge sample --checkpoint {run_dir} --prompt 'def '")
+    # 3. pretrain
+    budget_flags = ("--max-steps", "--time-budget")
+    argv = pretrain_argv(args, data_dir, run_dir, False)
+    origin = {"argv": [a for i, a in enumerate(argv) if a not in budget_flags and argv[i - 1] not in budget_flags],
+              "tokenizer": tok.fingerprint, "data": m.get("splits")}
+    key = {"origin": origin, "budget": [args.max_steps, args.time_budget]}
+    rec = stage_record(out, "pretrain", key)
+    if rec:
+        head(3, f"pretrain: reusing {rec['checkpoint']} ({rec['val_bpb']:.4f} bits/byte)")
+    else:
+        resume = start_stage(out, "pretrain", origin)
+        head(3, f"pretrain: model {args.preset}" + (" (resuming)" if resume else ""))
+        if preset.nproc > 1:
+            _pretrain_under_torchrun(args, preset.nproc, data_dir, run_dir, resume)
+            result = _final_metrics(run_dir)
+        else:
+            opts = PretrainOptions(data_dir=str(data_dir), preset=args.preset, model_overrides=model_overrides(args),
+                                   batch_size=args.batch_size, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
+                                   resume=resume)
+            result = pretrain(opts, train_config(args, str(run_dir)))
+            print("      sample:")
+            _print_sample(result["model"].eval(), result["tokenizer"], args.prompt,
+                          argparse.Namespace(**{**vars(args), "seed": args.sample_seed or 0}))
+            result["checkpoint"] = str(result["checkpoint"])
+            result["params"] = result["model"].num_params()
+        rec = save_stage(out, "pretrain", key, {k: result.get(k) for k in (
+            "checkpoint", "step", "tokens", "train_time", "val_loss", "val_bpb", "params")} | {"device": args.device})
+        print(f"      val loss {rec['val_loss']:.4f} nats/token, {rec['val_bpb']:.4f} bits/byte after "
+              f"{rec['tokens']:,} tokens; loss curve {run_dir / 'loss.png'}")
+    stages["pretrain"] = prev = rec
+    post = dict(seed=args.seed, device=args.device, dtype=args.dtype, progress=not args.no_progress)
+    # 4. SFT, 5. RL: each starts from the previous stage's model
+    for i, stage, run_stage, what in ((4, "sft", sft_stage, "chat, tool use and safety"),
+                                      (5, "rl", rl_stage, f"GRPO with tools on {preset.rl_task}")):
+        if last < i - 1:
+            break
+        settings = _stage_settings(preset, stage)
+        budget = {k: settings.pop(k) for k in (f"{stage}_steps", f"{stage}_time_budget")}
+        origin = {"input": prev["checkpoint"], "input_finished": prev["finished"], "settings": settings,
+                  "seed": args.seed}
+        key = {"origin": origin, "budget": budget}
+        rec = stage_record(out, stage, key)
+        if rec:
+            head(i, f"{stage}: reusing {rec['checkpoint']}")
+        else:
+            resume = start_stage(out, stage, origin)
+            head(i, f"{stage}: {what}, from {prev['checkpoint']}" + (" (resuming)" if resume else ""))
+            rec = save_stage(out, stage, key, run_stage(preset, prev["checkpoint"], out / stage, resume=resume, **post))
+        if stage == "sft":
+            print(f"      well-formed turns {rec['well_formed']:.0%}, task accuracy {rec['accuracy']:.2f} ("
+                  + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in rec["tasks"].items()) + ")")
+        else:
+            print(f"      held-out {rec['task']} accuracy {rec['start_accuracy']:.1%} -> {rec['accuracy']:.1%}")
+        stages[stage] = prev = rec
+    final = prev["checkpoint"]
+    # 6. evaluation
+    if last >= 5:
+        models = {"base": stages["pretrain"]["checkpoint"], "final": final}
+        key = {"models": models, "finished": [stages["pretrain"]["finished"], prev["finished"]],
+               "settings": _stage_settings(preset, "eval")}
+        rec = stage_record(out, "eval", key)
+        if rec:
+            head(6, f"eval: reusing {out / 'eval'}")
+        else:
+            head(6, "eval: benchmarks of the base and the final model")
+            rec = save_stage(out, "eval", key, eval_stage(preset, models, out / "eval", device=args.device,
+                                                          progress=not args.no_progress,
+                                                          log=lambda msg: print(msg, flush=True)))
+        stages["eval"] = rec
+    # 7. report card
+    if last >= 6:
+        report = write_report(out, preset, stages, time.perf_counter() - t_start)
+        head(7, f"report card: {report}")
+        print(report.read_text().split("\n\n## ")[0].split("\n\n", 2)[-1])
+    print(f"\ndone in {(time.perf_counter() - t_start) / 60:.1f} minutes; final checkpoint {final}")
+    if last >= 3:
+        print(f"talk to it:  lmforge chat --checkpoint {final}\n"
+              f"serve it:    lmforge serve --checkpoint {final}   (OpenAI-compatible API and a chat page)")
+    else:
+        print(f"try: lmforge sample --checkpoint {final} --prompt 'def '")
+
+
+def _stage_settings(preset, stage: str) -> dict:
+    """The preset fields a stage depends on: a re-run with other values runs the stage again."""
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(preset).items() if k.startswith(stage + "_") or k == "task_eval_n"}
+
+
+def _final_metrics(run_dir: Path) -> dict:
+    """What a pretraining run under torchrun ended with: its newest checkpoint and last evaluation."""
+    from lmforge.model import GPT, GPTConfig
+    from lmforge.train.checkpoint import read_checkpoint_state, resolve_checkpoint
+    from lmforge.train.loop import read_log
+
+    ckpt = resolve_checkpoint(run_dir)
+    state = read_checkpoint_state(ckpt)
+    evals = [r for r in read_log(run_dir / "log.jsonl") if "val_loss" in r]
+    import torch
+
+    with torch.device("meta"):
+        params = GPT(GPTConfig.from_dict(state["model_config"])).num_params()
+    return {"checkpoint": str(ckpt), "step": state.get("step"), "tokens": state.get("tokens_seen"),
+            "train_time": state.get("train_time"), "val_loss": evals[-1]["val_loss"] if evals else float("nan"),
+            "val_bpb": evals[-1].get("val_bpb", float("nan")) if evals else float("nan"), "params": params}
 
 
 def pretrain_argv(args, data_dir, run_dir, resume: bool) -> list[str]:
@@ -560,6 +674,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=temperature_value, default=0.8)
     s.add_argument("--top-k", type=positive_int, default=None)
     s.add_argument("--top-p", type=top_p_value, default=0.95)
+    s.add_argument("--stop-after", choices=SPEEDRUN_STAGES, default="report",
+                   help="run the stages up to this one (e.g. pretrain: a base model only)")
+    g = s.add_argument_group("post-training and evaluation (default: the preset's)")
+    g.add_argument("--sft-steps", type=positive_int, default=None)
+    g.add_argument("--sft-time-budget", type=positive_float, default=None, help="seconds of SFT training")
+    g.add_argument("--rl-steps", type=positive_int, default=None)
+    g.add_argument("--rl-time-budget", type=positive_float, default=None, help="seconds of GRPO training")
+    g.add_argument("--task-eval-n", type=positive_int, default=None,
+                   help="held-out synthetic problems per task after SFT and RL")
+    g.add_argument("--eval-limit", type=positive_int, default=None, help="items per benchmark")
     add_model_args(s, default_preset=None, flag="--model")
     add_train_args(s)
     s.set_defaults(func=cmd_speedrun, batch_size=None, max_steps=None, grad_accum=None)

@@ -90,3 +90,28 @@ def dist_info() -> tuple[int, int, int]:
 
 def is_main_process() -> bool:
     return dist_info()[0] == 0
+
+
+def new_figure(figsize: tuple[float, float] = (7, 4.2)):
+    """A matplotlib (figure, axes) drawn off-screen: plots work without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize)
+
+
+def save_figure(fig, png_path, *, legend: bool = True) -> Path:
+    """Grid, legend, tight layout; write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+        if legend and ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path

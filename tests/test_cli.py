@@ -265,19 +265,25 @@ def test_speedrun_end_to_end(pipe, capsys, tmp_path):
     out_dir = tmp_path / "speedrun"
     out = ok(cli(capsys, "speedrun", "--data", pipe.corpus, "--out", out_dir, "--vocab-size", 300, *SPEEDRUN_TINY,
                  "--max-steps", 5, "--eval-every", 0, "--max-new-tokens", 5, "--tokenizer-chars", CORPUS_CHARS,
-                 "--prompt", "QUEEN:"))
-    for stage in ("[1/4]", "[2/4]", "[3/4]", "[4/4] sample:"):
+                 "--prompt", "QUEEN:", "--stop-after", "pretrain"))
+    for stage in ("[1/3]", "[2/3]", "[3/3]", "sample:"):
         assert stage in out
     lines = out.splitlines()
-    sample = lines[lines.index("[4/4] sample:") + 1]
+    sample = lines[lines.index("      sample:") + 1]
     assert sample.startswith("QUEEN:")
     assert (out_dir / "tokenizer.json").is_file() and (out_dir / "data" / "manifest.json").is_file()
     assert (out_dir / "pretrain" / "checkpoints" / "step_000005" / "model.safetensors").is_file()
-    assert "val loss" in out and "checkpoint:" in out
-    # Running again reuses the finished stages and continues pretraining from its checkpoint.
+    assert "val loss" in out and "lmforge sample --checkpoint" in out
+    # The same command again reuses every finished stage.
+    same = ok(cli(capsys, "speedrun", "--data", pipe.corpus, "--out", out_dir, "--vocab-size", 300, *SPEEDRUN_TINY,
+                  "--max-steps", 5, "--eval-every", 0, "--max-new-tokens", 5, "--prompt", "QUEEN:",
+                  "--stop-after", "pretrain"))
+    assert "[3/3] pretrain: reusing" in same and "sample:" not in same
+    # A longer budget continues pretraining from its checkpoint.
     again = ok(cli(capsys, "speedrun", "--data", pipe.corpus, "--out", out_dir, "--vocab-size", 300, *SPEEDRUN_TINY,
-                   "--max-steps", 8, "--eval-every", 0, "--max-new-tokens", 5, "--prompt", "QUEEN:"))
-    assert "reusing" in again.split("[2/4]")[0] and "reusing shards" in again
+                   "--max-steps", 8, "--eval-every", 0, "--max-new-tokens", 5, "--prompt", "QUEEN:",
+                   "--stop-after", "pretrain"))
+    assert "reusing" in again.split("[2/3]")[0] and "reusing shards" in again
     assert "(resuming)" in again and "resumed from" in again
     assert (out_dir / "pretrain" / "checkpoints" / "step_000008").is_dir()
 
@@ -556,7 +562,6 @@ def test_chat_history_is_trimmed_to_the_window(pipe):
 
 
 def test_export_and_import_hf_round_trip(pipe, capsys, tmp_path):
-    import torch
     from transformers import AutoModelForCausalLM
 
     from lmforge.train.checkpoint import load_model
@@ -577,7 +582,6 @@ def test_export_and_import_hf_round_trip(pipe, capsys, tmp_path):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantize_command(pipe, capsys, tmp_path, bits):
-    import torch
 
     from lmforge.train.checkpoint import load_model
 

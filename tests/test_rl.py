@@ -140,6 +140,43 @@ def test_one_policy_gradient_step_favours_the_rewarded_reply(tok, algorithm):
         assert model.value_head.weight.abs().sum() > 0  # the critic learned too
 
 
+def test_tool_rollouts_credit_only_the_policys_own_tokens(tok, monkeypatch):
+    """With tools, a reply holds tokens the loop inserted (the tool's result): they are in the packed
+    sequence, so the policy reads them, but not in the mask of actions."""
+    from lmforge.posttrain import rl
+
+    torch.manual_seed(0)
+    lm = GPT(get_config("tiny", vocab_size=tok.vocab_size, block_size=128))
+    end = tok.special_id("<|assistant_end|>")
+    seen = {}
+
+    def scripted(engine, prompts, max_new_tokens, *, tools, **sampling):
+        seen["tools"] = tools
+        right = tok.encode("call") + tok.encode("=7") + tok.encode("so 7") + [end]
+        actions = [1] * 4 + [0] * 2 + [1] * 5
+        wrong = tok.encode("8") + [end]
+        return [rl.Reply(right, actions, "so 7", True) if i == 0 else rl.Reply(wrong, [1, 1], "8", True)
+                for i in range(len(prompts))]
+
+    monkeypatch.setattr(rl, "generate_replies", scripted)
+    monkeypatch.setattr(rl.SyntheticSource, "sample", lambda self, rng: ("What is 3 + 4?", "7"))
+    task = RLTask(RLOptions(checkpoint="-", tools=True, prompts_per_step=2, group_size=2), tok, lm, seed=0,
+                  device="cpu")
+    task.policy = lm
+    r = task.rollout()
+    assert seen["tools"] is True
+    assert r.correct.tolist() == [1.0, 0.0, 0.0, 0.0] and r.lengths.tolist() == [9.0, 2.0, 2.0, 2.0]
+    # The second group's replies are all wrong: no advantage, left out of the loss.
+    assert r.x.shape[0] == 2 and r.rewards.tolist() == [1.0, 0.0]
+    assert r.stats == {"reward": 0.25, "informative": 0.5}
+    assert r.mask[0].sum() == 9 and r.mask[1].sum() == 2
+    n_prompt = len(task._prompt_ids("What is 3 + 4?"))
+    assert r.mask[0, n_prompt - 1:n_prompt - 1 + 11].tolist() == [1.0] * 4 + [0.0] * 2 + [1.0] * 5
+    loss, n = task.loss(lm, r)
+    assert n == 11 and torch.isfinite(loss)
+    assert task.metrics.sums["informative"] == 0.5
+
+
 def test_rl_options_are_checked(tok):
     ref = GPT(get_config("tiny", vocab_size=tok.vocab_size))
     for kw, msg in [({"group_size": 1}, "group-size >= 2"), ({"clip": 1.5}, "clip"), ({"kl_beta": -1}, "kl-beta"),

@@ -67,10 +67,11 @@ def test_multi_process_preset_pretrains_under_torchrun(monkeypatch, tmp_path, sh
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     code = main(["speedrun", "--preset", "gpu-8", "--data", str(corpus), "--out", str(tmp_path / "run"),
                  "--vocab-size", "300", "--tokenizer-chars", "30000", "--model", "tiny", "--block-size", "32",
-                 "--eval-every", "0", "--compile", "off", "--no-progress"])
+                 "--eval-every", "0", "--compile", "off", "--no-progress", "--stop-after", "pretrain"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "--nproc_per_node=2" in out and "--grad-accum 2" in out
+    assert "bits/byte" in out  # read back from the run's log by the parent process
     assert (tmp_path / "run" / "pretrain" / "checkpoints" / "step_000003" / "model.safetensors").is_file()
 
 
@@ -90,8 +91,7 @@ def test_killed_speedrun_resumes_where_it_stopped(tmp_path, shakespeare_path):
     argv = [sys.executable, "-m", "lmforge.cli", "speedrun", "--data", str(corpus), "--out", str(run),
             "--vocab-size", "300", "--tokenizer-chars", "30000", "--model", "tiny", "--block-size", "32",
             "--batch-size", "2", "--grad-accum", "1", "--eval-every", "0", "--ckpt-every", "5", "--compile", "off",
-            "--no-progress",
-            "--max-new-tokens", "4"]
+            "--no-progress", "--stop-after", "pretrain", "--max-new-tokens", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(argv + ["--max-steps", "1000000"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
@@ -110,3 +110,47 @@ def test_killed_speedrun_resumes_where_it_stopped(tmp_path, shakespeare_path):
     assert "reusing" in again.stdout and "reusing shards" in again.stdout and "(resuming)" in again.stdout
     assert f"at step {killed_at}" in again.stdout + again.stderr  # "resumed from <checkpoint> at step N"
     assert (run / "pretrain" / "checkpoints" / f"step_{killed_at + 5:06d}").is_dir()
+
+
+def test_full_speedrun_runs_every_stage_reports_each_metric_and_reuses_them(tmp_path, shakespeare_path, capsys,
+                                                                           monkeypatch):
+    """tokenizer -> data -> pretrain -> SFT -> GRPO -> eval -> report card on a tiny model; the
+    report card shows each stage's metric; the same command again reuses every stage."""
+    import json
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shakespeare_path.read_text()[:40_000])
+    run = tmp_path / "run"
+    argv = ["speedrun", "--data", str(corpus), "--out", str(run), "--vocab-size", "300", "--tokenizer-chars", "40000",
+            "--model", "tiny", "--block-size", "128", "--batch-size", "4", "--max-steps", "3", "--eval-every", "0",
+            "--compile", "off", "--no-progress", "--max-new-tokens", "4", "--sft-steps", "2", "--rl-steps", "1",
+            "--task-eval-n", "3", "--eval-limit", "4"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for i, stage in enumerate(["tokenizer", "data", "pretrain", "sft", "rl", "eval", "report card"], 1):
+        assert f"[{i}/7] {stage}" in out
+    assert f"lmforge chat --checkpoint {run / 'rl' / 'checkpoints'}" in out and "lmforge serve --checkpoint" in out
+    report = (run / "report" / "report.md").read_text()
+    for row in ("| pretrain | validation bits per byte |", "| SFT | well-formed turns; task accuracy |",
+                "| RL (GRPO, tools) | held-out arithmetic:2:+- accuracy |"):
+        assert row in report
+    for png in ("pretrain_loss.png", "sft_loss.png", "rl_rewards.png"):
+        assert (run / "report" / png).is_file()
+    card = json.loads((run / "report" / "report.json").read_text())
+    assert set(card["stages"]) >= {"tokenizer", "data", "pretrain", "sft", "rl", "eval"}
+    assert card["stages"]["rl"]["steps"] == 1 and card["stages"]["sft"]["steps"] == 2
+    ev = card["stages"]["eval"]
+    assert set(ev["tasks"]) | set(ev["skipped"]) == {"hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande",
+                                                     "copa", "boolq"}
+    if ev["tasks"]:  # the benchmark data is on this machine: a base and a final column
+        assert "| task | chance | base | final |" in report and "![centred scores" in report
+    # Nothing left to do: every stage is reused, and the report is written again.
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    for i, stage in enumerate(["tokenizer", "data", "pretrain", "sft", "rl", "eval"], 1):
+        assert f"[{i}/7] {stage}: reusing" in again
+    # A larger RL budget runs RL again, from the same SFT model, and keeps SFT.
+    assert main(argv[:-6] + ["--rl-steps", "2", "--task-eval-n", "3", "--eval-limit", "4"]) == 0
+    third = capsys.readouterr().out
+    assert "[4/7] sft: reusing" in third and "[5/7] rl: GRPO" in third and "[6/7] eval: benchmarks" in third

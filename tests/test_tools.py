@@ -148,3 +148,63 @@ def test_tool_loop_with_a_real_engine_stops_at_its_budget():
                             temperature=0.0)
     # an untrained model rambles: the reply is cut by the token budget, and says so
     assert r.finish_reason in ("length", "stop") and len(r.tokens) <= 5 + 1
+
+
+class ScriptedBatchEngine:
+    """Replays a script per conversation (keyed by the user's question), for batches: the round a row
+    is in is the number of tool results already in its prompt."""
+
+    def __init__(self, tok, model_config, scripts):
+        self.tokenizer, self.scripts, self.batches = tok, scripts, []
+        self.model = type("M", (), {"config": model_config})()
+
+    def generate(self, prompts, max_new_tokens, stop_ids=None, **kw):
+        self.batches.append(len(prompts))
+        out = []
+        for p in prompts:
+            text = self.tokenizer.decode(p)
+            question = next(q for q in self.scripts if q in text)
+            pieces, stop = self.scripts[question][p.count(self.tokenizer.special_id("<|tool_result_end|>"))]
+            tokens = []
+            for piece in pieces:
+                tokens += [self.tokenizer.special_id(piece)] if piece.startswith("<|") else self.tokenizer.encode(piece)
+            out.append(Completion(tokens, self.tokenizer.decode(tokens), "stop", self.tokenizer.special_id(stop)))
+        return out
+
+
+def test_batched_tool_loop_matches_one_at_a_time_and_marks_inserted_tokens():
+    from lmforge.model import get_config
+    from lmforge.posttrain.tools import generate_with_tools_batch
+
+    tok = Tokenizer.byte_level()
+    cfg = get_config("tiny", vocab_size=tok.vocab_size, block_size=512)
+    call = '{"name": "calculator", "arguments": {"expression": "12 * 7"}}'
+    scripts = {"What is 12 * 7?": [(["<|tool_call_start|>", call], "<|tool_call_end|>"),
+                                   (["It is 84."], "<|assistant_end|>")],
+               "Hello?": [(["Hi."], "<|assistant_end|>")],
+               "Count to ten.": [(["one two three four five six"], "<|assistant_end|>")]}
+    questions = list(scripts)
+    prompts = [render_messages(tok, [{"role": "user", "content": q}]) for q in questions]
+    engine = ScriptedBatchEngine(tok, cfg, scripts)
+    batch = generate_with_tools_batch(engine, prompts, max_new_tokens=80)
+    assert engine.batches == [3, 1]  # the second round runs only the row that called a tool
+    for q, r in zip(questions, batch):
+        single = generate_with_tools(ScriptedBatchEngine(tok, cfg, scripts), [{"role": "user", "content": q}],
+                                     max_new_tokens=80)
+        assert (r.messages, r.text, r.finish_reason, r.tokens) == (single.messages, single.text,
+                                                                  single.finish_reason, single.tokens)
+    calc, hello, count = batch
+    assert calc.text == "It is 84." and calc.tool_calls == 1 and hello.text == "Hi." and hello.tool_calls == 0
+    assert hello.action_mask == [1] * len(hello.tokens)
+    # Inserted by the loop (not the model's choices): the forced end of turn after the call and the
+    # tool block; everything else, the call and both ends of turn included, is the model's.
+    inserted = [t for t, a in zip(calc.tokens, calc.action_mask) if not a]
+    sid = tok.special_id
+    assert inserted == [sid("<|assistant_end|>"), sid("<|tool_result_start|>"), *tok.encode("84"),
+                        sid("<|tool_result_end|>"), sid("<|assistant_start|>")]
+    chosen = [t for t, a in zip(calc.tokens, calc.action_mask) if a]
+    assert chosen == [sid("<|tool_call_start|>"), *tok.encode(call), sid("<|tool_call_end|>"),
+                      *tok.encode("It is 84."), sid("<|assistant_end|>")]
+    # A row's own budget holds even when the round's is larger (a longer row shares the batch).
+    cut = generate_with_tools_batch(ScriptedBatchEngine(tok, cfg, scripts), prompts, max_new_tokens=10)
+    assert cut[2].finish_reason == "length" and len(cut[2].tokens) == 10 and cut[1].finish_reason == "stop"

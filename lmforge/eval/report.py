@@ -73,24 +73,17 @@ def _fmt(v) -> str:
 def plot_task_bars(scores: dict[str, float], png: Path) -> Path | None:
     if not scores:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lmforge.common import new_figure, save_figure
 
     names = list(scores)
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(names) + 2), 3.8))
+    fig, ax = new_figure((max(4.5, 0.8 * len(names) + 2), 3.8))
     vals = [scores[n] for n in names]
     ax.bar(names, vals, color=["C2" if v >= 0 else "C3" for v in vals])
     ax.axhline(0, color="k", lw=0.8)
     ax.set_ylabel("centred score (0 = chance, 1 = perfect)")
     ax.set_title(f"aggregate {sum(vals) / len(vals):.3f}")
     ax.tick_params(axis="x", rotation=30)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png, legend=False)
 
 
 def write_report_card(run_dir: str | Path | None, results: str | Path | dict, out_dir: str | Path) -> Path:

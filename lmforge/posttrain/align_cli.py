@@ -93,8 +93,8 @@ def cmd_rl(args):
     opts = RLOptions(checkpoint=args.checkpoint, algorithm=args.algorithm, tasks=split(args.task),
                      eval_tasks=split(args.eval_task) if args.eval_task else None, reward_model=args.reward_model,
                      prompts_per_step=args.batch_size, group_size=args.group_size,
-                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                     clip=args.clip, kl_beta=args.kl_beta, updates_per_rollout=args.updates_per_rollout,
+                     max_new_tokens=args.max_new_tokens, tools=args.tools, temperature=args.temperature,
+                     top_p=args.top_p, clip=args.clip, kl_beta=args.kl_beta, updates_per_rollout=args.updates_per_rollout,
                      gamma=getattr(args, "gamma", 1.0), lam=getattr(args, "lam", 0.95),
                      vf_coef=getattr(args, "vf_coef", 0.5), critic=getattr(args, "critic", "separate"), eval_n=args.eval_n, resume=args.resume)
     _print_result(train_rl(opts, train_config(args, args.out), log=_log()))
@@ -158,7 +158,9 @@ def add_commands(sub) -> None:
                        "the checker (accuracy is still the checker's)")
         r.add_argument("--out", required=True, help="run folder (checkpoints, log.jsonl, loss.png)")
         r.add_argument("--group-size", type=positive_int, default=8, help="sampled replies per prompt")
-        r.add_argument("--max-new-tokens", type=positive_int, default=32)
+        r.add_argument("--max-new-tokens", type=positive_int, default=32, help="the policy's own tokens per reply")
+        r.add_argument("--tools", action="store_true", help="run the tools the policy calls (calculator, python) "
+                       "in rollouts and evaluation; tool results are not actions")
         r.add_argument("--temperature", type=temperature_value, default=1.0)
         r.add_argument("--top-p", type=top_p_value, default=None)
         r.add_argument("--clip", type=positive_float, default=0.2, help="PPO ratio clip epsilon")

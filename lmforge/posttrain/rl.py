@@ -215,6 +215,31 @@ def prompt_source(spec: str, split: str) -> PromptSource:
 
 
 @dataclass
+class Reply:
+    tokens: list[int]  # after the prompt, <|assistant_end|> included when the turn ended
+    actions: list[int]  # 1 where the token is the policy's choice (0: a tool result inserted by the loop)
+    text: str  # the final answer's text
+    ended: bool  # the reply ended its turn with <|assistant_end|>
+
+
+def generate_replies(engine, prompts: list[list[int]], max_new_tokens: int, *, tools: bool,
+                     **sampling) -> list[Reply]:
+    """Replies to rendered chat prompts, with the tool loop (tools=True) or without."""
+    from lmforge.posttrain.tools import generate_with_tools_batch
+
+    if tools:
+        return [Reply(r.tokens, r.action_mask, r.text, r.finish_reason == "stop")
+                for r in generate_with_tools_batch(engine, prompts, max_new_tokens=max_new_tokens, **sampling)]
+    end = engine.tokenizer.special_id("<|assistant_end|>")
+    out = []
+    for c in engine.generate(prompts, max_new_tokens, **sampling):
+        ended = c.finish_reason == "stop" and c.stop == end
+        tokens = list(c.tokens) + ([end] if ended else [])  # the end of turn is an action too
+        out.append(Reply(tokens, [1] * len(tokens), c.text, ended))
+    return out
+
+
+@dataclass
 class Rollout:
     x: torch.Tensor  # (N, T) prompt + reply, right-padded
     mask: torch.Tensor  # (N, T-1) target positions that predict a reply token
@@ -223,6 +248,9 @@ class Rollout:
     lengths: torch.Tensor  # (N,) reply tokens
     prepared: dict = field(default_factory=dict)  # old/ref log-probs, values, advantages (made in the first loss)
     uses: int = 0
+    # Rollout-wide numbers for the log when x holds only some of the replies (GRPO drops the
+    # groups whose replies all got the same reward): mean reward, share of groups kept.
+    stats: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -235,11 +263,15 @@ class RLOptions:
     prompts_per_step: int = 8
     group_size: int = 8
     max_new_tokens: int = 32
+    tools: bool = False  # run the tools the policy calls during rollouts and evaluation
     temperature: float = 1.0
     top_p: float | None = None
     clip: float = 0.2
     kl_beta: float = 0.04
     updates_per_rollout: int = 1
+    # GRPO: leave out of the loss the groups whose replies all got the same reward (their
+    # advantages are all 0: they would only add the KL term) — less compute per step, as DAPO does.
+    skip_uniform_groups: bool = True
     gamma: float = 1.0  # PPO
     lam: float = 0.95  # PPO
     vf_coef: float = 0.5  # PPO
@@ -309,27 +341,33 @@ class RLTask:
         if budget <= 0:
             raise LmforgeError(f"prompts of {max(len(p) for p in prompts)} tokens leave no room to reply "
                                f"in the {window}-token window")
-        outs = engine.generate(prompts, budget, temperature=o.temperature, top_p=o.top_p,
-                               seed=hash((self.seed, self.rank, self.rollouts)) & 0x7FFFFFFF)
-        replies, correct = [], []
-        for i, c in enumerate(outs):
-            src, _, expected = problems[i // o.group_size]
-            stopped = c.finish_reason == "stop" and c.stop == self.end_id
-            # The end of turn is part of the action: the policy learns when to stop.
-            replies.append(list(c.tokens) + ([self.end_id] if stopped else []))
-            correct.append(float(stopped and src.check(c.text, expected)))
+        outs = generate_replies(engine, prompts, budget, tools=o.tools, temperature=o.temperature, top_p=o.top_p,
+                                seed=hash((self.seed, self.rank, self.rollouts)) & 0x7FFFFFFF)
+        # A reply cut at zero tokens still needs a target to pack; its mask is cleared below.
+        replies = [r.tokens or [self.end_id] for r in outs]
+        correct = [float(r.ended and problems[i // o.group_size][0].check(r.text, problems[i // o.group_size][2]))
+                   for i, r in enumerate(outs)]
         if self.rm is not None:
-            rewards = self._rm_scores(prompts, [r if r else [self.end_id] for r in replies])
+            rewards = self._rm_scores(prompts, replies).cpu()
         else:
             rewards = torch.tensor(correct)
-        x, mask = pack(prompts, [r if r else [self.end_id] for r in replies], self.tok.pad_id, self.device)
-        if any(not r for r in replies):  # a reply cut at zero tokens: nothing to learn from it
-            for i, r in enumerate(replies):
-                if not r:
-                    mask[i] = 0
+        stats = {"reward": rewards.mean().item()}
+        keep = list(range(len(prompts)))
+        if o.algorithm == "grpo" and o.skip_uniform_groups:
+            groups = rewards.view(-1, o.group_size)
+            informative = (groups.max(1).values > groups.min(1).values).nonzero().flatten().tolist()
+            stats["informative"] = len(informative) / groups.size(0)
+            # With none informative, one group still makes a (KL-only) step.
+            keep = [g * o.group_size + j for g in (informative or [0]) for j in range(o.group_size)]
+        x, mask = pack([prompts[i] for i in keep], [replies[i] for i in keep], self.tok.pad_id, self.device)
+        for row, i in enumerate(keep):
+            # Only the policy's own tokens are actions: no credit for tool results (nor empty replies).
+            n = len(prompts[i])
+            mask[row, n - 1:n - 1 + len(replies[i])] *= torch.tensor(outs[i].actions or [0], dtype=mask.dtype,
+                                                                     device=mask.device)
         self.rollouts += 1
-        return Rollout(x, mask, rewards.to(self.device), torch.tensor(correct, device=self.device),
-                       torch.tensor([float(len(r)) for r in replies], device=self.device))
+        return Rollout(x, mask, rewards[keep].to(self.device), torch.tensor(correct, device=self.device),
+                       torch.tensor([float(sum(r.actions)) for r in outs], device=self.device), stats=stats)
 
     def next_batch(self) -> Rollout:
         if self.current is None or self.current.uses >= self.opts.updates_per_rollout:
@@ -340,14 +378,15 @@ class RLTask:
     # -------------------------------------------------------------- loss
 
     @torch.no_grad()
-    def _prepare(self, model, r: Rollout) -> None:
-        """Old and reference log-probs (and, for PPO, values, per-token rewards and GAE), computed
-        once per rollout under the same precision as the loss."""
+    def _prepare(self, r: Rollout, logp: torch.Tensor, values: torch.Tensor | None) -> None:
+        """Once per rollout, at its first update: the reference log-probs and the advantages (for
+        PPO also the per-token rewards, values and GAE returns). logp and values are the current
+        model's, detached: at the first update the policy is still the one that sampled the
+        rollout, so they are π_old's, with no extra forward pass."""
         o, p = self.opts, r.prepared
-        out = model(r.x)
-        logits, values = out if isinstance(out, tuple) else (out, None)
-        p["old_logp"] = token_logprobs(logits, r.x)
-        p["ref_logp"] = token_logprobs(self.ref(r.x), r.x)  # always: the KL is logged even when beta = 0
+        p["old_logp"] = logp
+        # Always: the KL is logged even when beta = 0.
+        p["ref_logp"] = token_logprobs(self.ref(r.x) / o.temperature, r.x)
         if o.algorithm == "grpo":
             p["adv"] = group_advantages(r.rewards, o.group_size)[:, None].expand_as(r.mask)
             return
@@ -364,12 +403,15 @@ class RLTask:
 
     def loss(self, model, r: Rollout):
         o = self.opts
-        if not r.prepared:
-            self._prepare(model, r)
-        p, mask = r.prepared, r.mask
+        mask = r.mask
         out = model(r.x)
         logits, values = out if isinstance(out, tuple) else (out, None)
-        logp = token_logprobs(logits, r.x)
+        # The policy is the distribution the replies were sampled from: the logits at the sampling
+        # temperature (as TRL does), so the ratio and the KL compare what was really sampled.
+        logp = token_logprobs(logits / o.temperature, r.x)
+        if not r.prepared:
+            self._prepare(r, logp.detach(), None if values is None else values.detach())
+        p = r.prepared
         surrogate, clipped = clipped_surrogate(logp, p["old_logp"], p["adv"], o.clip)
         kl = kl_k3(logp, p["ref_logp"])
         if o.algorithm == "grpo":
@@ -383,9 +425,10 @@ class RLTask:
             v_loss = 0.5 * masked_mean(torch.maximum((v - p["returns"]) ** 2, (v_clipped - p["returns"]) ** 2), mask)
             loss = -masked_mean(surrogate, mask) + o.vf_coef * v_loss
             extra = {"value_loss": v_loss.item()}
-        self.metrics.add(reward=r.rewards.mean().item(), accuracy=r.correct.mean().item(),
+        self.metrics.add(reward=r.stats.get("reward", r.rewards.mean().item()), accuracy=r.correct.mean().item(),
                          kl=masked_mean(kl.detach(), mask).item(), length=r.lengths.mean().item(),
-                         clip_frac=masked_mean(clipped.float(), mask).item(), **extra)
+                         clip_frac=masked_mean(clipped.float(), mask).item(),
+                         **{k: v for k, v in r.stats.items() if k != "reward"}, **extra)
         return loss, int(mask.sum().item())
 
     # -------------------------------------------------------------- evaluation
@@ -393,7 +436,7 @@ class RLTask:
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
         return evaluate_policy(model, self.tok, self.eval_tasks, self.opts.eval_n,
-                               max_new_tokens=self.opts.max_new_tokens, device=self.device)
+                               max_new_tokens=self.opts.max_new_tokens, device=self.device, tools=self.opts.tools)
 
     def state_dict(self) -> dict:
         return {"rollouts": self.rollouts - (self.current is not None and
@@ -406,10 +449,11 @@ class RLTask:
 
 @torch.no_grad()
 def evaluate_policy(model, tok, tasks: list[str], n: int, *, max_new_tokens: int = 32, seed: int = 0,
-                    device: str = "cpu", batch_size: int = 64) -> dict[str, float]:
-    """Greedy replies (no tools) to n held-out problems per task, batched: exact-match accuracy (the
-    reply must end its turn), per task and overall, and the mean reply length. The problems are
-    the ones `lmforge synthetic eval` draws (same seeds)."""
+                    device: str = "cpu", batch_size: int = 64, tools: bool = False) -> dict[str, float]:
+    """Greedy replies (with the tool loop if tools) to n held-out problems per task, batched:
+    exact-match accuracy (the reply must end its turn), per task and overall, and the mean reply
+    length (the model's own tokens). The problems are the ones `lmforge synthetic eval` draws (same
+    seeds)."""
     from lmforge.engine import Engine
 
     rank, _, world = dist_info()
@@ -418,14 +462,13 @@ def evaluate_policy(model, tok, tasks: list[str], n: int, *, max_new_tokens: int
     # fp32 even inside the Trainer's bf16 evaluation: the same numbers as a standalone evaluation.
     with torch.autocast(dev, enabled=False):
         return _evaluate(engine, src_names=tasks, n=n, max_new_tokens=max_new_tokens, seed=seed, device=device,
-                         batch_size=batch_size, rank=rank, world=world)
+                         batch_size=batch_size, rank=rank, world=world, tools=tools)
 
 
-def _evaluate(engine, *, src_names, n, max_new_tokens, seed, device, batch_size, rank, world):
+def _evaluate(engine, *, src_names, n, max_new_tokens, seed, device, batch_size, rank, world, tools):
     from lmforge.chat import render_messages
 
     tok, model = engine.tokenizer, engine.model
-    end = tok.special_id("<|assistant_end|>")
     out, correct_all, length_all, total = {}, 0.0, 0.0, 0
     for name in src_names:
         src = prompt_source(name, "test")
@@ -436,15 +479,41 @@ def _evaluate(engine, *, src_names, n, max_new_tokens, seed, device, batch_size,
             chunk = problems[k:k + batch_size]
             prompts = [render_messages(tok, [{"role": "user", "content": q}]) for q, _ in chunk]
             budget = min(max_new_tokens, model.config.block_size - max(len(p) for p in prompts))
-            for (q, expected), c in zip(chunk, engine.generate(prompts, max(budget, 1), temperature=0.0)):
-                correct += c.finish_reason == "stop" and c.stop == end and src.check(c.text, expected)
-                length += len(c.tokens)
+            for (q, expected), r in zip(chunk, generate_replies(engine, prompts, max(budget, 1), tools=tools,
+                                                                temperature=0.0)):
+                correct += r.ended and src.check(r.text, expected)
+                length += sum(r.actions) - r.ended
         correct, length, count = all_reduce_sum([correct, length, len(problems)], device)
         out[f"accuracy_{src.name}"] = correct / max(count, 1)
         correct_all, length_all, total = correct_all + correct, length_all + length, total + count
     out["accuracy"] = correct_all / max(total, 1)
     out["length"] = length_all / max(total, 1)
     return out
+
+
+def plot_rewards(log_path: str | Path, png_path: str | Path) -> Path | None:
+    """Mean reward and accuracy of the rollouts per logged step, and held-out accuracy when evaluated."""
+    from lmforge.train.loop import read_log
+
+    records = read_log(log_path)
+    train = [r for r in records if "reward" in r]
+    val = [r for r in records if "val_accuracy" in r]
+    if not train:
+        return None
+    from lmforge.common import new_figure, save_figure
+
+    fig, ax = new_figure()
+    steps = [r["step"] for r in train]
+    ax.plot(steps, [r["accuracy"] for r in train], color="C0", lw=1.2, label="rollout accuracy (sampled)")
+    if any(r["reward"] != r["accuracy"] for r in train):
+        ax.plot(steps, [r["reward"] for r in train], color="C2", lw=1.0, alpha=0.7, label="rollout reward")
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_accuracy"] for r in val], "o-", color="C1",
+                label="held-out accuracy (greedy)")
+        ax.set_title(f"held-out accuracy {val[0]['val_accuracy']:.1%} -> {val[-1]['val_accuracy']:.1%}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("share correct")
+    return save_figure(fig, png_path)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -483,6 +552,8 @@ def train_rl(opts: RLOptions, train_cfg: TrainConfig, log=print) -> dict:
     start = None if opts.resume else trainer.evaluate()
     result = trainer.fit()
     result["checkpoint"] = str(trainer.ckpt_root)
+    if trainer.is_main:
+        plot_rewards(Path(train_cfg.out_dir) / "log.jsonl", Path(train_cfg.out_dir) / "rewards.png")
     if start:
         result.update({f"start_val_{k}": v for k, v in start.items()})
     if opts.algorithm == "ppo" and trainer.is_main:

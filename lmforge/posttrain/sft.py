@@ -242,31 +242,37 @@ def sft(opts: SFTOptions, train_cfg: TrainConfig, log=print) -> dict:
 
 
 def evaluate_tasks(model, tok, tasks: list[str], n: int, *, seed: int = 0, tools: bool = True,
-                   max_new_tokens: int = 96, examples: int = 0) -> dict:
-    """Greedy replies to n held-out problems per synthetic task (the tool loop runs the tools the model
-    calls). Reports exact-match accuracy per task and the fraction of replies that ended their turn
-    with <|assistant_end|> ("well-formed") instead of running out of tokens."""
+                   max_new_tokens: int = 96, examples: int = 0, batch_size: int = 64) -> dict:
+    """Greedy replies to n held-out problems per synthetic task, batch_size at a time (the tool loop
+    runs the tools the model calls). Reports exact-match accuracy per task and the fraction of
+    replies that ended their turn with <|assistant_end|> ("well-formed") instead of running out of
+    tokens."""
+    from lmforge.chat import render_messages
     from lmforge.engine import Engine
     from lmforge.posttrain.synthetic import get_task
-    from lmforge.posttrain.tools import generate_with_tools
+    from lmforge.posttrain.tools import generate_with_tools_batch
 
     engine = Engine(model, tok)
     out, correct_all, formed_all, total = {"tasks": {}}, 0, 0, 0
     for name in tasks:
         task = get_task(name, split="test")
         rng = random.Random(f"eval-{name}-{seed}")
+        problems = [task.sample(rng) for _ in range(n)]
         correct = formed = calls = 0
         shown = []
-        for k in range(n):
-            prompt, answer = task.sample(rng)
-            r = generate_with_tools(engine, [{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens,
-                                    temperature=0.0, tools=None if tools else {})
-            ok = r.finish_reason == "stop" and task.check(r.text, answer)
-            correct += ok
-            formed += r.finish_reason == "stop"
-            calls += r.tool_calls
-            if k < examples:
-                shown.append({"prompt": prompt, "expected": answer, "reply": tok.decode(r.tokens), "correct": bool(ok)})
+        for k in range(0, n, batch_size):
+            chunk = problems[k:k + batch_size]
+            prompts = [render_messages(tok, [{"role": "user", "content": q}]) for q, _ in chunk]
+            replies = generate_with_tools_batch(engine, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                                                tools=None if tools else {})
+            for (prompt, answer), r in zip(chunk, replies):
+                ok = r.finish_reason == "stop" and task.check(r.text, answer)
+                correct += ok
+                formed += r.finish_reason == "stop"
+                calls += r.tool_calls
+                if len(shown) < examples:
+                    shown.append({"prompt": prompt, "expected": answer, "reply": tok.decode(r.tokens),
+                                  "correct": bool(ok)})
         out["tasks"][name] = {"accuracy": correct / n, "well_formed": formed / n, "tool_calls_per_reply": calls / n,
                               **({"examples": shown} if shown else {})}
         correct_all, formed_all, total = correct_all + correct, formed_all + formed, total + n

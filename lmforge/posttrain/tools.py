@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -46,7 +47,9 @@ def calculator(expression: str) -> str:
     if len(expression) > 500:
         raise LmforgeError("calculator: expression longer than 500 characters")
     try:
-        tree = ast.parse(expression.strip(), mode="eval")
+        with warnings.catch_warnings():  # Python warns about odd literals ("8a") on stderr: not the user's business
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(expression.strip(), mode="eval")
     except SyntaxError:
         raise LmforgeError(f"calculator: cannot parse {expression!r}") from None
     value = _eval(tree.body)
@@ -216,56 +219,114 @@ class ToolChatResult:
     tool_calls: int = 0
     failed_calls: int = 0  # malformed calls or calls whose tool returned an error
     tokens: list[int] = field(default_factory=list)  # everything generated after the prompt, tool results included
+    # 1 for each of `tokens` the model chose, 0 for those the loop inserted (tool results and the
+    # markup around them): RL credits the model's own tokens only.
+    action_mask: list[int] = field(default_factory=list)
+
+
+class _ToolRow:
+    """One conversation in the batched tool loop."""
+
+    def __init__(self, prompt: list[int], budget: int):
+        self.ids, self.prompt_len, self.budget = list(prompt), len(prompt), budget
+        self.mask: list[int] = []
+        self.messages: list[dict] = []
+        self.calls = self.failed = 0
+
+    def add(self, tokens: list[int], chosen: bool):
+        self.ids += tokens
+        self.mask += [int(chosen)] * len(tokens)
+
+    def result(self, text: str, reason: str) -> ToolChatResult:
+        return ToolChatResult(self.messages, text, reason, self.calls, self.failed, self.ids[self.prompt_len:],
+                              self.mask)
 
 
 def generate_with_tools(engine, messages: list[dict], *, max_new_tokens: int = 128, max_calls: int = 4,
                         tools: dict[str, Tool] | None = None, **sampling) -> ToolChatResult:
     """Reply to a conversation, running the tools the model calls along the way. `sampling` goes to
     `Engine.generate` (temperature, top_p, seed, ...). max_new_tokens bounds the model's own tokens."""
+    if engine.tokenizer is None:
+        raise LmforgeError("generate_with_tools needs an Engine with a tokenizer")
+    ids = render_messages(engine.tokenizer, messages, add_generation_prompt=True)
+    return generate_with_tools_batch(engine, [ids], max_new_tokens=max_new_tokens, max_calls=max_calls,
+                                     tools=tools, **sampling)[0]
+
+
+def generate_with_tools_batch(engine, prompts: list[list[int]], *, max_new_tokens: int = 128, max_calls: int = 4,
+                              tools: dict[str, Tool] | None = None, seed: int | None = None,
+                              **sampling) -> list[ToolChatResult]:
+    """The tool loop over a batch of rendered prompts (each ending with <|assistant_start|>).
+
+    Every round generates for all unfinished rows at once and stops each row at <|tool_call_end|>,
+    <|assistant_end|> or end of text; a row that made a call gets the tool's result appended (the
+    assistant turn closed, a tool block, a new assistant turn) and continues in the next round.
+    max_new_tokens bounds each row's own tokens over all rounds; round r samples with seed + r."""
     tok = engine.tokenizer
     if tok is None:
         raise LmforgeError("generate_with_tools needs an Engine with a tokenizer")
     sid = tok.special_id
     call_start, call_end = sid("<|tool_call_start|>"), sid("<|tool_call_end|>")
     end, a_start = sid("<|assistant_end|>"), sid("<|assistant_start|>")
+    result_start, result_end = sid("<|tool_result_start|>"), sid("<|tool_result_end|>")
     stop_ids = [end, tok.bos_id, call_end]
-    ids = render_messages(tok, messages, add_generation_prompt=True)
-    prompt_len, budget = len(ids), max_new_tokens
     window = engine.model.config.block_size
-    out, n_calls, n_failed = [], 0, 0
-    while True:
-        if budget <= 0 or len(ids) >= window:
-            return ToolChatResult(out, "", "length", n_calls, n_failed, ids[prompt_len:])
-        [c] = engine.generate([ids], budget, stop_ids=stop_ids, **sampling)
-        budget -= len(c.tokens) + (c.finish_reason == "stop")
-        ids = ids + c.tokens
-        if c.stop != call_end:
-            text = tok.decode(c.tokens)
-            out.append({"role": "assistant", "content": text})
-            # "stop": the turn ended properly; "eos": it stopped at <|bos|> (end of text, not of turn)
-            reason = "stop" if c.stop == end else "length" if c.finish_reason == "length" else "eos"
-            return ToolChatResult(out, text, reason, n_calls, n_failed, ids[prompt_len:] + ([end] if c.stop == end else []))
-        # A completed call: content before <|tool_call_start|>, the call's JSON after it.
-        if call_start in c.tokens:
-            k = c.tokens.index(call_start)
-            content, call_text = tok.decode(c.tokens[:k]), tok.decode(c.tokens[k + 1:])
-        else:
-            content, call_text = "", tok.decode(c.tokens)
-        n_calls += 1
-        try:
-            call = parse_tool_call(call_text)
-            result = run_tool(call, tools)
-            out.append({"role": "assistant", "content": content, "tool_calls": [call]})
-        except LmforgeError as e:
-            result = f"error: {e}"
-            out.append({"role": "assistant", "content": content + call_text})
-        n_failed += result.startswith("error:")
-        out.append({"role": "tool", "content": result})
-        if n_calls > max_calls:
-            return ToolChatResult(out, "", "max_calls", n_calls, n_failed, ids[prompt_len:])
-        ids = ids + [call_end, end, sid("<|tool_result_start|>")] + tok.encode(result) + \
-            [sid("<|tool_result_end|>"), a_start]
+    rows = [_ToolRow(p, max_new_tokens) for p in prompts]
+    results: list[ToolChatResult | None] = [None] * len(rows)
+    active, rnd = list(range(len(rows))), 0
+    while active:
+        for i in [i for i in active if rows[i].budget <= 0 or len(rows[i].ids) >= window]:
+            results[i] = rows[i].result("", "length")
+            active.remove(i)
+        if not active:
+            break
+        # One budget for the round (the largest left); a row that overshoots its own is cut below.
+        outs = engine.generate([rows[i].ids for i in active], max(rows[i].budget for i in active),
+                               stop_ids=stop_ids, seed=None if seed is None else seed + rnd, **sampling)
+        rnd += 1
+        still = []
+        for i, c in zip(active, outs):
+            r = rows[i]
+            tokens, stop = c.tokens, c.stop
+            if len(tokens) >= r.budget and (len(tokens) > r.budget or stop is not None):
+                tokens, stop = tokens[:r.budget], None  # its own budget ran out first
+            r.budget -= len(tokens) + (stop is not None)
+            r.add(tokens, True)
+            if stop != call_end:
+                text = tok.decode(tokens)
+                r.messages.append({"role": "assistant", "content": text})
+                if stop == end:
+                    r.add([end], True)
+                # "stop": the turn ended properly; "eos": it stopped at <|bos|> (end of text, not of turn)
+                results[i] = r.result(text, "stop" if stop == end else "length" if stop is None else "eos")
+                continue
+            # A completed call: content before <|tool_call_start|>, the call's JSON after it.
+            k = tokens.index(call_start) if call_start in tokens else -1
+            content, call_text = tok.decode(tokens[:max(k, 0)]), tok.decode(tokens[k + 1:])
+            r.calls += 1
+            try:
+                call = parse_tool_call(call_text)
+                result = run_tool(call, tools)
+                r.messages.append({"role": "assistant", "content": content, "tool_calls": [call]})
+            except LmforgeError as e:
+                result = f"error: {e}"
+                r.messages.append({"role": "assistant", "content": content + call_text})
+            r.failed += result.startswith("error:")
+            r.messages.append({"role": "tool", "content": result})
+            if r.calls > max_calls:
+                results[i] = r.result("", "max_calls")
+                continue
+            r.add([call_end], True)
+            inserted = [end, result_start] + tok.encode(result) + [result_end, a_start]
+            if len(r.ids) + len(inserted) >= window:  # no room left to read the result and answer
+                results[i] = r.result("", "length")
+                continue
+            r.add(inserted, False)
+            still.append(i)
+        active = still
+    return results
 
 
 __all__ = ["calculator", "run_python", "PythonLimits", "Tool", "TOOLS", "run_tool", "generate_with_tools",
+           "generate_with_tools_batch",
            "ToolChatResult", "format_tool_call"]

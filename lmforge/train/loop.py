@@ -424,12 +424,9 @@ def plot_loss_curve(log_path: str | Path, png_path: str | Path) -> Path | None:
     val = [r for r in records if "val_loss" in r]
     if not train:
         return None
-    import matplotlib
+    from lmforge.common import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = new_figure()
     xs, ys = [r["tokens"] for r in train], [r["loss"] for r in train]
     ax.plot(xs, ys, lw=0.8, alpha=0.35, color="C0")
     smooth, ema = [], 0.0
@@ -443,13 +440,7 @@ def plot_loss_curve(log_path: str | Path, png_path: str | Path) -> Path | None:
     ax.set_ylabel("cross-entropy (nats/token)")
     if val and "val_bpb" in val[-1]:
         ax.set_title(f"final val: {val[-1]['val_loss']:.3f} nats/token, {val[-1]['val_bpb']:.3f} bits/byte")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    png_path = Path(png_path)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    return png_path
+    return save_figure(fig, png_path)
 
 
 def cleanup_distributed():
