@@ -1,6 +1,8 @@
 """Demonstration: reward model, DPO, GRPO and PPO on the CPU, from a small SFT checkpoint.
 
-The starting point is a chat model fine-tuned (no tools) to answer arithmetic directly, e.g.
+The starting point is a chat SFT model. With --tools (the GRPO result in docs/benchmarks.md) it is the
+tool-using model of `bench/sft_demo.py full` (it calls the calculator) and rollouts run the tool
+loop; without, a model fine-tuned to answer arithmetic directly, e.g.
 
     lmforge sft --checkpoint PRETRAINED --data synthetic:arithmetic:8000 --no-tools --out SFT \
         --time-budget 540 --batch-size 16 --eval-every 0 --ckpt-every 0 --seed 0
@@ -8,6 +10,8 @@ The starting point is a chat model fine-tuned (no tools) to answer arithmetic di
 Each stage is one command (each under 10 minutes here) and writes OUT/<stage>.json:
 
     python bench/rl_demo.py grpo --checkpoint SFT      # GRPO, --budget seconds of training
+    python bench/rl_demo.py grpo --checkpoint SFT --tools --task arithmetic:2:+- --temperature 0.7 \
+        --lr 1e-4 --max-new-tokens 96 --budget 300     # GRPO with tool use
     python bench/rl_demo.py ppo  --checkpoint SFT      # PPO on the same budget
     python bench/rl_demo.py rm   --checkpoint SFT      # reward model on synthetic preference pairs
     python bench/rl_demo.py dpo  --checkpoint SFT      # DPO on the same pairs

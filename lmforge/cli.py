@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from lmforge.common import LmforgeError
+from lmforge.common import LmforgeError, default_device
 
 # ----------------------------------------------------------------------------- argument types
 
@@ -514,7 +514,8 @@ def cmd_speedrun(args):
             result["checkpoint"] = str(result["checkpoint"])
             result["params"] = result["model"].num_params()
         rec = save_stage(out, "pretrain", key, {k: result.get(k) for k in (
-            "checkpoint", "step", "tokens", "train_time", "val_loss", "val_bpb", "params")} | {"device": args.device})
+            "checkpoint", "step", "tokens", "train_time", "val_loss", "val_bpb", "params")} | {
+            "device": default_device() if args.device == "auto" else args.device})
         print(f"      val loss {rec['val_loss']:.4f} nats/token, {rec['val_bpb']:.4f} bits/byte after "
               f"{rec['tokens']:,} tokens; loss curve {run_dir / 'loss.png'}")
     stages["pretrain"] = prev = rec

@@ -56,7 +56,10 @@ class SpeedrunPreset:
     sft_time_budget: float | None = None
     sft_batch_size: int = 16
     sft_lr: float = 2e-3  # AdamW
-    rl_task: str = "arithmetic:2:+-"  # GRPO prompts (a synthetic task with a checker), with tool use
+    # GRPO prompts (a synthetic task with a checker), with tool use: + and - on operands of up to 5
+    # digits, longer than the SFT problems (3), so the SFT model is right only some of the time and
+    # the groups of replies differ: what GRPO learns from.
+    rl_task: str = "arithmetic:5:+-"
     rl_steps: int = 200
     rl_time_budget: float | None = None
     rl_prompts: int = 8  # prompts per step, each with rl_group sampled replies
@@ -80,7 +83,7 @@ SPEEDRUN_PRESETS = {
     "cpu": SpeedrunPreset(
         name="cpu", data="stdlib", max_chars=None, vocab_size=4096, tokenizer_chars=20_000_000, model="cpu",
         nproc=1, device="cpu", batch_size=8, seq_len=256, total_batch_tokens=8 * 256, max_steps=100_000,
-        time_budget=420.0, sft_time_budget=180.0, rl_time_budget=150.0, eval_limit=200),
+        time_budget=420.0, sft_time_budget=180.0, rl_time_budget=240.0, eval_limit=200),
     # One 80 GB GPU: a 12-layer, 768-wide model (~135M parameters) for ~20 tokens per parameter
     # (Chinchilla) of FineWeb-Edu, 0.5M tokens per step through 8 accumulated micro-batches.
     "gpu-1": SpeedrunPreset(
