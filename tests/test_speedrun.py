@@ -154,3 +154,11 @@ def test_full_speedrun_runs_every_stage_reports_each_metric_and_reuses_them(tmp_
     assert main(argv[:-6] + ["--rl-steps", "2", "--task-eval-n", "3", "--eval-limit", "4"]) == 0
     third = capsys.readouterr().out
     assert "[4/7] sft: reusing" in third and "[5/7] rl: GRPO" in third and "[6/7] eval: benchmarks" in third
+    # More SFT steps: SFT resumes from its own checkpoint, and RL, whose input changed, starts over
+    # (its old folder kept aside).
+    assert main(argv[:-6] + ["--sft-steps", "3", "--rl-steps", "2", "--task-eval-n", "3", "--eval-limit", "4"]) == 0
+    fourth = capsys.readouterr().out
+    assert "[4/7] sft: chat" in fourth and "(resuming)" in fourth.split("[5/7]")[0]
+    assert "moved to" in fourth and (run / "rl.old" / "stage.json").is_file()
+    assert "(resuming)" not in fourth.split("[5/7]")[1]
+    assert json.loads((run / "sft" / "stage.json").read_text())["steps"] == 3
