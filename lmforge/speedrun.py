@@ -168,7 +168,7 @@ def start_stage(out: Path, stage: str, origin: dict, log=print) -> bool:
     """Get OUT/<stage> ready for a training stage whose starting point (input model, data, settings
     other than its budget) is `origin`. Returns True when a run from the same origin is there to
     resume (interrupted, or finished with a smaller budget). A run from another origin is moved
-    aside to OUT/<stage>.old, never resumed and never deleted outright."""
+    aside to OUT/<stage>.old (replacing an older .old), never resumed."""
     import shutil
 
     from lmforge.train.checkpoint import list_checkpoints
