@@ -99,11 +99,14 @@ def main():
         loglikelihoods(lm, requests[:8], batch_size=8)
         direct_transformers(hf_dir, requests[:4], lm.max_length)
         runs = {
-            "direct transformers loop": lambda: direct_transformers(hf_dir, requests, lm.max_length),
+            "direct transformers loop":
+                lambda requests=requests: direct_transformers(hf_dir, requests, lm.max_length),
             "lmforge.eval, HF adapter (batched rows)":
-                lambda: [r.logprob for r in loglikelihoods(hf, requests, batch_size=args.batch_size)],
+                lambda requests=requests: [
+                    r.logprob for r in loglikelihoods(hf, requests, batch_size=args.batch_size)],
             "lmforge.eval, lmforge checkpoint":
-                lambda: [r.logprob for r in loglikelihoods(lm, requests, batch_size=args.batch_size)],
+                lambda requests=requests: [
+                    r.logprob for r in loglikelihoods(lm, requests, batch_size=args.batch_size)],
         }
         timings, lls = {}, {}
         for name, fn in runs.items():

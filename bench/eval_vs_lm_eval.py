@@ -67,7 +67,8 @@ def write_lm_eval_tasks(folder: Path, limit: int) -> None:
         items = load_mc_task(name, source="local")[:limit]
         with open(folder / f"{name}.jsonl", "w") as f:
             for it in items:
-                assert len(set(it.contexts)) == 1 and all(c == " " + t for c, t in zip(it.continuations, it.choice_texts))
+                assert len(set(it.contexts)) == 1 and all(
+                    c == " " + t for c, t in zip(it.continuations, it.choice_texts))
                 f.write(json.dumps({"query": it.contexts[0], "choices": it.choice_texts, "gold": it.gold}) + "\n")
         (folder / f"local_{name}.yaml").write_text(f"""task: local_{name}
 dataset_path: json
@@ -139,7 +140,8 @@ def main():
     print(f"largest accuracy difference: {max(diffs):.2f} points over {args.limit} items per task "
           f"(lm-eval {lm_eval_seconds:.0f} s, lmforge {sum(o['seconds'] for o in ours.values()):.0f} s)")
     out = {"limit": args.limit, "model": str(run), "hf_dir": str(hf_dir), "lmforge": ours, "lm_eval": theirs,
-           "max_diff_points": max(diffs), "max_abs_loglikelihood_diff": ll_diff, "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
+           "max_diff_points": max(diffs), "max_abs_loglikelihood_diff": ll_diff,
+           "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
            "lm_eval_seconds": lm_eval_seconds}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -62,7 +62,8 @@ def run_rl(args, algorithm: str) -> dict:
             "wall_seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb()),
             "start_accuracy": r["start_val_accuracy"], "accuracy": r["val_accuracy"],
             "start_length": r["start_val_length"], "length": r["val_length"],
-            "settings": {"task": args.task, "tools": args.tools, "prompts_per_step": args.prompts, "group_size": args.group_size,
+            "settings": {"task": args.task, "tools": args.tools, "prompts_per_step": args.prompts,
+                         "group_size": args.group_size,
                          "lr": args.lr, "kl_beta": args.kl_beta, "temperature": args.temperature,
                          "updates_per_rollout": args.updates_per_rollout, "budget_s": args.budget,
                          "eval_n": args.eval_n}}
@@ -110,10 +111,12 @@ def report(out: Path) -> str:
     rl = [rows[s] for s in ("grpo", "ppo") if s in rows]
     if rl:
         n = rl[0]["settings"]["eval_n"]
-        lines += [f"| method | steps | training time | peak RSS | held-out accuracy (n={n}) before → after | reply length |",
+        lines += [f"| method | steps | training time | peak RSS | held-out accuracy (n={n}) before → after "
+                  "| reply length |",
                   "|---|---|---|---|---|---|"]
         for r in rl:
-            lines.append(f"| {r['stage'].upper()} | {r['steps']} | {r['train_seconds']:.0f} s (wall {r['wall_seconds']:.0f} s) "
+            lines.append(f"| {r['stage'].upper()} | {r['steps']} | {r['train_seconds']:.0f} s "
+                         f"(wall {r['wall_seconds']:.0f} s) "
                          f"| {r['peak_rss_mb']} MB | {r['start_accuracy']:.1%} → **{r['accuracy']:.1%}** "
                          f"| {r['start_length']:.1f} → {r['length']:.1f} |")
         lines.append("")
@@ -123,7 +126,8 @@ def report(out: Path) -> str:
                      f"{r['margin']:.2f}, after {r['steps']} steps / {r['train_seconds']:.0f} s.")
     if "dpo" in rows:
         r = rows["dpo"]
-        lines.append(f"DPO (β={r['settings']['beta']}): held-out implicit-reward accuracy {r['start_val_accuracy']:.1%} → "
+        lines.append(f"DPO (β={r['settings']['beta']}): held-out implicit-reward accuracy "
+                     f"{r['start_val_accuracy']:.1%} → "
                      f"**{r['val_accuracy']:.1%}**, margin {r['start_val_margin']:.3f} → **{r['val_margin']:.3f}**, "
                      f"policy log-prob preference {r['start_val_logp_accuracy']:.1%} → {r['val_logp_accuracy']:.1%}; "
                      f"greedy exact match {r['greedy_accuracy_before']:.1%} → {r['greedy_accuracy_after']:.1%} "
@@ -163,7 +167,8 @@ def main():
     import torch
 
     torch.manual_seed(args.seed)
-    result = run_rl(args, args.stage) if args.stage in ("grpo", "ppo") else run_rm(args) if args.stage == "rm" else run_dpo(args)
+    result = (run_rl(args, args.stage) if args.stage in ("grpo", "ppo")
+              else run_rm(args) if args.stage == "rm" else run_dpo(args))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.stage}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -136,7 +136,8 @@ async def disconnecting_client(http: httpx.AsyncClient, i: int) -> str | None:
 MALFORMED = [
     (b'{"model": "bench", "messages": [', 400),
     (json.dumps({"model": "bench", "messages": []}).encode(), 400),
-    (json.dumps({"model": "bench", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).encode(), 400),
+    (json.dumps({"model": "bench", "messages": [{"role": "user", "content": "x"}],
+                 "temperature": "hot"}).encode(), 400),
     (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).encode(), 404),
     (json.dumps({"model": "bench", "messages": [{"role": "user", "content": "x" * 2_000_000}]}).encode(), 413),
     (json.dumps({"model": "bench", "messages": [{"role": "user", "content": "x" * 5000}]}).encode(), 400),

@@ -78,7 +78,8 @@ def train(args, lora: bool) -> dict:
 
 
 def report(out: Path) -> str:
-    rows = {k: json.loads((out / f"{k}.json").read_text()) for k in ("base", "full", "lora") if (out / f"{k}.json").is_file()}
+    rows = {k: json.loads((out / f"{k}.json").read_text())
+            for k in ("base", "full", "lora") if (out / f"{k}.json").is_file()}
     lines = ["| model | " + " | ".join(f"{t} acc" for t in TASKS) + " | all acc | well-formed | refusal / over-refusal "
              "| trainable params | peak RSS | train time |",
              "|---|" + "---|" * (len(TASKS) + 6)]
@@ -126,7 +127,8 @@ def main():
     (out / f"{args.stage}.json").write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps({k: v for k, v in res.items() if k != "eval"} | {
         "accuracy": res["eval"]["accuracy"], "well_formed": res["eval"]["well_formed"],
-        "tasks": {t: v["accuracy"] for t, v in res["eval"]["tasks"].items()}, "safety": res["eval"]["safety"]}, indent=2))
+        "tasks": {t: v["accuracy"] for t, v in res["eval"]["tasks"].items()},
+        "safety": res["eval"]["safety"]}, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 A conversation is a list of messages `{"role": "system" | "user" | "assistant" | "tool", "content": str}`
 (the OpenAI shape). Each message is its content wrapped in its role's special tokens, after one
-`<|bos|>`:
+`<|bos|>` (each example below is one token sequence with nothing between the turns, shown wrapped
+over two lines):
 
-    <|bos|><|system_start|>You are terse.<|system_end|><|user_start|>Hi<|user_end|><|assistant_start|>Hello.<|assistant_end|>
+    <|bos|><|system_start|>You are terse.<|system_end|><|user_start|>Hi<|user_end|>
+    <|assistant_start|>Hello.<|assistant_end|>
 
 Tool calls. An assistant message may carry `tool_calls` (OpenAI's `[{"id", "type": "function",
 "function": {"name", "arguments": "<JSON string>"}}]`, or the simple `[{"name", "arguments": {...}}]`).
@@ -13,7 +15,8 @@ Each call is written after the message's content, inside the assistant turn, as 
 ends. A tool's output (role "tool") is its own `<|tool_result_start|>...<|tool_result_end|>` block, and
 the answer that uses it is a new assistant turn:
 
-    <|assistant_start|><|tool_call_start|>{"name": "calculator", "arguments": {"expression": "12*7"}}<|tool_call_end|><|assistant_end|><|tool_result_start|>84<|tool_result_end|><|assistant_start|>12*7 = 84.<|assistant_end|>
+    <|assistant_start|><|tool_call_start|>{"name": "calculator", "arguments": {"expression": "12*7"}}<|tool_call_end|>
+    <|assistant_end|><|tool_result_start|>84<|tool_result_end|><|assistant_start|>12*7 = 84.<|assistant_end|>
 
 To ask the model for a reply, the rendering ends with `<|assistant_start|>`; generation stops at
 `<|assistant_end|>` (or at `<|tool_call_end|>` in a tool-using loop, see lmforge/posttrain/tools.py).

@@ -47,6 +47,8 @@ fraction = checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 temperature_value = checked(float, lambda v: 0 <= v < float("inf"), "a temperature >= 0 (0 = greedy)")
 top_p_value = checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 positive_float = checked(float, lambda v: 0 < v < float("inf"), "a positive number")
+# torch.Generator.manual_seed takes any integer from -2**63 to 2**64 - 1.
+seed_value = checked(int, lambda v: -2**63 <= v < 2**64, "an integer seed that fits in 64 bits")
 
 
 def parse_model_sets(pairs: list[str]) -> dict:
@@ -124,10 +126,11 @@ def add_train_args(p: argparse.ArgumentParser, *, max_steps: int = 1000):
     g.add_argument("--eval-tokens", type=positive_int, default=65536)
     g.add_argument("--ckpt-every", type=nonneg_int, default=500)
     g.add_argument("--log-every", type=positive_int, default=10)
-    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--seed", type=seed_value, default=1337)
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="torch.compile the model; auto = on for CUDA, off on CPU (see docs/benchmarks.md)")
+                   help="torch.compile the training step; auto = on, on CPU too (falls back to eager with a warning "
+                        "if compiling fails; see docs/benchmarks.md)")
     g.add_argument("--device", default="auto")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -152,7 +155,7 @@ def add_sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--top-p", type=top_p_value, default=0.95)
     p.add_argument("--min-p", type=top_p_value, default=None, help="drop tokens below min_p x the top probability")
     p.add_argument("--repetition-penalty", type=positive_float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=seed_value, default=None)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -271,11 +274,12 @@ def _print_sample(model, tok, prompt: str, args, n: int = 1):
     engine = Engine(model, tok)
     ids = [tok.bos_id] + tok.encode(prompt)
     for i in range(n):
-        seed = None if args.seed is None else args.seed + i
+        seed = None if args.seed is None else (args.seed + i) % 2**64
         if n > 1:
             print(f"--- sample {i + 1}")
         print(prompt, end="", flush=True)
-        for piece in engine.stream(ids, args.max_new_tokens, seed=seed, stop_ids=[tok.bos_id], **_sampling_kwargs(args)):
+        for piece in engine.stream(ids, args.max_new_tokens, seed=seed, stop_ids=[tok.bos_id],
+                                   **_sampling_kwargs(args)):
             print(piece, end="", flush=True)
         print()
 
@@ -319,21 +323,25 @@ def fit_history(tok, messages: list[dict], budget: int) -> list[dict]:
 
 
 def cmd_chat(args):
-    """A multi-turn chat in the terminal, streamed through the chat template."""
+    """A multi-turn chat in the terminal, streamed through the chat template. With tools (the default
+    for a model fine-tuned to call them), each reply runs through the tool loop and shows the calls
+    the model makes and their results."""
     from lmforge.chat import render_messages
     from lmforge.engine import Engine
-    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
+    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model, trained_with_tools
 
     model, _ = load_model(args.checkpoint, device=args.device)
     tok = load_checkpoint_tokenizer(args.checkpoint)
+    use_tools = trained_with_tools(args.checkpoint) if args.tools is None else args.tools
     engine = Engine(model, tok)
     window = model.config.block_size
     reply_room = min(args.max_new_tokens, window // 2)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
-    temperature = args.temperature
+    sampling = _sampling_kwargs(args)
     interactive = sys.stdin.isatty()
-    print(f"lmforge chat ({window}-token context). {CHAT_HELP}", file=sys.stderr)
+    print(f"lmforge chat ({window}-token context{', tools run' if use_tools else ''}). {CHAT_HELP}",
+          file=sys.stderr)
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -351,8 +359,8 @@ def cmd_chat(args):
                 print("(new conversation)", file=sys.stderr)
             elif cmd == "/temperature":
                 try:
-                    temperature = temperature_value(arg.strip())
-                    print(f"(temperature {temperature})", file=sys.stderr)
+                    sampling["temperature"] = temperature_value(arg.strip())
+                    print(f"(temperature {sampling['temperature']})", file=sys.stderr)
                 except argparse.ArgumentTypeError as e:
                     print(f"(error: {e})", file=sys.stderr)
             else:
@@ -366,13 +374,36 @@ def cmd_chat(args):
             history.pop()
             continue
         print("assistant> " if interactive else "", end="", flush=True)
+        if use_tools:
+            history += _chat_reply_with_tools(engine, history, reply_room, args.seed, sampling)
+            continue
         pieces = []
-        for piece in engine.stream(ids, reply_room, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
-                                   seed=args.seed):
+        for piece in engine.stream(ids, reply_room, seed=args.seed, **sampling):
             pieces.append(piece)
             print(piece, end="", flush=True)
         print()
         history.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def _chat_reply_with_tools(engine, history: list[dict], max_new_tokens: int, seed, sampling: dict) -> list[dict]:
+    """One reply through the tool loop, printed as it went: content, each call and its result, the
+    answer. Returns the reply's messages (assistant turns with their calls, tool results)."""
+    from lmforge.posttrain.tools import generate_with_tools
+
+    result = generate_with_tools(engine, history, max_new_tokens=max_new_tokens, seed=seed, **sampling)
+    for m in result.messages:
+        if m["role"] == "tool":
+            print(f"[tool result] {m['content']}", flush=True)
+            continue
+        if m.get("content"):
+            print(m["content"], flush=True)
+        for call in m.get("tool_calls") or []:
+            print(f"[tool call] {call['name']} {json.dumps(call['arguments'], ensure_ascii=False)}", flush=True)
+    if not result.messages or result.messages[-1]["role"] != "assistant" or not result.messages[-1]["content"]:
+        print(flush=True)  # every reply ends its line, even an empty one
+    if result.finish_reason == "max_calls":
+        print("(the reply stopped: too many tool calls in one turn)", file=sys.stderr)
+    return result.messages
 
 
 def cmd_sample(args):
@@ -419,12 +450,24 @@ def cmd_speedrun(args):
     from lmforge.data.prepare import load_manifest, prepare_shards
     from lmforge.data.sources import iter_documents
     from lmforge.model import get_config
-    from lmforge.speedrun import (check_preset, eval_stage, get_speedrun_preset, rl_stage, save_stage, sft_stage,
-                                  stage_record, start_stage, write_report)
+    from lmforge.speedrun import (
+        check_preset,
+        eval_stage,
+        get_speedrun_preset,
+        rl_stage,
+        save_stage,
+        sft_stage,
+        stage_record,
+        start_stage,
+        write_report,
+    )
     from lmforge.tokenizer import Tokenizer
     from lmforge.train.pretrain import PretrainOptions, pretrain
 
     t_start = time.perf_counter()
+    if args.val_fraction == 0:  # refused before any stage runs, not after pretraining
+        raise LmforgeError("--val-fraction 0 leaves no validation data, but the speedrun reports the "
+                           "pretrained model's validation bits per byte; give a fraction > 0 (default 0.05)")
     preset = get_speedrun_preset(args.speedrun_preset)
     overrides = {k: getattr(args, k) for k in ("sft_steps", "sft_time_budget", "rl_steps", "rl_time_budget",
                                                 "eval_limit", "task_eval_n") if getattr(args, k) is not None}
@@ -443,6 +486,14 @@ def cmd_speedrun(args):
     if preset.gpu_memory_gib is not None:
         check_preset(preset)  # fail before the tokenizer and data stages spend hours, not after
     last = SPEEDRUN_STAGES.index(args.stop_after)
+    if last >= SPEEDRUN_STAGES.index("sft"):
+        # SFT's evaluation and the RL rollouts run model-written Python: refuse now, not after pretraining.
+        from lmforge.posttrain.sandbox import sandbox_problem
+
+        problem = sandbox_problem()
+        if problem:
+            raise LmforgeError(f"{problem} (the sft and rl stages run the python tool; "
+                               "--stop-after pretrain needs no sandbox)")
     n_stages = last + 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -486,6 +537,9 @@ def cmd_speedrun(args):
                            "bytes_per_token": sum(v.get("bytes", 0) for v in sp.values()) /
                            max(1, sum(v["tokens"] for v in sp.values()))}
     stages["data"] = {"train_tokens": sp["train"]["tokens"], "val_tokens": sp.get("val", {}).get("tokens", 0)}
+    if not stages["data"]["val_tokens"]:
+        raise LmforgeError(f"the shards in {data_dir} have no validation tokens, but the speedrun reports the "
+                           "pretrained model's validation bits per byte; use a larger --val-fraction or more data")
     if last < 2:
         return
     # 3. pretrain
@@ -550,6 +604,11 @@ def cmd_speedrun(args):
         key = {"models": models, "finished": [stages["pretrain"]["finished"], prev["finished"]],
                "settings": _stage_settings(preset, "eval")}
         rec = stage_record(out, "eval", key)
+        if rec and rec.get("skipped"):  # benchmarks not run for lack of data: run again if it has come
+            from lmforge.eval.tasks import now_available
+
+            if now_available(rec["skipped"]):
+                rec = None
         if rec:
             head(6, f"eval: reusing {out / 'eval'}")
         else:
@@ -565,8 +624,9 @@ def cmd_speedrun(args):
         print(report.read_text().split("\n\n## ")[0].split("\n\n", 2)[-1])
     print(f"\ndone in {(time.perf_counter() - t_start) / 60:.1f} minutes; final checkpoint {final}")
     if last >= 3:
-        print(f"talk to it:  lmforge chat --checkpoint {final}\n"
-              f"serve it:    lmforge serve --checkpoint {final}   (OpenAI-compatible API and a chat page)")
+        print(f"talk to it:  lmforge chat --checkpoint {final}   (runs the tools it calls)\n"
+              f"serve it:    lmforge serve --checkpoint {final} --tools builtin   (OpenAI-compatible API "
+              "and a chat page; the server runs the calculator and the sandboxed python tool)")
     else:
         print(f"try: lmforge sample --checkpoint {final} --prompt 'def '")
 
@@ -580,8 +640,8 @@ def _stage_settings(preset, stage: str) -> dict:
 
 def _final_metrics(run_dir: Path) -> dict:
     """What a pretraining run under torchrun ended with: its newest checkpoint and last evaluation."""
-    from lmforge.model import GPT, GPTConfig
-    from lmforge.train.checkpoint import read_checkpoint_state, resolve_checkpoint
+    from lmforge.model import GPT
+    from lmforge.train.checkpoint import checkpoint_model_config, read_checkpoint_state, resolve_checkpoint
     from lmforge.train.loop import read_log
 
     ckpt = resolve_checkpoint(run_dir)
@@ -590,7 +650,7 @@ def _final_metrics(run_dir: Path) -> dict:
     import torch
 
     with torch.device("meta"):
-        params = GPT(GPTConfig.from_dict(state["model_config"])).num_params()
+        params = GPT(checkpoint_model_config(ckpt, state)).num_params()
     return {"checkpoint": str(ckpt), "step": state.get("step"), "tokens": state.get("tokens_seen"),
             "train_time": state.get("train_time"), "val_loss": evals[-1]["val_loss"] if evals else float("nan"),
             "val_bpb": evals[-1].get("val_bpb", float("nan")) if evals else float("nan"), "params": params}
@@ -656,21 +716,23 @@ def cmd_quantize(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmforge", description="A hackable LLM stack: every stage of building a language model.")
+    p = argparse.ArgumentParser(prog="lmforge",
+                                description="A hackable LLM stack: every stage of building a language model.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     # speedrun
     s = sub.add_parser("speedrun", help="run the whole pipeline on a corpus (default: the Python standard library)")
     s.add_argument("--preset", dest="speedrun_preset", default="cpu", choices=["cpu", "gpu-1", "gpu-8"],
                    help="corpus, model, batch and budget (lmforge/speedrun.py); the options below override it")
-    s.add_argument("--data", default=None, help="file, folder, glob or HF dataset name (cpu preset: Python stdlib source)")
+    s.add_argument("--data", default=None,
+                   help="file, folder, glob or HF dataset name (cpu preset: Python stdlib source)")
     s.add_argument("--out", default="runs/speedrun")
     s.add_argument("--vocab-size", type=positive_int, default=None)
     s.add_argument("--max-chars", type=positive_int, default=None, help="read at most this many characters")
     s.add_argument("--tokenizer-chars", type=positive_int, default=None)
     s.add_argument("--val-fraction", type=fraction, default=0.05)
     s.add_argument("--prompt", default="def ")
-    s.add_argument("--sample-seed", type=int, default=None)
+    s.add_argument("--sample-seed", type=seed_value, default=None)
     s.add_argument("--max-new-tokens", type=nonneg_int, default=200)
     s.add_argument("--temperature", type=temperature_value, default=0.8)
     s.add_argument("--top-k", type=positive_int, default=None)
@@ -761,6 +823,9 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--checkpoint", required=True)
     ch.add_argument("--system", default=None, help="system prompt")
     ch.add_argument("--device", default="cpu")
+    ch.add_argument("--tools", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the tools the model calls (calculator, python) and show each call and result; "
+                         "default: on for a model fine-tuned with tool calls")
     add_sampling_args(ch)
     ch.set_defaults(func=cmd_chat)
 

@@ -162,7 +162,7 @@ class CompiledDecodeStep:
                 return self.compiled(*args)
             except Exception as e:  # inductor raises many types; a real error recurs in the plain step
                 warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); decoding without it")
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); decoding without it", stacklevel=2)
                 self.failed = True
         return self.plain(*args)
 

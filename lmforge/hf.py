@@ -30,8 +30,13 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.common import LmforgeError, atomic_write_bytes, atomic_write_json, read_json
 from lmforge.model import GPT, GPTConfig
-from lmforge.train.checkpoint import (list_checkpoints, load_checkpoint_tokenizer, load_model,
-                                     resolve_checkpoint, save_checkpoint)
+from lmforge.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint_tokenizer,
+    load_model,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

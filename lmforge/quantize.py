@@ -170,7 +170,7 @@ class QuantLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, bits: int = 8, group_size: int | None = 32) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, bits: int = 8, group_size: int | None = 32) -> QuantLinear:
         q = cls(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None)
         w = linear.weight
         if bits == 8:

@@ -61,6 +61,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already enough
+        # The most likely token always stays: rounding can leave a tiny positive "mass before" it,
+        # which a top_p near 0 would count as enough and so drop every token (NaN probabilities).
+        drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     if min_p is not None and min_p > 0.0:

@@ -254,11 +254,12 @@ def _first_eval(log_path: Path) -> float | None:
 def eval_stage(p: SpeedrunPreset, checkpoints: dict[str, str], out_dir: Path, *, device: str, progress: bool,
                log=print) -> dict:
     """The benchmark table for each named checkpoint (e.g. base and final). A benchmark whose data
-    is not on this machine (and cannot be downloaded) is skipped with the reason."""
+    is neither in the data root nor on a reachable hub (tasks.DataUnavailable) is not run, and the
+    record keeps why and what gets its data; any other error is a bug and stops the run."""
+    from lmforge.common import default_device
     from lmforge.eval.harness import LmforgeModel
     from lmforge.eval.run import run_tasks
-    from lmforge.common import default_device
-    from lmforge.eval.tasks import load_mc_task
+    from lmforge.eval.tasks import DataUnavailable, load_mc_task
 
     device = default_device() if device == "auto" else device
     available, skipped = [], {}
@@ -266,17 +267,18 @@ def eval_stage(p: SpeedrunPreset, checkpoints: dict[str, str], out_dir: Path, *,
         try:
             load_mc_task(name)
             available.append(name)
-        except Exception as e:  # missing file, no network, hub error: the run goes on without it
-            skipped[name] = str(e).splitlines()[0][:200]
-            log(f"      {name}: skipped ({skipped[name]})")
+        except DataUnavailable as e:
+            skipped[name] = {"reason": e.reason, "how": e.how}
+            log(f"      not run: {e}")
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
-    for label, ckpt in checkpoints.items():
-        lm = LmforgeModel.load(ckpt, device=device)
-        res = run_tasks(lm, available, limit=p.eval_limit, progress=progress)
-        res["model"] = f"{label} ({ckpt})"
-        (out_dir / f"{label}.json").write_text(json.dumps(res, indent=2) + "\n")
-        results[label] = str(out_dir / f"{label}.json")
+    if available:
+        for label, ckpt in checkpoints.items():
+            lm = LmforgeModel.load(ckpt, device=device)
+            res = run_tasks(lm, available, limit=p.eval_limit, progress=progress)
+            res["model"] = f"{label} ({ckpt})"
+            (out_dir / f"{label}.json").write_text(json.dumps(res, indent=2) + "\n")
+            results[label] = str(out_dir / f"{label}.json")
     return {"results": results, "tasks": available, "skipped": skipped, "limit": p.eval_limit}
 
 
@@ -334,6 +336,9 @@ def write_report(out: Path, preset: SpeedrunPreset, stages: dict[str, dict], tot
     if agg:
         shown = ", ".join(f"{k} {v:.3f}" for k, v in agg.items() if v is not None)
         lines.append(f"| eval | centred benchmark score (0 = chance) | {shown} | – |")
+    elif ev:
+        lines.append(f"| eval | centred benchmark score (0 = chance) | not run: no benchmark data on this machine "
+                     f"({len(ev.get('skipped', {}))} benchmarks, listed below) | – |")
     lines.append("")
     if evals:
         labels = list(evals)
@@ -352,13 +357,20 @@ def write_report(out: Path, preset: SpeedrunPreset, stages: dict[str, dict], tot
             lines.append(f"| {n} | {m0.get('chance', float('nan')):.3f} | " + " | ".join(cells) + " |")
         lines.append("| **centred aggregate** | 0 | " + " | ".join(
             f"**{agg[lab]:.3f}**" if agg[lab] is not None else "–" for lab in labels) + " |")
-        if ev.get("skipped"):
-            lines.append("")
-            lines.append("Skipped (no data here): " + "; ".join(f"{k}: {v}" for k, v in ev["skipped"].items()))
         lines.append("")
         final = labels[-1]
         if plot_task_bars(centred[final], rep / "tasks.png"):
             lines += [f"![centred scores of the {final} model](tasks.png)", ""]
+    if ev.get("skipped"):  # also when no benchmark ran at all
+        if not evals:
+            lines += ["## Benchmarks", ""]
+        lines += ["Not run (their data is not on this machine):", ""]
+        for name, why in ev["skipped"].items():
+            if isinstance(why, dict):
+                lines.append(f"- **{name}**: {why['reason']}. To run it: {why['how']}.")
+            else:  # a record written by an older lmforge: the reason only
+                lines.append(f"- **{name}**: {why}")
+        lines.append("")
     if sft:
         lines += ["## After SFT", "", "| task | accuracy | well-formed | tool calls per reply |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['accuracy']:.2f} | {v['well_formed']:.2f} | {v['tool_calls_per_reply']:.2f} |"

@@ -1,11 +1,10 @@
 """Tests for lmforge.train.budget: memory and compute estimates of a training step."""
 from __future__ import annotations
 
-
 import pytest
 
 from lmforge.model import GPT, get_config
-from lmforge.train.budget import saved_activation_bytes, activation_bytes_per_token, training_footprint
+from lmforge.train.budget import activation_bytes_per_token, saved_activation_bytes, training_footprint
 
 
 @pytest.mark.parametrize("preset", ["cpu", "gpt2-classic"])

@@ -3,8 +3,7 @@ import json
 
 import pytest
 
-from lmforge.chat import (CHAT_TEMPLATE_JINJA, format_tool_call, parse_tool_call, render_for_training,
-                          render_messages)
+from lmforge.chat import CHAT_TEMPLATE_JINJA, format_tool_call, parse_tool_call, render_for_training, render_messages
 from lmforge.common import LmforgeError
 from lmforge.tokenizer import Tokenizer
 
@@ -64,7 +63,8 @@ def test_tool_call_rendering_matches_the_agreed_format(tok):
         '<|tool_result_start|>84<|tool_result_end|><|assistant_start|>The answer is 84.<|assistant_end|>')
     # the call is learned, the tool's result is not
     assert masked_text(tok, ids, mask) == [
-        '<|tool_call_start|>{"name": "calculator", "arguments": {"expression": "12*7"}}<|tool_call_end|><|assistant_end|>',
+        '<|tool_call_start|>{"name": "calculator", "arguments": {"expression": "12*7"}}'
+        '<|tool_call_end|><|assistant_end|>',
         "The answer is 84.<|assistant_end|>"]
     assert "84<|tool_result_end|>" in "".join(masked_text(tok, ids, mask, 0))
 
@@ -81,7 +81,8 @@ def test_tool_call_shapes_render_identically(tok):
 
 def test_content_before_a_tool_call_is_kept(tok):
     msgs = [{"role": "user", "content": "x"},
-            {"role": "assistant", "content": "Let me compute.", "tool_calls": [{"name": "calculator", "arguments": {"expression": "1+1"}}]}]
+            {"role": "assistant", "content": "Let me compute.",
+             "tool_calls": [{"name": "calculator", "arguments": {"expression": "1+1"}}]}]
     text = tok.decode(render_messages(tok, msgs, add_generation_prompt=False))
     assert text.endswith('<|assistant_start|>Let me compute.<|tool_call_start|>{"name": "calculator", '
                          '"arguments": {"expression": "1+1"}}<|tool_call_end|><|assistant_end|>')

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_file
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import shared_data
 from lmforge.common import LmforgeError
 from lmforge.data import (
     BatchLoader,
@@ -31,13 +31,6 @@ from lmforge.data import (
 from lmforge.data import prepare as prepare_mod
 from lmforge.data import sources as sources_mod
 from lmforge.tokenizer import Tokenizer
-
-
-def tinyshakespeare() -> Path:
-    path = shared_data() / "tinyshakespeare" / "input.txt"
-    if not path.is_file():
-        pytest.fail(f"test corpus missing: {path} (set LMFORGE_SHARED_DATA)")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -311,8 +304,26 @@ def test_single_document_char_split(tmp_path, tok, tok_path):
     assert docs_in_stream(stream_of(tmp_path / "o", "val"), tok) == [text[cut:]]
 
 
+def test_three_documents_split_by_chars_at_the_last_tenth(tmp_path, tok, tok_path):
+    """The layout of tinyshakespeare (three documents between "two blank lines" separators) in a file
+    written here: too few documents to split whole ones at 10%, so the last tenth of the characters
+    is val, as nanoGPT's first 90% / last 10%."""
+    docs = ["\n".join(f"act {d} line {i}: ünïcode ✓" for i in range(n)) for d, n in enumerate([40, 300, 500])]
+    text = "\n\n\n".join(docs) + "\n"
+    src = tmp_path / "three.txt"
+    src.write_text(text)
+    m = prepare_shards(str(src), tok_path, tmp_path / "o", val_fraction=0.1, workers=2, show_progress=False)
+    assert m["split_rule"] == "chars"
+    (val_text,) = docs_in_stream(stream_of(tmp_path / "o", "val"), tok)
+    assert text.endswith(val_text) and docs[2].endswith(val_text.rstrip("\n"))
+    assert abs(len(val_text) - (len(text) - int(len(text) * 0.9))) <= 6  # minus the separators
+    train = docs_in_stream(stream_of(tmp_path / "o", "train"), tok)
+    assert train[:2] == docs[:2] and train[2] + val_text == docs[2] + "\n"
+
+
 def test_tinyshakespeare_val_is_last_tenth(tmp_path, tok, tok_path):
-    path = tinyshakespeare()
+    """nanoGPT's split of its classic corpus, on the real file (its exact layout matters here)."""
+    path = shared_file("tinyshakespeare/input.txt")
     text = path.read_text()
     out = tmp_path / "shakespeare"
     m = prepare_shards(str(path), tok_path, out, val_fraction=0.1, workers=2, show_progress=False)

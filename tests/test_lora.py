@@ -4,8 +4,15 @@ import torch
 
 from lmforge.common import LmforgeError
 from lmforge.model import GPT, get_config
-from lmforge.posttrain.lora import (LoRAConfig, apply_lora, load_adapter, lora_modules, merge_lora, save_adapter,
-                                    trainable_summary)
+from lmforge.posttrain.lora import (
+    LoRAConfig,
+    apply_lora,
+    load_adapter,
+    lora_modules,
+    merge_lora,
+    save_adapter,
+    trainable_summary,
+)
 from lmforge.train.optim import build_optimizers
 
 

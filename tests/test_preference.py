@@ -1,14 +1,25 @@
 """Preference data: HH transcripts, the record shapes, synthetic pairs, tokenising and packing."""
 import json
+import operator
+import re
 
 import pytest
 import torch
+from conftest import FIXTURES, shared_file
 
-from conftest import shared_data
+from lmforge.answers import extract_number
 from lmforge.chat import render_messages
 from lmforge.common import LmforgeError
-from lmforge.posttrain.preference import (encode_pairs, fit_window, load_preferences, pack, parse_hh_transcript,
-                                          record_to_pair, synthetic_pairs)
+from lmforge.posttrain.preference import (
+    PreferencePair,
+    encode_pairs,
+    fit_window,
+    load_preferences,
+    pack,
+    parse_hh_transcript,
+    record_to_pair,
+    synthetic_pairs,
+)
 from lmforge.posttrain.synthetic import get_task
 from lmforge.tokenizer import Tokenizer
 
@@ -46,7 +57,8 @@ def test_other_record_shapes():
                         "rejected": {"from": "gpt", "value": "bad"}})
     assert d.prompt == [{"role": "user", "content": "Q?"}] and d.rejected == "bad"
     for bad, msg in [({"prompt": "Q"}, "needs 'chosen'"), ({"prompt": "Q", "chosen": "", "rejected": "x"}, "non-empty"),
-                     ({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}, "user's turn"),
+                     ({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"},
+                      "user's turn"),
                      ({"prompt": "Q", "chosen": 3, "rejected": "b"}, "chosen must be")]:
         with pytest.raises(LmforgeError, match=msg):
             record_to_pair(bad)
@@ -64,13 +76,56 @@ def test_files_report_bad_lines_or_count_skips(tmp_path):
         load_preferences(str(tmp_path / "missing.jsonl"))
 
 
-def test_shared_preference_files_load():
-    hh, summary = load_preferences(str(shared_data() / "hh-rlhf" / "test.jsonl.gz"), skip_invalid=True)
+def test_hh_and_llama_factory_files_load():
+    """Fixtures in the exact layouts of Anthropic HH-RLHF (jsonl.gz of two transcripts) and
+    LLaMA-Factory's dpo_en_demo (ShareGPT-style json, replies as single turns)."""
+    hh, summary = load_preferences(str(FIXTURES / "preference" / "hh-rlhf.jsonl.gz"), skip_invalid=True)
+    # The third record's transcripts differ before the last turn: skipped, counted and named.
+    assert len(hh) == 3 and ", 1 skipped (first: " in summary and "hh-rlhf.jsonl.gz:3" in summary
+    assert hh[0] == PreferencePair([{"role": "user", "content": "How do I keep basil alive indoors?"}],
+                                   "Give it a sunny window and water it when the soil feels dry.", "Basil is a plant.")
+    assert [m["role"] for m in hh[1].prompt] == ["user", "assistant", "user"]
+    assert hh[1].prompt[-1]["content"] == "Yes, nothing changed."
+    assert (hh[1].chosen, hh[1].rejected) == ("You could ask your local council about noise rules.",
+                                              "Just make more noise than the dog.")
+    with pytest.raises(LmforgeError, match="hh-rlhf.jsonl.gz:3: .*differ before the last"):
+        load_preferences(str(FIXTURES / "preference" / "hh-rlhf.jsonl.gz"))
+
+    lf, summary = load_preferences(str(FIXTURES / "preference" / "dpo_en_demo.json"))
+    assert len(lf) == 3 and summary.endswith(": 3 pairs")
+    assert lf[0] == PreferencePair([{"role": "user", "content": "Suggest a name for a bakery."}],
+                                   "The Rising Loaf.", "Shop.")
+    assert lf[1].prompt == [{"role": "system", "content": "You answer in one sentence."},
+                            {"role": "user", "content": "Why is the sky blue?"}]
+    assert [m["role"] for m in lf[2].prompt] == ["user", "assistant", "user"]
+    assert lf[2].rejected == "Throw all three up at once and hope."
+
+
+def test_real_preference_files_load():
+    hh, summary = load_preferences(str(shared_file("hh-rlhf/test.jsonl.gz")), skip_invalid=True)
     # 2312 records; a handful have transcripts that diverge before the last turn and are counted.
     assert len(hh) + int(summary.split(", ")[1].split()[0]) == 2312 and len(hh) > 2290
     assert all(p.prompt[-1]["role"] == "user" for p in hh)
-    lf, _ = load_preferences(str(shared_data() / "sft" / "llama-factory-demo" / "dpo_en_demo.json"))
+    lf, _ = load_preferences(str(shared_file("sft/llama-factory-demo/dpo_en_demo.json")))
     assert len(lf) == 300
+
+
+OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+# The letter and the word in each phrasing of the letter-counting question.
+LETTER_QUESTIONS = [r"the letter '(\w)' appear in '(\w+)'\?$", r"How many (\w)'s are in (\w+)\?$",
+                    r"Count the letter (\w) in the word (\w+)\.$", r"How many '(\w)' are there in \"(\w+)\"\?$"]
+
+
+def answer_of(task: str, question: str) -> str:
+    """The right answer worked out from the question alone (not from either reply)."""
+    if task == "arithmetic":
+        a, op, b = re.search(r"(\d+) ([-+*]) (\d+)", question).groups()
+        return str(OPERATORS[op](int(a), int(b)))
+    for pattern in LETTER_QUESTIONS:
+        if m := re.search(pattern, question):
+            letter, word = m.groups()
+            return str(word.count(letter))
+    raise AssertionError(f"unrecognised question {question!r}")
 
 
 @pytest.mark.parametrize("name", ["arithmetic", "letters"])
@@ -78,10 +133,8 @@ def test_synthetic_pairs_prefer_the_correct_answer(name):
     task = get_task(name)
     pairs = synthetic_pairs(name, 50, seed=1)
     for p in pairs:
-        # The expected answer is the checker's: recover it from the chosen reply.
-        from lmforge.posttrain.synthetic import last_number
-
-        expected = last_number(p.chosen)
+        expected = answer_of(name, p.prompt[-1]["content"])
+        assert extract_number(p.chosen) == expected and extract_number(p.rejected) != expected
         assert task.check(p.chosen, expected) and not task.check(p.rejected, expected)
     assert synthetic_pairs(name, 5, seed=1) == pairs[:5]
 

@@ -2,12 +2,13 @@
 tiny end-to-end runs of `lmforge reward train|score` and `lmforge dpo`."""
 import json
 import math
+import random
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import run_cli, save_tiny_checkpoint
+
 from lmforge.common import LmforgeError
 from lmforge.model import GPT, get_config
 from lmforge.posttrain.dpo import DPOTask, dpo_loss, pair_rows
@@ -98,12 +99,14 @@ def test_dpo_starts_at_log2_and_one_step_raises_the_margin(tok):
     ref = GPT(policy.config)
     ref.load_state_dict(policy.state_dict())
     ref.eval().requires_grad_(False)
-    pairs = [record_to_pair({"prompt": f"{a}+{a}?", "chosen": str(2 * a), "rejected": str(2 * a + 1)}) for a in range(4)]
+    pairs = [record_to_pair({"prompt": f"{a}+{a}?", "chosen": str(2 * a), "rejected": str(2 * a + 1)})
+             for a in range(4)]
     enc, _ = encode_pairs(tok, pairs, 96)
     task = DPOTask(enc, enc, ref, beta=0.1, pad_id=tok.pad_id, batch_size=4, seed=0, device="cpu")
     batch = pair_rows(enc, tok.pad_id, "cpu")
     loss, n = task.loss(policy, batch)
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and n == sum(len(e.chosen) + len(e.rejected) for e in enc)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and n == sum(
+        len(e.chosen) + len(e.rejected) for e in enc)
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
     for _ in range(3):
         opt.zero_grad()
@@ -118,30 +121,51 @@ def test_dpo_starts_at_log2_and_one_step_raises_the_margin(tok):
 # ----------------------------------------------------------------------------- the commands
 
 
+PROMPTS = ["How was your day?", "Tell me about the trip.", "What do you think of the plan?", "How is the garden?"]
+CHEERFUL = "glad lovely happy kind warm bright sunny great".split()
+GLOOMY = "ugh boring awful grim cold dull rainy sad".split()
+
+
+def cheerful_pairs(path, n=200, seed=0):
+    """Pairs a tiny model learns in seconds: the chosen reply is cheerful words, the rejected one as
+    many gloomy words (same length, so length cannot decide). Held-out pairs are new word mixes."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        k = rng.randint(3, 6)
+        records.append({"prompt": rng.choice(PROMPTS), "chosen": " ".join(rng.choices(CHEERFUL, k=k)) + ".",
+                        "rejected": " ".join(rng.choices(GLOOMY, k=k)) + "."})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
 def test_cli_reward_train_and_score(base, tmp_path):
     out = tmp_path / "rm"
-    code, stdout, err = run_cli("reward", "train", "--checkpoint", base, "--data", "synthetic:arithmetic:80",
-                                "--val-fraction", "0.2", "--out", out, "--max-steps", "6", "--batch-size", "4",
-                                "--eval-every", "3", "--log-every", "2", "--no-progress", "--device", "cpu",
+    code, stdout, err = run_cli("reward", "train", "--checkpoint", base, "--data", cheerful_pairs(tmp_path / "p.jsonl"),
+                                "--val-fraction", "0.2", "--out", out, "--max-steps", "20", "--batch-size", "8",
+                                "--eval-every", "10", "--log-every", "5", "--no-progress", "--device", "cpu",
                                 "--dtype", "fp32", "--lr", "1e-3")
     assert code == 0, err
     result = json.loads(stdout[stdout.index("{"):])
-    assert 0.0 <= result["val_accuracy"] <= 1.0 and result["step"] == 6
+    # 40 held-out pairs; chance is 0.5, measured 1.0 (loss 0.36 < log 2)
+    assert result["val_accuracy"] >= 0.9 and result["val_loss"] < math.log(2) - 0.2 and result["step"] == 20
     log = read_log(out / "log.jsonl")
     train_lines = [r for r in log if "loss" in r]
-    assert len(train_lines) == 3 and all("accuracy" in r and "margin" in r for r in train_lines)
-    assert [r["step"] for r in log if "val_accuracy" in r] == [3, 6]
+    assert len(train_lines) == 4 and all("accuracy" in r and "margin" in r for r in train_lines)
+    assert [r["step"] for r in log if "val_accuracy" in r] == [10, 20]
     rm, state = load_reward_model(out)
     assert state["stage"] == "reward" and rm.score_head.weight.abs().sum() > 0
     with pytest.raises(LmforgeError, match="not a reward model"):
         load_reward_model(base)
     with pytest.raises(LmforgeError):  # the value head makes it no plain language model
         load_model(out)
-    code, stdout, err = run_cli("reward", "score", "--checkpoint", out, "--prompt", "What is 2 + 2?", "2 + 2 = 4.",
-                                "2 + 2 = 5.")
+    # A prompt and word mix it never saw: the cheerful reply is ranked first, by a clear margin.
+    code, stdout, err = run_cli("reward", "score", "--checkpoint", out, "--prompt", "How was the concert?",
+                                "dull grim cold.", "warm bright glad.")
     assert code == 0, err
-    lines = stdout.strip().splitlines()
-    assert len(lines) == 2 and {ln.split("\t")[1] for ln in lines} == {"2 + 2 = 4.", "2 + 2 = 5."}
+    scores = [(float(score), text) for score, text in (ln.split("\t") for ln in stdout.strip().splitlines())]
+    assert [text for _, text in scores] == ["warm bright glad.", "dull grim cold."]
+    assert scores[0][0] > scores[1][0] + 0.3  # measured 0.9
     code, stdout, err = run_cli("reward", "score", "--checkpoint", out, "--data", "synthetic:arithmetic:10")
     assert code == 0 and json.loads(stdout)["pairs"] == 10
     code, _, err = run_cli("reward", "score", "--checkpoint", out)
@@ -175,9 +199,16 @@ def test_cli_dpo_runs_logs_and_resumes(base, tmp_path):
 
 
 def test_cli_dpo_lora(base, tmp_path):
+    """DPO through a rank-2 LoRA adapter learns the preference on held-out pairs: at the start the
+    policy is the reference (accuracy 0, loss log 2); after 20 steps measured accuracy 1.0, loss 0.53."""
     out = tmp_path / "dpo_lora"
-    code, stdout, err = run_cli("dpo", "--checkpoint", base, "--data", "synthetic:letters:20", "--out", out,
-                                "--batch-size", "2", "--max-steps", "2", "--lora-rank", "2", "--no-progress",
-                                "--device", "cpu", "--dtype", "fp32", "--eval-every", "0")
+    code, stdout, err = run_cli("dpo", "--checkpoint", base, "--data", cheerful_pairs(tmp_path / "p.jsonl"),
+                                "--val-fraction", "0.2", "--out", out, "--batch-size", "8", "--max-steps", "20",
+                                "--lora-rank", "2", "--lr", "3e-2", "--no-progress", "--device", "cpu",
+                                "--dtype", "fp32", "--eval-every", "0")
     assert code == 0, err
+    result = json.loads(stdout[stdout.index("{"):])
+    assert result["start_val_accuracy"] == 0.0 and result["start_val_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert result["val_accuracy"] >= 0.8 and result["val_margin"] > 0.1
+    assert result["val_loss"] < math.log(2) - 0.05
     assert (out / "adapter" / "adapter.safetensors").is_file()

@@ -5,15 +5,24 @@ import math
 
 import pytest
 import torch
-
 from conftest import run_cli, save_tiny_checkpoint
+from safetensors.torch import load_file
+
 from lmforge.common import LmforgeError
 from lmforge.model import GPT, get_config
 from lmforge.posttrain.preference import pack, token_logprobs
-from lmforge.posttrain.rl import (ActorCritic, RLOptions, RLTask, Rollout, clipped_surrogate, gae, group_advantages,
-                                  kl_k3)
+from lmforge.posttrain.rl import (
+    ActorCritic,
+    RLOptions,
+    RLTask,
+    Rollout,
+    clipped_surrogate,
+    gae,
+    group_advantages,
+    kl_k3,
+)
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoint import load_model
+from lmforge.train.checkpoint import list_checkpoints, load_model, save_checkpoint
 from lmforge.train.loop import read_log
 
 
@@ -87,6 +96,31 @@ def test_gae_by_hand():
     assert a0[0].tolist() == pytest.approx([0.5 + 0.9 * -2 - 3, -1 + 0.9 * 7 + 2, 2 - 7], abs=1e-6)
 
 
+def test_gae_carries_credit_across_a_tool_result_inside_the_reply():
+    """With tools, the tool's result sits inside the reply but is not an action (mask 0): GAE must
+    skip it, so the final reward still reaches the tokens before the tool call."""
+    # prompt | 2 actions (the call) | 2 tool-result tokens | 4 actions (the answer) | padding
+    mask = torch.tensor([[0.0, 1, 1, 0, 0, 1, 1, 1, 1, 0]])
+    rewards = torch.tensor([[9.0, 0.1, 0, 5, 5, 0, 0, 0, 1, 9]])  # not actions: 9 and 5 never count
+    values = torch.tensor([[7.0, 0.2, 0.3, 4, 4, 0.4, 0.5, 0.6, 0.8, 7]])
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)  # γλ = 0.72
+    # Backwards over the actions only (positions 8, 7, 6, 5, then 2, 1):
+    # δ8 = 1 − 0.8 = 0.2                 A8 = 0.2
+    # δ7 = 0.9·0.8 − 0.6 = 0.12          A7 = 0.12 + 0.72·0.2 = 0.264
+    # δ6 = 0.9·0.6 − 0.5 = 0.04          A6 = 0.04 + 0.72·0.264 = 0.23008
+    # δ5 = 0.9·0.5 − 0.4 = 0.05          A5 = 0.05 + 0.72·0.23008 = 0.2156576
+    # δ2 = 0.9·V5 − 0.3 = 0.06           A2 = 0.06 + 0.72·0.2156576 = 0.215273472   (across the gap)
+    # δ1 = 0.1 + 0.9·0.3 − 0.2 = 0.17    A1 = 0.17 + 0.72·0.215273472 = 0.32499689984
+    expected = [0, 0.32499689984, 0.215273472, 0, 0, 0.2156576, 0.23008, 0.264, 0.2, 0]
+    assert adv[0].tolist() == pytest.approx(expected, abs=1e-6)
+    assert ret[0].tolist() == pytest.approx([a + v if m else 0 for a, v, m in
+                                             zip(expected, values[0].tolist(), mask[0].tolist())], abs=1e-6)
+    # γ = λ = 1: each action's return is the sum of the rewards of the actions from it to the end,
+    # whatever the values — the tokens before the call get the final reward too.
+    _, ret1 = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert ret1[0].tolist() == pytest.approx([0, 1.1, 1.0, 0, 0, 1.0, 1.0, 1.0, 1.0, 0], abs=1e-6)
+
+
 @pytest.mark.parametrize("separate", [True, False])
 def test_actor_critic_keeps_the_policy_and_adds_a_value_per_position(tok, separate):
     torch.manual_seed(0)
@@ -119,7 +153,8 @@ def test_one_policy_gradient_step_favours_the_rewarded_reply(tok, algorithm):
     opts = RLOptions(checkpoint="-", algorithm=algorithm, group_size=2, kl_beta=0.0)
     task = RLTask(opts, tok, ref, seed=0, device="cpu")
     prompt = tok.encode("Q: 1+1=")
-    good, bad = tok.encode("2") + [tok.special_id("<|assistant_end|>")], tok.encode("3") + [tok.special_id("<|assistant_end|>")]
+    end = tok.special_id("<|assistant_end|>")
+    good, bad = tok.encode("2") + [end], tok.encode("3") + [end]
     x, mask = pack([prompt, prompt], [good, bad], tok.pad_id, "cpu")
     roll = Rollout(x, mask, torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0]), torch.tensor([2.0, 2.0]))
 
@@ -177,6 +212,33 @@ def test_tool_rollouts_credit_only_the_policys_own_tokens(tok, monkeypatch):
     assert task.metrics.sums["informative"] == 0.5
 
 
+def test_grpo_rollout_without_an_informative_group_adds_nothing(tok, monkeypatch):
+    """Every reply wrong: no group carries a signal. One group still goes through the model (under
+    DDP every process must take part in the step) but with no action in its mask: zero loss, zero
+    gradient — not a step towards the reference alone."""
+    from lmforge.posttrain import rl
+
+    torch.manual_seed(0)
+    lm = GPT(get_config("tiny", vocab_size=tok.vocab_size, block_size=128))
+    end = tok.special_id("<|assistant_end|>")
+    monkeypatch.setattr(rl, "generate_replies", lambda engine, prompts, n, **kw: [
+        rl.Reply(tok.encode("8") + [end], [1, 1], "8", True) for _ in prompts])
+    monkeypatch.setattr(rl.SyntheticSource, "sample", lambda self, rng: ("What is 3 + 4?", "7"))
+    ref = GPT(lm.config)
+    ref.load_state_dict(lm.state_dict())
+    task = RLTask(RLOptions(checkpoint="-", prompts_per_step=2, group_size=2, kl_beta=0.5), tok, ref, seed=0,
+                  device="cpu")
+    task.policy = lm
+    r = task.rollout()
+    assert r.x.shape[0] == 2 and r.mask.sum() == 0 and r.global_replies == 0 and r.stats["informative"] == 0
+    with torch.no_grad():  # a policy away from the reference: a KL term would have a gradient
+        lm.lm_head.weight.mul_(3)
+    loss, n = task.loss(lm, r)
+    loss.backward()
+    assert n == 0 and loss.item() == 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in lm.parameters())
+
+
 def test_rl_options_are_checked(tok):
     ref = GPT(get_config("tiny", vocab_size=tok.vocab_size))
     for kw, msg in [({"group_size": 1}, "group-size >= 2"), ({"clip": 1.5}, "clip"), ({"kl_beta": -1}, "kl-beta"),
@@ -228,9 +290,65 @@ def test_cli_ppo_writes_a_plain_policy_checkpoint(base, tmp_path):
     assert len(steps) == 2 and all("value_loss" in r and "reward" in r for r in steps)
     policy, state = load_model(result["policy_checkpoint"])
     assert state["stage"] == "ppo-policy" and not hasattr(policy, "value_head")
+    # The exported policy is the run's last weights without the critic (that training moves it is
+    # test_cli_rl_raises_the_expected_reward's check, on the exported checkpoint).
+    trained = load_file(str(list_checkpoints(out / "checkpoints")[-1] / "model.safetensors"))
+    assert set(trained) == set(policy.state_dict()) | {k for k in trained if k.startswith(("critic.", "value_head."))}
+    for name, weight in policy.state_dict().items():
+        assert torch.equal(weight, trained[name]), name
+    assert any(k.startswith("critic.") for k in trained) and "value_head.weight" in trained
     code, _, err = run_cli("ppo", "--checkpoint", base, "--out", tmp_path / "shared", "--critic", "shared",
                            "--max-steps", "1", *RL_ARGS)
     assert code == 0, err
+
+
+def last_token_reward_model(root, tok):
+    """A reward model whose score depends only on the reply's last token: its blocks write nothing
+    into the residual stream (zero output projections), so the head reads the normed embedding of
+    that token. Returns (run folder, score of every token)."""
+    from lmforge.posttrain.reward import RewardModel
+
+    torch.manual_seed(1)
+    rm = RewardModel(get_config("tiny", vocab_size=tok.vocab_size, block_size=96))
+    with torch.no_grad():
+        for layer in rm.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        rm.score_head.weight.normal_(0, 1 / 8)  # scores spread with a std of about 1 over the tokens
+        scores = rm.score_head(rm.norm(rm.embed_tokens.weight)).squeeze(-1)
+    save_checkpoint(root / "checkpoints", 0, rm, None, {"stage": "reward", "tokenizer_fingerprint": tok.fingerprint})
+    return root, scores
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_cli_rl_raises_the_expected_reward(base, tok, tmp_path, algorithm):
+    """A one-token reply scored by a reward model that prefers some tokens: a bandit a tiny policy
+    learns in a few steps. The policy's exact expected reward (its next-token distribution after the
+    prompt, weighted by the scores) must rise by a clear margin on prompts it did not train on; a
+    run whose advantages had the wrong sign, or that did not step, lowers or keeps it."""
+    from lmforge.chat import render_messages
+
+    rm, scores = last_token_reward_model(tmp_path / "rm", tok)
+    out = tmp_path / algorithm
+    code, stdout, err = run_cli(algorithm, "--checkpoint", base, "--reward-model", rm, "--task", "arithmetic",
+                                "--out", out, "--max-steps", "8", "--max-new-tokens", "1", "--group-size", "8",
+                                "--batch-size", "2", "--lr", "1e-2", "--warmup-steps", "1", "--eval-every", "0",
+                                "--eval-n", "2", "--no-progress", "--device", "cpu", "--dtype", "fp32")
+    assert code == 0, err
+    result = json.loads(stdout[stdout.index("{"):])
+    prompts = [render_messages(tok, [{"role": "user", "content": f"What is {a} {op} {b}?"}])
+               for a, op, b in [(3, "+", 4), (12, "-", 5), (7, "*", 70), (1, "+", 1), (250, "-", 9)]]
+
+    def expected_reward(path):
+        model, _ = load_model(path)
+        with torch.no_grad():
+            return sum((torch.softmax(model(torch.tensor([p]))[0, -1], -1) * scores).sum().item()
+                       for p in prompts) / len(prompts)
+
+    before = expected_reward(base)
+    after = expected_reward(result.get("policy_checkpoint", out))
+    # Measured over seeds 1-5: +0.20 to +0.74 (the scores have a std of 1); sign-flipped advantages: -0.6.
+    assert after > before + 0.12, (before, after)
 
 
 def test_cli_rl_errors(base, tmp_path):
@@ -241,8 +359,9 @@ def test_cli_rl_errors(base, tmp_path):
 
 
 def test_gsm8k_prompts_and_answer_checking(tmp_path):
-    from lmforge.posttrain.rl import prompt_source
     import random
+
+    from lmforge.posttrain.rl import prompt_source
 
     p = tmp_path / "gsm.jsonl"
     p.write_text(json.dumps({"question": "Tom has 3 apples and buys 1,200 more. How many?",
@@ -252,7 +371,7 @@ def test_gsm8k_prompts_and_answer_checking(tmp_path):
     assert q.startswith("Tom") and a == "1203"
     assert src.check("He has 1,203 apples.", a) and not src.check("He has 1204.", a)
     p.write_text(json.dumps({"question": "q", "answer": "no marker"}) + "\n")
-    with pytest.raises(LmforgeError, match="gsm.jsonl:1"):
+    with pytest.raises(LmforgeError, match="gsm.jsonl: item 1 does not have the expected fields"):
         prompt_source(f"gsm8k:{p}", "train")
 
 

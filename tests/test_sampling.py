@@ -304,32 +304,58 @@ def shuffled(line: str, seed: int = 0) -> str:
     return " ".join(out)
 
 
-def test_trained_model_prefers_fluent_text(tiny_data, tmp_path):
-    """A tiny byte-level model trained for a few seconds on Shakespeare ranks lines from its training
-    text above the same words in shuffled order."""
+def prose_lines(text: str, n: int) -> list[str]:
+    """The first n distinct lines of text that are plain English: 30-60 characters (they fit the test
+    model's window), 7+ words of letters, single spaces (so a shuffle changes word order only)."""
+    found = []
+    for line in text.splitlines():
+        words = line.split()
+        if 30 <= len(line) <= 60 and len(words) >= 7 and " ".join(words) == line \
+                and all(w.strip(",.").isalpha() for w in words) and line not in found:
+            found.append(line)
+            if len(found) == n:
+                break
+    return found
+
+
+def test_trained_model_prefers_fluent_text(tmp_path):
+    """A tiny byte-level model trained for a few seconds on English (the standard library's
+    docstrings) uses the context: its validation loss is below what any context-free guess reaches,
+    and it ranks lines of its training text above the same words in shuffled order."""
+    from conftest import context_free_loss, stdlib_prose
+
+    from lmforge.data.loader import TokenSplit
+    from lmforge.data.prepare import prepare_shards
     from lmforge.train.loop import TrainConfig
     from lmforge.train.pretrain import PretrainOptions, pretrain
 
+    (tmp_path / "prose.txt").write_text(stdlib_prose(120_000))
+    Tokenizer.byte_level().save(tmp_path / "tokenizer.json")
+    data = tmp_path / "data"
+    prepare_shards(str(tmp_path / "prose.txt"), tmp_path / "tokenizer.json", data, val_fraction=0.1, workers=1,
+                   show_progress=False)
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=250, optimizer="adamw", lr=1e-2, warmup_steps=10,
                       eval_every=0, ckpt_every=0, log_every=50, dtype="fp32", device="cpu", progress=False,
                       compile="off")
-    opts = PretrainOptions(data_dir=str(tiny_data), preset="tiny",
+    opts = PretrainOptions(data_dir=str(data), preset="tiny",
                            model_overrides=dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
                            batch_size=16, eval_tokens=4096)
     res = pretrain(opts, cfg)
     model, tok = res["model"].eval(), res["tokenizer"]
-    assert res["val_loss"] < 2.6  # a uniform guess over 268 byte-level ids is 5.6 nats
+    # Uniform over 268 byte ids is 5.6 nats, letter frequencies ~3; measured 0.5-0.9 nats below those.
+    assert res["val_loss"] < context_free_loss(data, 16, 64, 4096) - 0.25
 
-    lines = [
-        "Before we proceed any further, hear me speak.",
-        "You are all resolved rather to die than to famish?",
-        "We are accounted poor citizens, the patricians good.",
-    ]
-    text = (tiny_data.parent / "corpus.txt").read_text()
+    train = TokenSplit(data, "train")
+    lines = prose_lines(tok.decode(train.read(0, train.num_tokens).tolist()), 30)
+    assert len(lines) == 30
+    margins = []
     for line in lines:
-        assert line in text
         mixed = shuffled(line)
         ranked = rank_texts(model, tok, [mixed, line])
-        assert [s.text for s in ranked] == [line, mixed]
-        assert ranked[0].logprob > ranked[1].logprob + 2.0
-        assert ranked[0].perplexity < ranked[1].perplexity
+        assert ranked[0].logprob >= ranked[1].logprob and ranked[0].perplexity <= ranked[1].perplexity
+        fluent = next(s for s in ranked if s.text == line)
+        margins.append(fluent.logprob - next(s for s in ranked if s.text == mixed).logprob)
+    # Both hold the same bytes, so a model blind to word order gives margin 0 on every line.
+    # Measured over seeds and other stdlib slices: 22-30 of 30 lines, mean margin 3.6-7.5 nats.
+    assert sum(m > 0 for m in margins) >= 20, margins
+    assert sum(margins) / len(margins) > 2.0, margins

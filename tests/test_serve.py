@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -38,6 +39,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import save_checkpoint
 
 KEY = "test-key-123"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- helpers (also used by
 # test_serve_browser.py)
@@ -506,7 +508,8 @@ def test_api_key_is_checked_on_every_v1_route(rand_server):
     ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400, "stream"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "bogus": 1}, 400, "unknown field 'bogus'"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 1.5}, 400, "not supported"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400, "needs 'tools'"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400,
+     "needs 'tools'"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "x" * 300}]}, 400, "context window"),
     ({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}, 404, "does not exist"),
@@ -662,3 +665,190 @@ def test_full_queue_answers_429(tok):
         for t in threads:
             t.join(timeout=60)
         assert results == ["aaa", "aaa"]
+
+
+# ----------------------------------------------------------------------------- failures inside generation
+
+
+def fail_prefill_call(model, n: int, message: str = "injected prefill failure"):
+    """Make the model's n-th prefill call (counting from 1) raise, as an out-of-memory would."""
+    real, calls = model.prefill, [0]
+
+    def prefill(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise RuntimeError(message)
+        return real(*args, **kwargs)
+
+    model.prefill = prefill
+    return calls
+
+
+def test_failed_admission_answers_every_request(tok):
+    """A prefill that raises while new requests are being admitted: each of them (one streaming,
+    one not) ends with an error instead of waiting forever, /health counts the failure, and the
+    server answers the next request normally. The clients have a deadline, so a regression fails
+    here rather than hanging the suite."""
+    model = scripted_model(tok, {}, fill=tok.encode("a")[0], block_size=32)
+    fail_prefill_call(model, 1)
+    with ServerThread(create_app(model, tok, ServeConfig(model_name="m"))) as srv:
+        sched = srv.scheduler
+        results = {}
+
+        def plain():
+            try:
+                results["plain"] = httpx.post(srv.url + "/v1/completions", timeout=15,
+                                              json={"model": "m", "prompt": "p", "max_tokens": 5})
+            except httpx.TimeoutException as e:
+                results["plain"] = e
+
+        def streamed():
+            try:
+                with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=15,
+                                  json={"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                        "max_tokens": 5, "stream": True}) as resp:
+                    results["stream"] = (resp.status_code, [line for line in resp.iter_lines() if line])
+            except httpx.TimeoutException as e:
+                results["stream"] = e
+
+        threads = [threading.Thread(target=plain), threading.Thread(target=streamed)]
+        with sched.paused():  # both are admitted by the same (failing) prefill
+            for t in threads:
+                t.start()
+            wait_for(lambda: sched.waiting == 2, "2 queued requests")
+        for t in threads:
+            t.join(timeout=30)
+        assert not any(t.is_alive() for t in threads)
+        assert isinstance(results["plain"], httpx.Response), f"no answer: {results['plain']!r}"
+        err = is_openai_error(results["plain"], 500)
+        assert err["type"] == "server_error" and "injected prefill failure" in err["message"]
+        assert not isinstance(results["stream"], Exception), f"stream left open: {results['stream']!r}"
+        status, lines = results["stream"]
+        assert status == 200
+        errors = [json.loads(line[6:]) for line in lines if line.startswith("data: {") and '"error"' in line]
+        assert len(errors) == 1 and "injected prefill failure" in errors[0]["error"]["message"]
+        assert lines[-1] == "data: [DONE]"
+        health = httpx.get(srv.url + "/health", timeout=15).json()
+        assert health["status"] == "ok"  # the loop survived
+        assert health["scheduler"]["errors"] == 2 and "injected" in health["scheduler"]["last_error"]
+        assert health["scheduler"]["waiting"] == 0 and health["scheduler"]["running"] == 0
+        ok = httpx.post(srv.url + "/v1/completions", timeout=15, json={"model": "m", "prompt": "p", "max_tokens": 3,
+                                                                       "temperature": 0})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "aaa"
+
+
+def test_failure_joining_a_running_batch_fails_both(tok):
+    """Scheduler alone: a request whose admission fails while another is mid-generation gets an
+    error event, and so does the running one (they share the failed step)."""
+    model = scripted_model(tok, {}, fill=tok.encode("a")[0], block_size=32)
+    fail_prefill_call(model, 2)
+    sched = Scheduler(model, tok)
+    events, emit = collector()
+    first = sched.submit([tok.bos_id, 5], SamplingParams(max_tokens=20, temperature=0.0), emit)
+    sched.step()
+    second = sched.submit([tok.bos_id, 6], SamplingParams(max_tokens=20, temperature=0.0), emit)
+    with pytest.raises(RuntimeError, match="injected"):
+        sched.step()
+    sched._fail_all("generation failed: injected")  # what the loop does with the exception
+    for seq in (first, second):
+        kinds = [e.kind for e in events if e.seq_id == seq.id]
+        assert kinds[-1] == "error" and kinds.count("error") == 1, kinds
+    assert sched.running == 0 and sched.waiting == 0 and sched.stats.errors == 2
+
+
+def test_seed_beyond_64_bits_is_400(rand_server, tok):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for seed in (2**64, -2**63 - 1, 10**30):
+        resp = httpx.post(rand_server.url + "/v1/completions", headers=headers, timeout=60,
+                          json={"model": "tiny", "prompt": "a", "max_tokens": 2, "seed": seed})
+        err = is_openai_error(resp, 400)
+        assert err["param"] == "seed" and "seed" in err["message"], err
+    # the largest seed is fine with n > 1 too: choice i seeds with (seed + i) mod 2**64
+    resp = httpx.post(rand_server.url + "/v1/completions", headers=headers, timeout=60,
+                      json={"model": "tiny", "prompt": "Once", "max_tokens": 8, "seed": 2**64 - 1, "n": 2,
+                            "temperature": 1.0})
+    assert resp.status_code == 200, resp.text
+    [ref] = Engine(rand_server.model, tok).generate([[tok.bos_id] + tok.encode("Once")], 8, temperature=1.0, seed=0)
+    assert sorted(resp.json()["choices"], key=lambda c: c["index"])[1]["text"] == ref.text
+    assert httpx.get(rand_server.url + "/health").json()["scheduler"]["errors"] == 0
+
+
+def test_a_failed_submit_cancels_the_choices_already_queued(tok, monkeypatch):
+    """n > 1: when queuing a later choice fails, the ones queued before it are cancelled instead of
+    generating for a request that has already been answered with an error."""
+    model = scripted_model(tok, {}, fill=tok.encode("a")[0], block_size=32)
+    with ServerThread(create_app(model, tok, ServeConfig(model_name="m"))) as srv:
+        sched = srv.scheduler
+        real, calls, queued = sched.submit, [0], []
+
+        def submit(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("injected submit failure")
+            seq = real(*args, **kwargs)
+            queued.append(seq)
+            return seq
+
+        monkeypatch.setattr(sched, "submit", submit)
+        with sched.paused():
+            resp = httpx.post(srv.url + "/v1/completions", timeout=30,
+                              json={"model": "m", "prompt": "p", "max_tokens": 20, "n": 4})
+            assert resp.status_code == 500 and resp.json()["error"]["type"] == "server_error"
+            assert len(queued) == 2 and all(s.cancelled for s in queued)
+        wait_for(lambda: sched.waiting == 0 and sched.running == 0, "the cancelled choices to leave")
+        assert all(s.generated == 0 for s in queued) and sched.stats.cancelled == 2
+
+
+def test_top_p_near_zero_keeps_the_most_likely_token(rand_server, tok):
+    """Found by the schema fuzz: top_p = 5e-324 dropped every token (rounding left a tiny positive
+    probability mass before the first one) and the batch failed with NaN probabilities (500)."""
+    from lmforge.sampling import sample_next
+
+    logits = torch.randn(8, tok.vocab_size, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_next(logits, 1.0, None, 5e-324, None), logits.argmax(-1))
+    resp = httpx.post(rand_server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                      json={"model": "tiny", "prompt": "Once", "max_tokens": 6, "top_p": 5e-324})
+    assert resp.status_code == 200, resp.text
+    [greedy] = Engine(rand_server.model, tok).generate([[tok.bos_id] + tok.encode("Once")], 6, temperature=0.0)
+    assert resp.json()["choices"][0]["text"] == greedy.text  # only the most likely token is ever left
+
+
+def test_openapi_schema_describes_the_request_bodies(rand_server):
+    schema = httpx.get(rand_server.url + "/openapi.json", timeout=60).json()  # open, like /health
+    chat = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"model", "messages"} <= set(chat["required"]) and chat["additionalProperties"] is False
+    assert chat["properties"]["model"]["enum"] == ["tiny"]
+    assert chat["properties"]["n"]["maximum"] == 4  # this server's --max-n
+    assert "$ref" not in json.dumps(chat)  # stands alone
+    completion = schema["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "prompt" in completion["required"]
+
+
+@pytest.mark.slow
+def test_schema_fuzz_gets_no_server_error():
+    """bench/serve_fuzz.py's run, bounded: 300 requests from the OpenAPI schema (valid and invalid
+    bodies), on loopback, in at most 100 s of fuzzing. No 5xx; healthy afterwards."""
+    import importlib.util
+
+    try:
+        import schemathesis  # noqa: F401
+    except ImportError:
+        from conftest import missing
+
+        missing("schemathesis", "pip install -e '.[test]'")
+    spec = importlib.util.spec_from_file_location("serve_fuzz", REPO_ROOT / "bench" / "serve_fuzz.py")
+    serve_fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_fuzz)
+    server, thread, url = serve_fuzz.serve_tiny()
+    try:
+        result = serve_fuzz.fuzz(url, max_requests=300, time_limit=100)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert not result["failures"], json.dumps(result["failures"][:3], indent=1)
+    assert result["requests"] >= 100, result  # the time limit did not cut it to nothing
+    assert 200 in result["statuses"] and any(400 <= s < 500 for s in result["statuses"])  # both kinds ran
+    assert result["health_status"] == 200 and result["health"]["status"] == "ok"
+    assert result["health"]["scheduler"]["errors"] == 0
+    assert result["health"]["scheduler"]["running"] == 0 and result["health"]["scheduler"]["waiting"] == 0
+    assert result["after_status"] == 200

@@ -13,11 +13,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import missing
+from test_serve import ServerThread, say, scripted_model
 
 from lmforge.chat import render_messages
 from lmforge.serve.app import ServeConfig, create_app
 from lmforge.tokenizer import Tokenizer
-from test_serve import ServerThread, say, scripted_model
 
 CHROMIUM = os.environ.get("LMFORGE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 FIRST = "Hello from lmforge! How can I help?"
@@ -28,8 +29,8 @@ KEY = "browser-key"
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).is_file():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: install it (Debian: apt-get install -y chromium) or set "
-                    "LMFORGE_CHROMIUM; the browser test does not skip")
+        missing(f"a Chromium browser (none at {CHROMIUM})",
+                "install it (Debian: apt-get install -y chromium) or point LMFORGE_CHROMIUM at one")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

@@ -4,18 +4,16 @@ import shutil
 
 import pytest
 import torch
+from conftest import FIXTURES, run_cli, shared_file
 
-from conftest import run_cli, shared_data
 from lmforge.chat import render_for_training
 from lmforge.common import LmforgeError
 from lmforge.model import GPT, get_config
 from lmforge.posttrain.conversations import load_file, load_hf, load_source, parse_mixture, write_jsonl
-from lmforge.posttrain.sft import (MixtureSampler, SFTOptions, collate, sft, split_heldout,
-                                   tokenize_conversations)
+from lmforge.posttrain.sft import MixtureSampler, SFTOptions, collate, sft, split_heldout, tokenize_conversations
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import list_checkpoints, load_model, save_checkpoint
 from lmforge.train.loop import TrainConfig, read_log
-
 
 # ----------------------------------------------------------------------------- loading
 
@@ -43,15 +41,37 @@ def test_jsonl_errors_name_the_line_and_skipping_is_counted(tmp_path):
 
 
 def test_alpaca_and_sharegpt_files_convert():
-    convs, report = load_file(shared_data() / "alpaca" / "alpaca_5000.json")
+    """Fixtures in the exact layouts of Stanford Alpaca's json and FastChat's ShareGPT json."""
+    convs, report = load_file(FIXTURES / "sft" / "alpaca.json")
+    assert report.loaded == 5 and not report.skipped
+    assert convs[0] == [{"role": "user", "content": "Name three colours of a traffic light."},
+                        {"role": "assistant", "content": "Red, amber and green."}]
+    # A non-empty input follows the instruction after a blank line; both are stripped.
+    assert convs[1][0]["content"] == "Translate the sentence into French.\n\nThe cat sleeps on the warm windowsill."
+    assert convs[4] == [{"role": "user", "content": "Classify the animal as mammal, bird or fish.\n\npenguin"},
+                        {"role": "assistant", "content": "Bird."}]
+    assert convs[3][1]["content"].count("\n") == 2  # the reply is kept as written
+
+    convs, report = load_file(FIXTURES / "sft" / "sharegpt.json")
+    assert report.loaded == 3 and [len(c) for c in convs] == [2, 4, 6]
+    assert [m["role"] for m in convs[2]] == ["user", "assistant"] * 3
+    assert convs[1][2] == {"role": "user", "content": "Four, two of them children."}
+    assert convs[2][-1] == {"role": "assistant", "content": "Enjoy your breakfast."}
+
+
+def test_real_alpaca_and_fastchat_files_convert():
+    """The same on the real files: all 5000 Alpaca items, FastChat's multi-turn dummy set."""
+    alpaca = shared_file("alpaca/alpaca_5000.json")
+    convs, report = load_file(alpaca)
     assert report.loaded == 5000 and not report.skipped
-    raw = json.loads((shared_data() / "alpaca" / "alpaca_5000.json").read_text())
+    raw = json.loads(alpaca.read_text())
     with_input = next(i for i, r in enumerate(raw) if r["input"])
     assert convs[with_input] == [{"role": "user", "content": raw[with_input]["instruction"].strip() + "\n\n" +
                                   raw[with_input]["input"].strip()},
                                  {"role": "assistant", "content": raw[with_input]["output"]}]
-    convs, _ = load_file(shared_data() / "sft" / "fastchat" / "dummy_conversation.json")
-    raw = json.loads((shared_data() / "sft" / "fastchat" / "dummy_conversation.json").read_text())
+    fastchat = shared_file("sft/fastchat/dummy_conversation.json")
+    convs, _ = load_file(fastchat)
+    raw = json.loads(fastchat.read_text())
     assert len(convs) == len(raw)
     assert [m["content"] for m in convs[0]] == [t["value"] for t in raw[0]["conversations"]]
     assert [m["role"] for m in convs[0]][:2] == ["user", "assistant"]
@@ -71,7 +91,8 @@ def test_hf_loader_converts_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake)
     convs, report = load_hf("someone/chat:default@train[:10]")
     assert seen == {"name": "someone/chat", "config": "default", "split": "train[:10]"}
-    assert report.loaded == 6 and convs[1] == [{"role": "user", "content": "say x"}, {"role": "assistant", "content": "x"}]
+    assert report.loaded == 6 and convs[1] == [{"role": "user", "content": "say x"},
+                                               {"role": "assistant", "content": "x"}]
     assert convs[0] == GOOD["messages"]
 
 
@@ -97,7 +118,8 @@ def tok():
 
 
 def test_collate_masks_everything_but_assistant_targets(tok):
-    convs = [GOOD["messages"], [{"role": "user", "content": "a longer question"}, {"role": "assistant", "content": "ok"}]]
+    convs = [GOOD["messages"],
+             [{"role": "user", "content": "a longer question"}, {"role": "assistant", "content": "ok"}]]
     examples, stats = tokenize_conversations(tok, convs, 200)
     x, y = collate(examples, tok.pad_id, "cpu")
     for r, msgs in enumerate(convs):
@@ -182,20 +204,28 @@ def cfg(out, steps=4, **kw):
 DATA = ["synthetic:arithmetic:60*2", "synthetic:identity:30"]
 
 
-def test_sft_trains_logs_and_resumes_exactly(base, tmp_path):
+def test_sft_trains_logs_and_resumes_exactly(base, tok, tmp_path):
+    import math
+
     opts = SFTOptions(checkpoint=str(base), data=DATA, batch_size=4)
-    result = sft(opts, cfg(tmp_path / "a"), log=lambda *a: None)
+    result = sft(opts, cfg(tmp_path / "a", lr=1e-2), log=lambda *a: None)
     log = read_log(tmp_path / "a" / "log.jsonl")
     losses = [r["loss"] for r in log if "loss" in r]
-    assert len(losses) == 4 and "val_loss" in result and result["val_loss"] < 6.0
-    assert [r["step"] for r in log if "val_loss" in r] == [2, 4]
+    val_losses = [r["val_loss"] for r in log if "val_loss" in r]
+    assert len(losses) == 4 and [r["step"] for r in log if "val_loss" in r] == [2, 4]
+    # The random base guesses about uniformly over 268 byte ids (5.59 nats) on the reply tokens;
+    # 4 steps take the held-out loss to ~3.9 (4.7 at step 2), measured. Without learning: ~5.6.
+    uniform = math.log(tok.vocab_size)
+    assert losses[0] == pytest.approx(uniform, abs=0.1)
+    assert result["val_loss"] == val_losses[-1] < val_losses[0] < uniform - 0.5
+    assert result["val_loss"] < uniform - 1.0
     # the checkpoint is a normal model checkpoint (chat, sample, export read it)
     model, state = load_model(tmp_path / "a")
     assert state["stage"] == "sft" and state["lora"] is None and state["tokenizer_fingerprint"]
     # resume from step 2 reproduces steps 3-4 exactly
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(list_checkpoints(tmp_path / "b" / "checkpoints")[-1])
-    sft(SFTOptions(checkpoint=str(base), data=DATA, batch_size=4, resume=True), cfg(tmp_path / "b"),
+    sft(SFTOptions(checkpoint=str(base), data=DATA, batch_size=4, resume=True), cfg(tmp_path / "b", lr=1e-2),
         log=lambda *a: None)
     resumed = [r["loss"] for r in read_log(tmp_path / "b" / "log.jsonl") if "loss" in r]
     assert resumed == losses
@@ -241,13 +271,22 @@ def test_sft_cli_errors(base, tmp_path):
 
 
 def test_cli_sft_end_to_end(base, tmp_path):
-    code, out, err = run_cli("sft", "--checkpoint", base, "--data", "synthetic:letters:20", "--data", "safety*0.5",
-                             "--out", tmp_path / "run", "--max-steps", 2, "--batch-size", 2, "--compile", "off",
-                             "--no-progress", "--eval-every", 1)
+    """`lmforge sft` teaches the random base the identity answers (a fixed reply per question, which a
+    tiny model memorises in seconds), and `lmforge synthetic eval` sees it: the base cannot name
+    itself (0%), the fine-tuned model mostly can (85-90% over 3 seeds after 100 steps)."""
+    code, out, err = run_cli("sft", "--checkpoint", base, "--data", "synthetic:identity:200", "--data", "safety*0.05",
+                             "--out", tmp_path / "run", "--max-steps", 100, "--batch-size", 8, "--lr", "1e-2",
+                             "--compile", "off", "--no-progress", "--eval-every", 50, "--device", "cpu",
+                             "--dtype", "fp32")
     assert code == 0, err
-    assert "safety: 36 conversations" in out and json.loads(out[out.index("{"):])["step"] == 2
-    code, out, err = run_cli("synthetic", "eval", "--checkpoint", tmp_path / "run", "--tasks", "arithmetic",
-                             "--n", 2, "--max-new-tokens", 4)
-    assert code == 0, err
-    res = json.loads(out)
-    assert set(res["tasks"]) == {"arithmetic"} and 0 <= res["accuracy"] <= 1
+    assert "safety: 36 conversations" in out and json.loads(out[out.index("{"):])["step"] == 100
+
+    def identity_accuracy(checkpoint) -> float:
+        code, out, err = run_cli("synthetic", "eval", "--checkpoint", checkpoint, "--tasks", "identity", "--n", 20)
+        assert code == 0, err
+        res = json.loads(out)
+        assert set(res["tasks"]) == {"identity"}
+        return res["accuracy"]
+
+    assert identity_accuracy(base) == 0.0
+    assert identity_accuracy(tmp_path / "run") >= 0.5

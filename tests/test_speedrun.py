@@ -5,10 +5,11 @@ import os
 from dataclasses import replace
 
 import pytest
+from test_eval import build_data_root, offline_hub, unreachable_hub  # noqa: F401 (the last two: fixtures)
 
 from lmforge.cli import build_parser, main, pretrain_argv
 from lmforge.common import LmforgeError
-from lmforge.speedrun import SPEEDRUN_PRESETS, check_preset, get_speedrun_preset
+from lmforge.speedrun import EVAL_TASKS, SPEEDRUN_PRESETS, check_preset, get_speedrun_preset
 
 
 @pytest.mark.parametrize("name", ["gpu-1", "gpu-8"])
@@ -56,11 +57,11 @@ def test_pretrain_argv_reproduces_the_stage_settings():
     assert back.set == ["qk_norm=false"] and back.resume and back.no_progress and back.data_dir == "data"
 
 
-def test_multi_process_preset_pretrains_under_torchrun(monkeypatch, tmp_path, shakespeare_path, capsys):
+def test_multi_process_preset_pretrains_under_torchrun(monkeypatch, tmp_path, corpus_text, capsys):
     """A two-process preset on the CPU (gloo) exercises the path the 8-GPU preset takes: the
     pretraining stage runs as `torchrun -m lmforge.cli pretrain`, and its checkpoint lands in the run."""
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(shakespeare_path.read_text()[:30_000])
+    corpus.write_text(corpus_text[:30_000])
     two = replace(SPEEDRUN_PRESETS["cpu"], name="gpu-8", nproc=2, batch_size=2, seq_len=32,
                   total_batch_tokens=2 * 32 * 2 * 2, time_budget=None, max_steps=3)
     monkeypatch.setitem(SPEEDRUN_PRESETS, "gpu-8", two)
@@ -75,7 +76,7 @@ def test_multi_process_preset_pretrains_under_torchrun(monkeypatch, tmp_path, sh
     assert (tmp_path / "run" / "pretrain" / "checkpoints" / "step_000003" / "model.safetensors").is_file()
 
 
-def test_killed_speedrun_resumes_where_it_stopped(tmp_path, shakespeare_path):
+def test_killed_speedrun_resumes_where_it_stopped(tmp_path, corpus_text):
     """Kill -9 the speedrun in the middle of pretraining; running the same command again reuses the
     tokenizer and shards and continues from the last checkpoint instead of starting over."""
     import signal
@@ -86,7 +87,7 @@ def test_killed_speedrun_resumes_where_it_stopped(tmp_path, shakespeare_path):
     from lmforge.train.checkpoint import list_checkpoints
 
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(shakespeare_path.read_text()[:30_000])
+    corpus.write_text(corpus_text[:30_000])
     run = tmp_path / "run"
     argv = [sys.executable, "-m", "lmforge.cli", "speedrun", "--data", str(corpus), "--out", str(run),
             "--vocab-size", "300", "--tokenizer-chars", "30000", "--model", "tiny", "--block-size", "32",
@@ -112,15 +113,19 @@ def test_killed_speedrun_resumes_where_it_stopped(tmp_path, shakespeare_path):
     assert (run / "pretrain" / "checkpoints" / f"step_{killed_at + 5:06d}").is_dir()
 
 
-def test_full_speedrun_runs_every_stage_reports_each_metric_and_reuses_them(tmp_path, shakespeare_path, capsys,
-                                                                           monkeypatch):
+@pytest.mark.usefixtures("offline_hub")
+def test_full_speedrun_runs_every_stage_reports_each_metric_and_reuses_them(tmp_path, corpus_text, capsys,
+                                                                           monkeypatch, sandbox):
     """tokenizer -> data -> pretrain -> SFT -> GRPO -> eval -> report card on a tiny model; the
-    report card shows each stage's metric; the same command again reuses every stage."""
+    report card shows each stage's metric and a number for every benchmark (the data root is the
+    fixture data: a few items per benchmark); the same command again reuses every stage."""
     import json
+    import re
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("LMFORGE_SHARED_DATA", str(build_data_root(tmp_path / "data_root")))
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(shakespeare_path.read_text()[:40_000])
+    corpus.write_text(corpus_text[:40_000])
     run = tmp_path / "run"
     argv = ["speedrun", "--data", str(corpus), "--out", str(run), "--vocab-size", "300", "--tokenizer-chars", "40000",
             "--model", "tiny", "--block-size", "128", "--batch-size", "4", "--max-steps", "3", "--eval-every", "0",
@@ -141,10 +146,14 @@ def test_full_speedrun_runs_every_stage_reports_each_metric_and_reuses_them(tmp_
     assert set(card["stages"]) >= {"tokenizer", "data", "pretrain", "sft", "rl", "eval"}
     assert card["stages"]["rl"]["steps"] == 1 and card["stages"]["sft"]["steps"] == 2
     ev = card["stages"]["eval"]
-    assert set(ev["tasks"]) | set(ev["skipped"]) == {"hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande",
-                                                     "copa", "boolq"}
-    if ev["tasks"]:  # the benchmark data is on this machine: a base and a final column
-        assert "| task | chance | base | final |" in report and "![centred scores" in report
+    assert ev["tasks"] == list(EVAL_TASKS) and ev["skipped"] == {}
+    assert "| task | chance | base | final |" in report and "![centred scores" in report
+    for name in EVAL_TASKS:  # a base and a final number per benchmark, each on the fixture's first 4 items
+        cell = r"[01]\.[0-9]{3} ± [0-9.]+"
+        assert re.search(rf"^\| {name} \| 0\.[0-9]{{3}} \| {cell} \| {cell} \|$", report, re.M), name
+        assert json.loads((run / "eval" / "final.json").read_text())["tasks"][name]["metrics"]["n"] == 4
+    assert "Not run" not in report
+    assert re.search(r"^\| eval \| centred benchmark score .* base -?[0-9.]+, final", report, re.M)
     # Nothing left to do: every stage is reused, and the report is written again.
     assert main(argv) == 0
     again = capsys.readouterr().out
@@ -162,3 +171,53 @@ def test_full_speedrun_runs_every_stage_reports_each_metric_and_reuses_them(tmp_
     assert "moved to" in fourth and (run / "rl.old" / "stage.json").is_file()
     assert "(resuming)" not in fourth.split("[5/7]")[1]
     assert json.loads((run / "sft" / "stage.json").read_text())["steps"] == 3
+
+
+@pytest.mark.usefixtures("unreachable_hub")
+def test_report_card_without_benchmark_data_lists_every_benchmark_and_keeps_the_other_metrics(
+        tmp_path, corpus_text, capsys, monkeypatch, sandbox):
+    """A machine with neither the benchmark files nor the hub: the speedrun still finishes, its
+    report card says for every benchmark that it was not run, why and what gets its data, and
+    still has what needs no download: bits per byte, the SFT task accuracies and tool calls, GRPO."""
+    import json
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("LMFORGE_SHARED_DATA", str(tmp_path / "no_data"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(corpus_text[:20_000])
+    run = tmp_path / "run"
+    argv = ["speedrun", "--data", str(corpus), "--out", str(run), "--vocab-size", "300", "--tokenizer-chars", "20000",
+            "--model", "tiny", "--block-size", "128", "--batch-size", "2", "--max-steps", "2", "--eval-every", "0",
+            "--compile", "off", "--no-progress", "--max-new-tokens", "4", "--sft-steps", "1", "--rl-steps", "1",
+            "--task-eval-n", "2", "--eval-limit", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("      not run: ") == len(EVAL_TASKS)  # one line per benchmark while the stage runs
+    report = (run / "report" / "report.md").read_text()
+    ev = json.loads((run / "report" / "report.json").read_text())["stages"]["eval"]
+    assert ev["tasks"] == [] and set(ev["skipped"]) == set(EVAL_TASKS) and ev["results"] == {}
+    from lmforge.eval.tasks import MC_TASKS
+
+    for name in EVAL_TASKS:
+        line = next(x for x in report.splitlines() if x.startswith(f"- **{name}**: "))
+        assert MC_TASKS[name].local_file + " not found" in line and "is not reachable" in line
+        assert f"To run it: set LMFORGE_SHARED_DATA / --data-root to a folder with {MC_TASKS[name].local_file}" in line
+        assert MC_TASKS[name].hub[0] in line
+    assert "| eval | centred benchmark score (0 = chance) | not run: no benchmark data on this machine" in report
+    assert "| task | chance |" not in report
+    # the metrics that need no download are all there, with numbers
+    import re
+
+    assert re.search(r"^\| pretrain \| validation bits per byte \| \*\*[0-9.]+\*\* bits/byte", report, re.M)
+    assert re.search(r"^\| SFT \| well-formed turns; task accuracy \| .* accuracy \*\*[0-9.]+\*\* \(arithmetic "
+                     r"[0-9.]+, letters [0-9.]+, identity [0-9.]+\)", report, re.M)
+    assert re.search(r"^\| arithmetic \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|$", report, re.M)  # tool calls per reply
+    assert re.search(r"^\| RL \(GRPO, tools\) \| held-out .* accuracy \| [0-9.]+% → \*\*[0-9.]+%\*\*", report, re.M)
+    # the data arrives (what the report card says to do): the same command runs the benchmarks now
+    monkeypatch.setenv("LMFORGE_SHARED_DATA", str(build_data_root(tmp_path / "data_root")))
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert "[5/7] rl: reusing" in again and "[6/7] eval: benchmarks of the base and the final model" in again
+    report = (run / "report" / "report.md").read_text()
+    assert "Not run" not in report and "| task | chance | base | final |" in report
+    assert all(re.search(rf"^\| {name} \| 0\.[0-9]{{3}} \| [01]\.[0-9]{{3}} ± ", report, re.M) for name in EVAL_TASKS)

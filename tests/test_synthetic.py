@@ -4,11 +4,11 @@ import re
 
 import pytest
 
+from lmforge.answers import extract_number, is_correct_number
 from lmforge.chat import render_for_training
 from lmforge.common import LmforgeError
 from lmforge.posttrain.conversations import record_to_messages
-from lmforge.posttrain.synthetic import (TASKS, WORDS, check_number, generate_conversations, get_task,
-                                         last_number)
+from lmforge.posttrain.synthetic import TASKS, WORDS, generate_conversations, get_task
 from lmforge.posttrain.tools import calculator, run_tool
 from lmforge.tokenizer import Tokenizer
 
@@ -56,7 +56,7 @@ def test_worked_examples_end_with_a_correct_checked_answer():
                 assert sum(mask) > 0
 
 
-def test_tool_calls_in_examples_give_the_results_shown():
+def test_tool_calls_in_examples_give_the_results_shown(sandbox):
     """The worked example's tool message must be what the real tool returns for that call."""
     for name in ("arithmetic", "letters"):
         for rec in generate_conversations(name, 15, seed=4, tools=True):
@@ -74,9 +74,9 @@ def test_identity_and_number_checkers():
     task = get_task("identity")
     prompt, key = task.sample(random.Random(0))
     assert task.check(f"well... {key.upper()} it is", key) and not task.check("I am GPT.", "Forge")
-    assert last_number("3 apples and 1,234 pears") == "1234"
-    assert last_number("-5 then -12.") == "-12"
-    assert check_number("= 655.", "655") and not check_number("= 6550", "655")
+    assert extract_number("3 apples and 1,234 pears") == "1234"
+    assert extract_number("-5 then -12.") == "-12"
+    assert is_correct_number("= 655.", "655") and not is_correct_number("= 6550", "655")
     assert calculator("660 - 5") == "655"
 
 
@@ -88,7 +88,7 @@ def test_unknown_task():
 def test_safety_set_refusals_are_detected_and_helpful_answers_are_not():
     from lmforge.posttrain.safety import PAIRS, is_refusal, refusal_eval, safety_conversations
 
-    for harmful, refusal, benign, answer in PAIRS:
+    for _harmful, refusal, _benign, answer in PAIRS:
         assert is_refusal(refusal), refusal
         assert not is_refusal(answer), answer
     train, test = safety_conversations("train"), safety_conversations("test")

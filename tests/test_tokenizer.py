@@ -7,13 +7,12 @@ import pickle
 
 import numpy as np
 import pytest
+from conftest import FIXTURES, shared_file, stdlib_text
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import shared_data
 from lmforge.common import LmforgeError
 from lmforge.tokenizer import SPECIAL_TOKENS, Tokenizer, _merges_from_hf, bytes_to_unicode
-
 
 TRAIN_CHARS = 300_000
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -27,7 +26,10 @@ TRICKY = [
 ]
 
 
-def tricky(chars: st.SearchStrategy[str] = st.characters(codec="utf-8")) -> st.SearchStrategy[str]:
+UTF8_CHARS = st.characters(codec="utf-8")
+
+
+def tricky(chars: st.SearchStrategy[str] = UTF8_CHARS) -> st.SearchStrategy[str]:
     return st.lists(st.sampled_from(TRICKY) | st.text(chars, max_size=4), max_size=20).map("".join)
 
 
@@ -48,18 +50,24 @@ def _is_utf8(raw: bytes) -> bool:
 
 
 @pytest.fixture(scope="module")
-def shakespeare() -> str:
-    return (shared_data() / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+def corpus() -> str:
+    """Training text and, after TRAIN_CHARS, held-out text: the standard library's source."""
+    return stdlib_text(TRAIN_CHARS + 100_000)
 
 
 @pytest.fixture(scope="module")
-def tok(shakespeare) -> Tokenizer:
-    return Tokenizer.train([shakespeare], vocab_size=512, show_progress=False, max_chars=TRAIN_CHARS)
+def tok(corpus) -> Tokenizer:
+    return Tokenizer.train([corpus], vocab_size=512, show_progress=False, max_chars=TRAIN_CHARS)
 
 
 @pytest.fixture(scope="module")
-def heldout(shakespeare) -> str:
-    return shakespeare[TRAIN_CHARS : TRAIN_CHARS + 100_000]
+def heldout(corpus) -> str:
+    return corpus[TRAIN_CHARS:]
+
+
+def multilingual() -> str:
+    """Many scripts, emoji, combining marks and odd whitespace (CR, CRLF, NBSP, BOM), read byte-exact."""
+    return (FIXTURES / "tokenizer" / "multilingual.txt").read_bytes().decode("utf-8")
 
 
 # ---------------------------------------------------------------- 1. exact round trip
@@ -145,12 +153,19 @@ def test_reference_matches_tiktoken_random(tok, s):
 
 
 def test_reference_matches_tiktoken_corpora(tok, heldout):
-    fixtures = shared_data() / "cs336-bpe-fixtures"
-    texts = [
-        heldout[:30_000],
-        (fixtures / "german.txt").read_text(encoding="utf-8"),
-        (fixtures / "corpus.en").read_text(encoding="utf-8")[:30_000],
-    ]
+    texts = [heldout[:30_000], multilingual()]
+    assert "\r\n" in texts[1] and "\ufeff" in texts[1] and "e\u0301" in texts[1]
+    for text in texts:
+        assert tok.reference_encode(text) == tok.encode(text)
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.encode_batch(texts, num_threads=2) == [tok.encode(t) for t in texts]
+
+
+def test_reference_matches_tiktoken_on_cs336_fixtures(tok):
+    """The same on the text files of Stanford CS336's BPE assignment (more English, German)."""
+    fixtures = shared_file("cs336-bpe-fixtures")
+    texts = [(fixtures / "german.txt").read_text(encoding="utf-8"),
+             (fixtures / "corpus.en").read_text(encoding="utf-8")[:30_000]]
     for text in texts:
         assert tok.reference_encode(text) == tok.encode(text)
     assert tok.encode_batch(texts, num_threads=2) == [tok.encode(t) for t in texts]
@@ -202,8 +217,8 @@ def test_save_load_roundtrip(tok, heldout, tmp_path):
     assert len(obj["merges"]) == tok.n_merges
 
 
-def test_training_is_deterministic(tok, shakespeare):
-    again = Tokenizer.train(iter([shakespeare]), 512, show_progress=False, max_chars=TRAIN_CHARS)
+def test_training_is_deterministic(tok, corpus):
+    again = Tokenizer.train(iter([corpus]), 512, show_progress=False, max_chars=TRAIN_CHARS)
     assert again.fingerprint == tok.fingerprint
 
 
@@ -258,6 +273,7 @@ def test_hf_export_transformers(tok, tmp_path):
         "numbers 1234567 3.14159 ٣²",
         "it's they'll we've I'M   ",
         "",
+        multilingual(),
     ]
     for text in texts:
         ids = tok.encode(text)

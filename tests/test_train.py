@@ -9,7 +9,7 @@ import torch
 
 from lmforge.common import LmforgeError
 from lmforge.train import checkpoint as ckpt_io
-from lmforge.train.loop import Trainer, TrainConfig, TrainingDiverged, read_log
+from lmforge.train.loop import TrainConfig, Trainer, TrainingDiverged, read_log
 from lmforge.train.optim import lr_multiplier, newton_schulz_orthogonalize
 from lmforge.train.pretrain import PretrainOptions, pretrain
 
@@ -50,10 +50,16 @@ def test_schedules():
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_training_lowers_validation_loss(tiny_data, tmp_path, optimizer):
+    import math
+
     res = run(tiny_data, tmp_path / "r", steps=40, optimizer=optimizer, lr=3e-3)
-    first_val = res["val_loss"]
-    assert res["val_bpb"] < 5.0  # byte-level: a uniform guess is log2(268) ~ 8.1 bits
-    assert losses(tmp_path / "r")[0] > first_val + 1.0
+    uniform = math.log(268)  # nats per byte-level token of a model that has learned nothing
+    # A fresh model predicts about uniformly; 40 steps of 128 tokens take the validation loss
+    # ~2.1 nats lower (3.47 muon, 3.49 adamw on stdlib source: roughly its byte frequencies,
+    # measured). An optimizer that does not step, or steps the wrong way, stays at ~5.6.
+    assert losses(tmp_path / "r")[0] == pytest.approx(uniform, abs=0.1)
+    assert res["val_loss"] < uniform - 1.5
+    assert res["val_bpb"] == pytest.approx(res["val_loss"] / math.log(2), rel=0.05)  # ~1 byte per token
     assert (tmp_path / "r" / "loss.png").stat().st_size > 1000
 
 
@@ -205,3 +211,40 @@ def test_compiled_training_matches_eager(tiny_data, tmp_path):
     run(tiny_data, tmp_path / "c", steps=3, compile="on")
     run(tiny_data, tmp_path / "e", steps=3, compile="off")
     assert losses(tmp_path / "c") == pytest.approx(losses(tmp_path / "e"), rel=1e-3)
+
+
+def test_nan_gradient_with_finite_loss_stops_before_the_step(tiny_data, tmp_path):
+    """A finite loss whose backward pass yields a NaN gradient (here: a hook on one weight at step 4)
+    must never reach the weights nor a checkpoint: the run stops at that step, naming the last good
+    checkpoint, with the weights as they were before the step."""
+    from lmforge.data.loader import TokenSplit
+    from lmforge.model import GPT, get_config
+    from lmforge.train.pretrain import NextTokenTask
+
+    class NaNGradientTask(NaNTask):
+        def loss(self, model, batch):
+            self.calls += 1
+            loss, n = self.inner.loss(model, batch)
+            if self.calls == self.bad_step:
+                self.before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                weight = model.layers[0].mlp.down_proj.weight
+                handle = weight.register_hook(lambda g: (handle.remove(), torch.full_like(g, float("nan")))[1])
+            return loss, n
+
+    out = tmp_path / "r"
+    inner = NextTokenTask(TokenSplit(tiny_data, "train"), None, torch.ones(268, dtype=torch.long), batch_size=4,
+                          seq_len=32, seed=0, device="cpu", eval_tokens=128)
+    model = GPT(get_config("tiny", vocab_size=268, **TINY))
+    cfg = TrainConfig(out_dir=str(out), max_steps=10, ckpt_every=2, eval_every=0, progress=False, dtype="fp32",
+                      compile="off", grad_clip=0.0)  # no clipping: the norm is checked all the same
+    task = NaNGradientTask(inner, bad_step=4)
+    trainer = Trainer(model, task, cfg)
+    with pytest.raises(TrainingDiverged, match=r"gradient norm became nan at step 4 \(loss \d.*step_000002"):
+        trainer.fit()
+    after = model.state_dict()
+    for k, v in task.before.items():
+        assert torch.equal(after[k], v), k  # the step was not taken
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert [p.name for p in ckpt_io.list_checkpoints(out / "checkpoints")] == ["step_000002"]
+    saved, _ = ckpt_io.load_model(out)
+    assert all(torch.isfinite(v).all() for v in saved.state_dict().values())

@@ -8,13 +8,19 @@ Windows are located by index arithmetic; only the rows of the current batch are 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from lmforge.common import LmforgeError, dist_info
 from lmforge.data.prepare import load_manifest
+
+
+class SplitMissing(LmforgeError):
+    """The folder has no tokens for this split (e.g. val prepared with val_fraction=0). Kept apart
+    from a damaged split (a shard missing or of the wrong size), which is always an error: a caller
+    may run without validation when there is none, never when its data is broken."""
 
 
 class TokenSplit:
@@ -32,7 +38,7 @@ class TokenSplit:
         self.manifest = load_manifest(self.data_dir)
         m = self.manifest
         if split not in m["splits"]:
-            raise LmforgeError(f"{self.data_dir} has no {split!r} split (has: {', '.join(m['splits'])})")
+            raise SplitMissing(f"{self.data_dir} has no {split!r} split (has: {', '.join(m['splits'])})")
         self.fingerprint: str = m["tokenizer_fingerprint"]
         if tokenizer is not None:
             expected_fingerprint = tokenizer.fingerprint
@@ -65,7 +71,7 @@ class TokenSplit:
         self._starts = np.cumsum([0] + [len(a) for a in self._maps])
         self.num_tokens = int(self._starts[-1])
         if self.num_tokens == 0:
-            raise LmforgeError(
+            raise SplitMissing(
                 f"the {split!r} split in {self.data_dir} is empty"
                 + (" (prepared with val_fraction=0)" if split == "val" else "")
             )

@@ -17,9 +17,9 @@ import os
 import tempfile
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from itertools import chain, islice
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 

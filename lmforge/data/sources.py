@@ -16,9 +16,9 @@ import json
 import os
 import re
 import sysconfig
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from lmforge.common import LmforgeError
 
@@ -359,7 +359,8 @@ def iter_hf_dataset(
     try:
         import datasets
     except ImportError:
-        raise LmforgeError("the `datasets` package is needed to load Hugging Face datasets (pip install datasets)") from None
+        raise LmforgeError("the `datasets` package is needed to load Hugging Face datasets "
+                           "(pip install datasets)") from None
     try:
         ds = datasets.load_dataset(name_or_builder, config, split=split, streaming=True, data_files=data_files)
     except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError...)

@@ -29,7 +29,7 @@ def cmd_eval(args):
     results = run_tasks(lm, tasks, limit=args.limit, fewshot=args.fewshot, seed=args.seed,
                         batch_size=args.batch_size, data_root=args.data_root, source=args.source,
                         max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-                        keep_predictions=args.predictions)
+                        keep_predictions=args.predictions, hub_mirror=args.hub_mirror)
     if args.text:
         from lmforge.eval.lm import evaluate_text_file
 
@@ -74,14 +74,13 @@ def _read_answers(path: str, n: int) -> list[str]:
 def cmd_judge(args):
     from lmforge.common import LmforgeError
     from lmforge.eval.harness import load_eval_model
-    from lmforge.eval.judge import compare, load_judge, load_mt_bench_questions
-    from lmforge.eval.tasks import _read_jsonl, default_data_root, iter_limit
+    from lmforge.eval.judge import compare, load_judge, load_mt_bench_questions, load_questions_file
+    from lmforge.eval.tasks import default_data_root
 
     if args.questions == "mt_bench":
         questions = load_mt_bench_questions(args.data_root or default_data_root(), args.limit)
     else:
-        rows = _read_jsonl(Path(args.questions))
-        questions = iter_limit([r["question"] if isinstance(r, dict) else r for r in rows], args.limit)
+        questions = load_questions_file(args.questions, args.limit)
     answers = []
     for model, file in ((args.model_a, args.answers_a), (args.model_b, args.answers_b)):
         if (model is None) == (file is None):
@@ -128,14 +127,18 @@ def add_commands(sub) -> None:
     ev.add_argument("--seed", type=int, default=1234, help="fixes the few-shot examples")
     ev.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass")
     ev.add_argument("--max-new-tokens", type=positive_int, default=256, help="generation length (gsm8k, mt_bench_ref)")
-    ev.add_argument("--text", action="append", default=[], help="perplexity / bits per byte of a text file (repeatable)")
+    ev.add_argument("--text", action="append", default=[],
+                    help="perplexity / bits per byte of a text file (repeatable)")
     ev.add_argument("--stride", type=positive_int, default=None, help="--text window stride (default: the window)")
     ev.add_argument("--data-dir", default=None, help="perplexity / bits per byte of a prepared shard folder")
     ev.add_argument("--split", default="val")
     ev.add_argument("--max-tokens", type=positive_int, default=None, help="--data-dir: at most this many tokens")
-    ev.add_argument("--data-root", default=None, help="shared data folder (default: $LMFORGE_SHARED_DATA or ../shared/data)")
+    ev.add_argument("--data-root", default=None,
+                    help="benchmark data folder (default: $LMFORGE_SHARED_DATA or ../shared/data)")
     ev.add_argument("--source", choices=["auto", "local", "hub"], default="auto",
                     help="local files, the Hugging Face hub, or local when present (auto)")
+    ev.add_argument("--hub-mirror", default=None, help="read hub datasets from this folder (MIRROR/owner/name, "
+                    "laid out as on the hub) instead of the network (default: $LMFORGE_HUB_MIRROR)")
     ev.add_argument("--out", default="eval_results.json", help="results JSON (a .md table is written next to it)")
     ev.add_argument("--predictions", action="store_true", help="keep per-item predictions in the JSON")
     ev.add_argument("--device", default="cpu")
@@ -150,9 +153,11 @@ def add_commands(sub) -> None:
     ju.add_argument("--api-key-env", default=None, help="environment variable holding the endpoint's API key")
     ju.add_argument("--model-a", default=None, help="model whose answers are judged (or --answers-a)")
     ju.add_argument("--model-b", default=None)
-    ju.add_argument("--answers-a", default=None, help="JSON lines: one answer string (or {\"answer\": ...}) per question")
+    ju.add_argument("--answers-a", default=None,
+                    help="JSON lines: one answer string (or {\"answer\": ...}) per question")
     ju.add_argument("--answers-b", default=None)
-    ju.add_argument("--questions", default="mt_bench", help="mt_bench (first turns) or a JSON-lines file of {\"question\": ...}")
+    ju.add_argument("--questions", default="mt_bench",
+                    help="mt_bench (first turns) or a JSON-lines file of {\"question\": ...}")
     ju.add_argument("--limit", type=positive_int, default=None)
     ju.add_argument("--chat", action="store_true", help="ask the models through their chat template")
     ju.add_argument("--max-new-tokens", type=positive_int, default=128)

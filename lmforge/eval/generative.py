@@ -4,8 +4,8 @@ GSM8K follows the common few-shot chain-of-thought setup (lm-eval's `gsm8k` task
 training problems as "Question: ...\\nAnswer: <worked solution> #### <number>", then the test
 question; generation is greedy and stops at the next "Question:" or a blank line. The answer is
 the number after "####" if the model wrote one, else the last number in its text (lm-eval's
-"flexible extract"); it scores when it equals the reference number (exact match after removing
-commas, "$" and a trailing period).
+"flexible extract"); it scores when it equals the reference number by value (lmforge.answers: the
+rule every RL reward uses too).
 
 Generation goes through the adapter: lmforge checkpoints use the batched, KV-cached `Engine` with
 stop strings; Hugging Face folders a plain greedy loop.
@@ -16,28 +16,18 @@ import math
 import random
 import re
 
+from lmforge.answers import extract_number
 from lmforge.eval.harness import EvalModel
 from lmforge.eval.tasks import GSM8KItem
 
 GSM8K_STOP = ("Question:", "\n\n")
-_NUMBER = re.compile(r"-?[$]?\d[\d,]*(?:\.\d+)?")
 
 
-def normalize_number(s: str) -> str:
-    s = s.strip().replace(",", "").replace("$", "").rstrip(".")
-    if re.fullmatch(r"-?\d+\.0+", s):  # "18.00" and "18" are the same answer
-        s = s.split(".")[0]
-    return s
-
-
-def extract_answer(text: str) -> str | None:
-    """The number after "####", else the last number in the text, else None."""
-    if "####" in text:
-        m = _NUMBER.search(text.split("####", 1)[1])
-        if m:
-            return normalize_number(m.group())
-    found = _NUMBER.findall(text)
-    return normalize_number(found[-1]) if found else None
+def score_gsm8k_reply(output: str, solution: str) -> bool:
+    """Whether a generated answer matches a worked solution's final number: lmforge.answers' rule,
+    the same one the RL rewards and the synthetic tasks use."""
+    gold = extract_number(solution)
+    return gold is not None and extract_number(output) == gold
 
 
 def gsm8k_prompt(item: GSM8KItem, shots: list[GSM8KItem]) -> str:
@@ -62,9 +52,8 @@ def evaluate_gsm8k(lm: EvalModel, items: list[GSM8KItem], shots_pool: list[GSM8K
         outputs += lm.generate(prompts[start:start + batch_size], max_new_tokens, stop=GSM8K_STOP)
     rows, hits = [], []
     for it, out in zip(items, outputs):
-        pred = extract_answer(out)
-        gold = normalize_number(it.answer)
-        hits.append(float(pred == gold))
+        pred, gold = extract_number(out), it.answer
+        hits.append(float(score_gsm8k_reply(out, it.solution)))
         rows.append({"question": it.question, "output": out, "prediction": pred, "gold": gold})
     acc = sum(hits) / len(hits) if hits else float("nan")
     stderr = math.sqrt(acc * (1 - acc) / max(len(hits) - 1, 1)) if hits else float("nan")
@@ -81,7 +70,8 @@ def load_mt_bench_references(root) -> tuple[list[str], list[str]]:
 
     root = Path(root)
     questions = {r["question_id"]: r["turns"][0] for r in _read_jsonl(root / "eval" / "mt_bench" / "question.jsonl")}
-    refs = {r["question_id"]: r["choices"][0]["turns"][0] for r in _read_jsonl(root / "eval" / "mt_bench" / "gpt-4.jsonl")}
+    refs = {r["question_id"]: r["choices"][0]["turns"][0]
+            for r in _read_jsonl(root / "eval" / "mt_bench" / "gpt-4.jsonl")}
     ids = sorted(set(questions) & set(refs))
     return [questions[i] for i in ids], [refs[i] for i in ids]
 
@@ -102,4 +92,5 @@ def evaluate_reference_generation(lm: EvalModel, prompts: list[str], references:
     # An empty output is a real (bad) answer: BLEU/ROUGE score it 0 rather than crash on it.
     metrics = overlap_metrics([o or " " for o in outputs], references)
     return {"metrics": {"n": len(prompts), **metrics},
-            "predictions": [{"prompt": p, "output": o, "reference": r} for p, o, r in zip(prompts, outputs, references)]}
+            "predictions": [{"prompt": p, "output": o, "reference": r}
+                            for p, o, r in zip(prompts, outputs, references)]}

@@ -22,9 +22,10 @@ lmforge models, the choices of a question with short answers run their shared co
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +70,7 @@ class LmforgeModel:
         self.config = model.config
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", dtype: str = "fp32") -> "LmforgeModel":
+    def load(cls, path: str | Path, device: str = "cpu", dtype: str = "fp32") -> LmforgeModel:
         from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
 
         model, _ = load_model(path, device=device)

@@ -29,7 +29,8 @@ JUDGE_INSTRUCTIONS = (
     "helpfulness, correctness and relevance; do not let the order of the answers, their length or "
     "the assistants' names sway you."
 )
-ENDPOINT_FORMAT = "After a short explanation, give your verdict as [[A]] if A is better, [[B]] if B is better, or [[C]] for a tie."
+ENDPOINT_FORMAT = ("After a short explanation, give your verdict as [[A]] if A is better, [[B]] if B is better, "
+                   "or [[C]] for a tie.")
 
 
 def judge_prompt(question: str, answer_a: str, answer_b: str) -> str:
@@ -186,6 +187,34 @@ def load_mt_bench_questions(root, limit: int | None = None) -> list[str]:
     """First turns of the 80 MT-bench questions (eval/mt_bench/question.jsonl)."""
     from pathlib import Path
 
-    from lmforge.eval.tasks import _read_jsonl, iter_limit
+    from lmforge.eval.tasks import _rows, iter_limit
 
-    return iter_limit([r["turns"][0] for r in _read_jsonl(Path(root) / "eval" / "mt_bench" / "question.jsonl")], limit)
+    return iter_limit(_rows(Path(root) / "eval" / "mt_bench" / "question.jsonl", lambda r: r["turns"][0]), limit)
+
+
+def load_questions_file(path, limit: int | None = None) -> list[str]:
+    """Questions from a JSON-lines file: one {"question": "..."} object (or a bare JSON string)
+    per line. A line that is neither is one error naming the file and line."""
+    import json
+    from pathlib import Path
+
+    from lmforge.eval.tasks import iter_limit
+
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"questions file not found: {path}")
+    questions = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{path}:{n} is not valid JSON: {e}") from None
+        q = row.get("question") if isinstance(row, dict) else row
+        if not isinstance(q, str) or not q.strip():
+            raise LmforgeError(f'{path}:{n}: expected {{"question": "..."}} or a JSON string, got {line.strip()[:80]}')
+        questions.append(q)
+    if not questions:
+        raise LmforgeError(f"{path} holds no questions")
+    return iter_limit(questions, limit)

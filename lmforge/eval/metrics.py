@@ -5,7 +5,7 @@ ROUGE-1/2/L are Google's `rouge-score` F-measures with Porter stemming, averaged
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from lmforge.common import LmforgeError
 

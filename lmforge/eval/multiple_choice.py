@@ -62,7 +62,8 @@ def evaluate_multiple_choice(lm: EvalModel, items: list[MCItem], *, fewshot: int
         for k, p in picks.items():
             hits[k].append(float(p == item.gold))
         chance.append(1.0 / n)
-        predictions.append({"gold": item.gold, "loglikelihoods": ll.tolist(), **{f"pick_{k}": p for k, p in picks.items()}})
+        predictions.append({"gold": item.gold, "loglikelihoods": ll.tolist(),
+                            **{f"pick_{k}": p for k, p in picks.items()}})
     metrics: dict[str, float] = {"n": len(items), "chance": float(np.mean(chance)) if chance else float("nan")}
     for k, v in hits.items():
         m = float(np.mean(v)) if v else float("nan")

@@ -45,12 +45,12 @@ def _run_facts(run_dir: Path | None) -> dict:
         return {}
     import torch
 
-    from lmforge.model import GPT, GPTConfig
-    from lmforge.train.checkpoint import read_checkpoint_state, resolve_checkpoint
+    from lmforge.model import GPT
+    from lmforge.train.checkpoint import checkpoint_model_config, read_checkpoint_state, resolve_checkpoint
 
     ckpt = resolve_checkpoint(run_dir)
     state = read_checkpoint_state(ckpt)
-    cfg = GPTConfig.from_dict(state["model_config"])
+    cfg = checkpoint_model_config(ckpt, state)
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = GPT(cfg)
     tokens = int(state.get("tokens_seen", 0))

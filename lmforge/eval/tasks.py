@@ -2,30 +2,52 @@
 
 Every multiple-choice item becomes an `MCItem`: per choice a context and a continuation; the
 model's log-likelihood of each continuation after its context ranks the choices. The prompt
-formats follow lm-evaluation-harness's task definitions (each loader's docstring says which), so
-accuracies compare with published numbers.
+formats are those of lm-evaluation-harness's task definitions (each item builder's docstring says
+which), so accuracies compare with published numbers.
 
-Data comes from local files under the shared data folder (`LMFORGE_SHARED_DATA`, else
-`../shared/data` next to the repository, or `--data-root`), or, with `source="hub"` (or when no
-local file exists), from the Hugging Face hub by name through `datasets` (needs network).
+Every task has two sources:
+  local  a file under the data root (`--data-root`, else $LMFORGE_SHARED_DATA, else
+         `../shared/data` next to the repository), in the layout of this project's shared data;
+  hub    the Hugging Face dataset lm-evaluation-harness reads (its real columns), through
+         `datasets.load_dataset` (needs network or a filled HF cache). $LMFORGE_HUB_MIRROR (or
+         `hub_mirror=`) points at a folder holding repos as the hub serves them
+         (MIRROR/owner/name/README.md + parquet files), read by the same code.
+`source="auto"` takes the local file when it is there, else the hub. When neither has the data,
+the loader raises `DataUnavailable`, which says why and what gets the data; any other error (a
+malformed file, a row without the expected column) is a real error and is raised as such.
 """
 from __future__ import annotations
 
 import bz2
+import functools
 import json
 import os
 import re
+import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from urllib.parse import urlparse
 
 from lmforge.common import LmforgeError
 
 REPO = Path(__file__).resolve().parents[2]
+HUB_MIRROR_ENV = "LMFORGE_HUB_MIRROR"
 
 
 def default_data_root() -> Path:
     return Path(os.environ.get("LMFORGE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+class DataUnavailable(LmforgeError):
+    """A benchmark's data is neither in the data root nor reachable on the hub. Carries the task,
+    the reason and what gets the data, so a caller that goes on without the task (the speedrun)
+    can say all three."""
+
+    def __init__(self, task: str, reason: str, how: str):
+        self.task, self.reason, self.how = task, reason, how
+        super().__init__(f"{task}: data not available ({reason}); to get it: {how}")
 
 
 @dataclass
@@ -67,18 +89,125 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _hub(name: str, config: str | None, split: str):
-    """A split of a dataset on the Hugging Face hub (needs network, or a local HF cache)."""
+def _rows(path: Path, parse: Callable[[dict], object]) -> list:
+    """parse(row) for every row of a JSON-lines file; a row without an expected field is one
+    error line naming the file and line, not a KeyError."""
+    out = []
+    for n, row in enumerate(_read_jsonl(path), 1):
+        try:
+            out.append(parse(row))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise LmforgeError(f"{path}: item {n} does not have the expected fields "
+                               f"({type(e).__name__}: {e})") from None
+    return out
+
+
+# ----------------------------------------------------------------------------- the hub
+
+
+def _hub_offline_env() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:
+        return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
+@functools.cache
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached from here, or None. `datasets` retries an unreachable hub for
+    about 25 s per dataset on this project's offline machine (minutes where connections time out
+    instead of failing), so one quick TCP connection decides first, once per process. Behind a
+    proxy the check cannot tell, and datasets is left to try."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except ImportError:
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    t0 = time.perf_counter()
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return (f"the Hugging Face hub ({host}) is not reachable from this machine ({e}; checked in "
+                f"{time.perf_counter() - t0:.1f} s; with a filled HF cache, set HF_HUB_OFFLINE=1)")
+
+
+def hub_rows(task: str, repo: str, config: str | None, split: str, mirror: str | Path | None = None) -> list[dict]:
+    """The rows of one split of a hub dataset, as dicts with the hub's columns. With a mirror
+    (argument or $LMFORGE_HUB_MIRROR) the dataset is read from MIRROR/repo, laid out as on the hub.
+    Not being able to get the rows (offline, not in the cache or mirror, no `datasets`, a hub
+    repo that no longer reads as expected) raises DataUnavailable; a mirror folder that does not
+    read as a dataset is an LmforgeError."""
+    spec = f"{repo}{' ' + config if config else ''} ({split})"
+    how = f"go online for the Hugging Face hub ({spec})"
+    mirror = mirror if mirror is not None else os.environ.get(HUB_MIRROR_ENV) or None
     try:
         import datasets
+    except ImportError:
+        raise DataUnavailable(task, "the `datasets` package is not installed",
+                              f"pip install datasets, then {how}") from None
+    if mirror is not None:
+        target = Path(mirror) / repo
+        if not target.is_dir():
+            raise DataUnavailable(task, f"{target} is not there (hub mirror from {HUB_MIRROR_ENV})",
+                                  f"put {repo} in the mirror, or unset {HUB_MIRROR_ENV} and {how}")
+        target = str(target)
+    else:
+        target = repo
+        if not _hub_offline_env():
+            reason = hub_unreachable()
+            if reason:
+                raise DataUnavailable(task, reason, how)
+    try:
+        if mirror is None:
+            try:
+                ds = datasets.load_dataset(target, config, split=split)
+            except RuntimeError as e:
+                if "scripts are no longer supported" not in str(e):
+                    raise
+                # a repo still built by a loading script (datasets >= 4 runs none): the hub's
+                # parquet export of it, which is what the script produced
+                ds = datasets.load_dataset(target, config, split=split, revision="refs/convert/parquet")
+        else:  # datasets caches a local folder's split under its name and file patterns, not its
+            # content: a fresh cache per read keeps a changed mirror from being served stale
+            import tempfile
 
-        return datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # offline, unknown name, ...: one clear line instead of a traceback
-        raise LmforgeError(f"cannot load {name}{'/' + config if config else ''} ({split}) from the "
-                           f"Hugging Face hub: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+            with tempfile.TemporaryDirectory(prefix="lmforge-hub-mirror-") as cache:
+                return [dict(r) for r in datasets.load_dataset(target, config, split=split, cache_dir=cache)]
+    except OSError as e:  # ConnectionError, not in the offline cache, no such repo: not here
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        why = "HF_HUB_OFFLINE is set and it is not in the HF cache: " if _hub_offline_env() else ""
+        raise DataUnavailable(task, f"cannot load {spec}: {why}{type(e).__name__}: {first}", how) from None
+    except Exception as e:  # the repo answered, but not as expected (no such config or split...)
+        message = f"{spec} could not be read: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if mirror is not None:  # a folder on this machine: its layout is wrong, say so and stop
+            raise LmforgeError(f"{task}: {message}") from None
+        # the hub is a service that changes under us: a run goes on without the task, and says why
+        raise DataUnavailable(task, f"the hub's {message}",
+                              f"use the local file, or {how} once it reads again") from None
+    return [dict(r) for r in ds]
 
 
-# ----------------------------------------------------------------------------- HellaSwag
+def _from_hub_rows(task: str, spec: tuple[str, str | None, str], item: Callable[[dict], object],
+                   mirror=None) -> list:
+    out = []
+    for n, row in enumerate(hub_rows(task, *spec, mirror=mirror)):
+        try:
+            out.append(item(row))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise LmforgeError(f"{task}: hub row {n} of {spec[0]} does not have the expected columns "
+                               f"({type(e).__name__}: {e})") from None
+    return out
+
+
+# ----------------------------------------------------------------------------- item builders (lm-eval's formats)
 
 
 def hellaswag_preprocess(text: str) -> str:
@@ -107,64 +236,68 @@ def _capitalize_last_fragment(ctx: str) -> str:
     return m.group(1) + m.group(2).upper() + m.group(3) if m else ctx
 
 
-def load_hellaswag(root: Path, source: str = "local") -> list[MCItem]:
-    """HellaSwag validation (10042 items). Local file: hellaswag/hellaswag_val_full.txt.bz2, six
-    lines per item (activity label + ": " + context / gold index / four endings), already cleaned
-    of WikiHow markup; the hub: Rowan/hellaswag, validation split."""
-    if source == "hub":
-        return [hellaswag_item(d["activity_label"], d["ctx_a"], d["ctx_b"], d["endings"], int(d["label"]))
-                for d in _hub("Rowan/hellaswag", None, "validation")]
-    path = root / "hellaswag" / "hellaswag_val_full.txt.bz2"
-    if not path.is_file():
-        raise LmforgeError(f"data file not found: {path} (set LMFORGE_SHARED_DATA or --data-root)")
-    lines = bz2.open(path, "rt", encoding="utf-8").read().split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    if len(lines) % 6:
-        raise LmforgeError(f"{path}: expected 6 lines per item, got {len(lines)} lines")
-    items = []
-    for i in range(0, len(lines), 6):
-        ctx = _capitalize_last_fragment(hellaswag_preprocess(lines[i]))
-        choices = [hellaswag_preprocess(e) for e in lines[i + 2:i + 6]]
-        items.append(MCItem([ctx] * 4, [" " + c for c in choices], int(lines[i + 1]), choices))
-    return items
-
-
-# ----------------------------------------------------------------------------- ARC, MMLU, others
-
-
 def arc_item(question: str, choices: list[str], gold: int) -> MCItem:
-    """lm-eval's ARC: "Question: {question}\\nAnswer:" then " " + the answer text."""
+    """lm-eval's ARC (and PIQA): "Question: {question}\\nAnswer:" then " " + the answer text."""
     ctx = f"Question: {question}\nAnswer:"
     return MCItem([ctx] * len(choices), [" " + c for c in choices], gold, list(choices))
-
-
-def load_arc(root: Path, level: str, source: str = "local") -> list[MCItem]:
-    """ARC-Easy (2376 test questions) / ARC-Challenge (1172). Local: eval/llm-foundry/arc_*.jsonl
-    (MosaicML's format, query "Question: ..."); the hub: allenai/ai2_arc, test split."""
-    if source == "hub":
-        ds = _hub("allenai/ai2_arc", "ARC-Easy" if level == "easy" else "ARC-Challenge", "test")
-        return [arc_item(d["question"], d["choices"]["text"], d["choices"]["label"].index(d["answerKey"]))
-                for d in ds]
-    rows = _read_jsonl(root / "eval" / "llm-foundry" / f"arc_{level}.jsonl")
-    return [arc_item(r["query"].removeprefix("Question:").strip(), r["choices"], int(r["gold"])) for r in rows]
 
 
 def mmlu_item(question: str, choices: list[str], answer: int) -> MCItem:
     """lm-eval's default MMLU: question, the options lettered "A. ..", then "Answer:"; the choices
     are the letters, scored as " A" .. " D"."""
     letters = "ABCDEFGHIJ"[:len(choices)]
-    ctx = question.strip() + "\n" + "".join(f"{l}. {c}\n" for l, c in zip(letters, choices)) + "Answer:"
-    return MCItem([ctx] * len(choices), [" " + l for l in letters], int(answer), list(letters))
+    ctx = question.strip() + "\n" + "".join(f"{k}. {c}\n" for k, c in zip(letters, choices)) + "Answer:"
+    return MCItem([ctx] * len(choices), [" " + k for k in letters], int(answer), list(letters))
 
 
-def load_mmlu(root: Path, source: str = "local") -> list[MCItem]:
-    """MMLU. Local: eval/qwen-math/mmlu_stem/test.jsonl (18 STEM subjects, 3018 questions: the full
-    57 subjects are not available offline); the hub: cais/mmlu "all", test split (14042)."""
-    if source == "hub":
-        return [mmlu_item(d["question"], d["choices"], d["answer"]) for d in _hub("cais/mmlu", "all", "test")]
-    return [mmlu_item(r["question"], r["choices"], r["answer"])
-            for r in _read_jsonl(root / "eval" / "qwen-math" / "mmlu_stem" / "test.jsonl")]
+def query_item(query: str, choices: list[str], gold: int) -> MCItem:
+    """A shared context and " " + each choice (lm-eval's default target delimiter): OpenBookQA's
+    question_stem, BoolQ, and MosaicML's {query, choices, gold} files."""
+    return MCItem([query] * len(choices), [" " + c for c in choices], int(gold), list(choices))
+
+
+def copa_item(context: str, choices: list[str], gold: int) -> MCItem:
+    """lm-eval's COPA: context = premise without its final period + " because" / " therefore";
+    each choice with its first letter lowercased. lm-eval's doc_to_choice already starts each
+    choice with a space and its target delimiter adds another, so the scored continuation is
+    two spaces + the choice (kept, so the numbers compare); acc_norm's length is that of
+    " " + choice, as in lm-eval."""
+    texts = [" " + c[0].lower() + c[1:] for c in choices]
+    return MCItem([context] * len(texts), [" " + t for t in texts], int(gold), texts)
+
+
+def copa_hub_item(d: dict) -> MCItem:
+    connector = {"cause": "because", "effect": "therefore"}[d["question"]]
+    return copa_item(d["premise"].strip()[:-1] + " " + connector, [d["choice1"], d["choice2"]], int(d["label"]))
+
+
+def winogrande_item(sentence: str, option1: str, option2: str, answer: str) -> MCItem:
+    """lm-eval's WinoGrande (partial scoring): one context per option, sentence up to the blank
+    with the option filled in; the rest of the sentence after the blank is the shared
+    continuation, whose log-likelihood is compared; acc_norm's lengths are the contexts'."""
+    blank = sentence.index("_")
+    contexts = [sentence[:blank] + o for o in (option1, option2)]
+    rest = " " + sentence[blank + 1:].strip()
+    return MCItem(contexts, [rest, rest], {"1": 0, "2": 1}[str(answer)], list(contexts))
+
+
+def boolq_item(passage: str, question: str, label: int) -> MCItem:
+    """lm-eval's BoolQ: "{passage}\\nQuestion: {question}?\\nAnswer:" then " no" / " yes"."""
+    return query_item(f"{passage}\nQuestion: {question}?\nAnswer:", ["no", "yes"], int(label))
+
+
+def siqa_item(context: str, question: str, answers: list[str], label: str) -> MCItem:
+    """lm-eval's Social IQa: "Q: {context} {question}\\nA:" then " " + each of the three answers;
+    the hub's label is "1".."3"."""
+    return query_item(f"Q: {context} {question}\nA:", answers, int(label) - 1)
+
+
+def commonsense_qa_item(question: str, choices: list[str], answer_key: str) -> MCItem:
+    """lm-eval's CommonsenseQA: "Question: {question}\\nA. ..\\n..E. ..\\nAnswer:", the choices
+    are the letters " A" .. " E"."""
+    letters = "ABCDE"[:len(choices)]
+    ctx = f"Question: {question.strip()}\n" + "".join(f"{k}. {c}\n" for k, c in zip(letters, choices)) + "Answer:"
+    return MCItem([ctx] * len(choices), [" " + k for k in letters], letters.index(answer_key), list(letters))
 
 
 def foundry_item(r: dict) -> MCItem:
@@ -174,56 +307,156 @@ def foundry_item(r: dict) -> MCItem:
     if "context_options" in r:
         opts = r["context_options"]
         return MCItem(list(opts), [" " + r["continuation"]] * len(opts), int(r["gold"]), list(opts))
-    query = r["query"].rstrip()
-    return MCItem([query] * len(r["choices"]), [" " + c for c in r["choices"]], int(r["gold"]), list(r["choices"]))
+    return query_item(r["query"].rstrip(), r["choices"], r["gold"])
 
 
-def load_foundry(root: Path, file: str) -> list[MCItem]:
-    return [foundry_item(r) for r in _read_jsonl(root / "eval" / "llm-foundry" / file)]
+# ----------------------------------------------------------------------------- local files
 
 
-def _piqa_item(r: dict) -> MCItem:
-    """lm-eval's PIQA: "Question: {goal}\\nAnswer:" then " " + the solution."""
+def _hellaswag_local(path: Path) -> list[MCItem]:
+    """klosax's text file: six lines per item (activity label + ": " + context / gold index / four
+    endings), already cleaned of WikiHow markup."""
+    lines = bz2.open(path, "rt", encoding="utf-8").read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if len(lines) % 6:
+        raise LmforgeError(f"{path}: expected 6 lines per item, got {len(lines)} lines")
+    items = []
+    for i in range(0, len(lines), 6):
+        ctx = _capitalize_last_fragment(hellaswag_preprocess(lines[i]))
+        choices = [hellaswag_preprocess(e) for e in lines[i + 2:i + 6]]
+        try:
+            gold = int(lines[i + 1])
+        except ValueError:
+            raise LmforgeError(f"{path}:{i + 2}: expected the gold index, got {lines[i + 1][:40]!r}") from None
+        items.append(MCItem([ctx] * 4, [" " + c for c in choices], gold, choices))
+    return items
+
+
+def _question_local(r: dict) -> MCItem:
+    """MosaicML's ARC / PIQA rows: query "Question: ...", rendered as lm-eval's ARC."""
     return arc_item(r["query"].removeprefix("Question:").strip(), r["choices"], int(r["gold"]))
 
 
-# name -> (loader(root, source), what it is)
-MC_TASKS: dict[str, tuple[Callable[[Path, str], list[MCItem]], str]] = {
-    "hellaswag": (load_hellaswag, "HellaSwag validation, 4 endings"),
-    "arc_easy": (lambda root, src: load_arc(root, "easy", src), "ARC-Easy test"),
-    "arc_challenge": (lambda root, src: load_arc(root, "challenge", src), "ARC-Challenge test"),
-    "mmlu": (load_mmlu, "MMLU (local: 18 STEM subjects)"),
-    "piqa": (lambda root, src: [_piqa_item(r) for r in _read_jsonl(root / "eval/llm-foundry/piqa.jsonl")],
-             "PIQA validation"),
-    "openbookqa": (lambda root, src: load_foundry(root, "openbook_qa.jsonl"), "OpenBookQA test"),
-    "copa": (lambda root, src: load_foundry(root, "copa.jsonl"), "COPA"),
-    "winogrande": (lambda root, src: load_foundry(root, "winogrande.jsonl"), "WinoGrande (partial scoring)"),
-    "siqa": (lambda root, src: load_foundry(root, "siqa.jsonl"), "Social IQa (lettered)"),
-    "commonsense_qa": (lambda root, src: load_foundry(root, "commonsense_qa.jsonl"), "CommonsenseQA (lettered)"),
-    "boolq": (lambda root, src: load_foundry(root, "boolq.jsonl"), "BoolQ (no/yes)"),
+def _copa_local(r: dict) -> MCItem:
+    """MosaicML's COPA writes "premise, therefore": lm-eval has no comma."""
+    return copa_item(re.sub(r", (because|therefore)$", r" \1", r["query"]), r["choices"], r["gold"])
+
+
+def _boolq_local(r: dict) -> MCItem:
+    """MosaicML's BoolQ query is "Passage: {passage}\\nQuestion: {question}?"."""
+    passage, question = r["query"].removeprefix("Passage: ").rsplit("\nQuestion: ", 1)
+    return boolq_item(passage, question.removesuffix("?"), ["no", "yes"].index(r["choices"][r["gold"]]))
+
+
+def _jsonl(parse: Callable[[dict], MCItem]) -> Callable[[Path], list[MCItem]]:
+    return lambda path: _rows(path, parse)
+
+
+@dataclass(frozen=True)
+class MCTask:
+    """One multiple-choice benchmark: its local file (relative to the data root) and how a row of
+    it becomes an item; the hub dataset lm-eval reads (repo, config, split) and how a hub row
+    becomes an item. `same_items` says whether the two sources hold the same items in the same
+    rendering (True where the local file keeps everything lm-eval's format needs)."""
+
+    description: str
+    local_file: str
+    read_local: Callable[[Path], list[MCItem]]
+    hub: tuple[str, str | None, str]
+    hub_item: Callable[[dict], MCItem]
+    same_items: bool = True
+
+
+FOUNDRY = "eval/llm-foundry"
+MC_TASKS: dict[str, MCTask] = {
+    "hellaswag": MCTask(
+        "HellaSwag validation, 4 endings", "hellaswag/hellaswag_val_full.txt.bz2", _hellaswag_local,
+        ("Rowan/hellaswag", None, "validation"),
+        lambda d: hellaswag_item(d["activity_label"], d["ctx_a"], d["ctx_b"], d["endings"], int(d["label"]))),
+    "arc_easy": MCTask(
+        "ARC-Easy test", f"{FOUNDRY}/arc_easy.jsonl", _jsonl(_question_local), ("allenai/ai2_arc", "ARC-Easy", "test"),
+        lambda d: arc_item(d["question"], d["choices"]["text"], d["choices"]["label"].index(d["answerKey"]))),
+    "arc_challenge": MCTask(
+        "ARC-Challenge test", f"{FOUNDRY}/arc_challenge.jsonl", _jsonl(_question_local),
+        ("allenai/ai2_arc", "ARC-Challenge", "test"),
+        lambda d: arc_item(d["question"], d["choices"]["text"], d["choices"]["label"].index(d["answerKey"]))),
+    "mmlu": MCTask(
+        "MMLU test (local: 18 STEM subjects, 3018 questions; hub: all 57, 14042)",
+        "eval/qwen-math/mmlu_stem/test.jsonl", _jsonl(lambda r: mmlu_item(r["question"], r["choices"], r["answer"])),
+        ("cais/mmlu", "all", "test"), lambda d: mmlu_item(d["question"], d["choices"], d["answer"])),
+    "piqa": MCTask(
+        "PIQA validation", f"{FOUNDRY}/piqa.jsonl", _jsonl(_question_local), ("baber/piqa", None, "validation"),
+        lambda d: arc_item(d["goal"], [d["sol1"], d["sol2"]], int(d["label"]))),
+    "openbookqa": MCTask(
+        "OpenBookQA test", f"{FOUNDRY}/openbook_qa.jsonl", _jsonl(foundry_item), ("allenai/openbookqa", "main", "test"),
+        lambda d: query_item(d["question_stem"], d["choices"]["text"],
+                             d["choices"]["label"].index(d["answerKey"].lstrip()))),
+    "copa": MCTask(
+        "COPA validation", f"{FOUNDRY}/copa.jsonl", _jsonl(_copa_local), ("aps/super_glue", "copa", "validation"),
+        copa_hub_item),
+    "winogrande": MCTask(
+        "WinoGrande validation (partial scoring)", f"{FOUNDRY}/winogrande.jsonl", _jsonl(foundry_item),
+        ("allenai/winogrande", "winogrande_xl", "validation"),
+        lambda d: winogrande_item(d["sentence"], d["option1"], d["option2"], d["answer"])),
+    "siqa": MCTask(
+        "Social IQa validation (local: MosaicML's 2 lettered choices; hub: lm-eval's 3 answers)",
+        f"{FOUNDRY}/siqa.jsonl", _jsonl(foundry_item), ("lighteval/siqa", None, "validation"),
+        lambda d: siqa_item(d["context"], d["question"], [d["answerA"], d["answerB"], d["answerC"]], d["label"]),
+        same_items=False),
+    "commonsense_qa": MCTask(
+        "CommonsenseQA validation (local: MosaicML's 4 lettered choices; hub: lm-eval's 5)",
+        f"{FOUNDRY}/commonsense_qa.jsonl", _jsonl(foundry_item), ("tau/commonsense_qa", None, "validation"),
+        lambda d: commonsense_qa_item(d["question"], d["choices"]["text"], d["answerKey"]), same_items=False),
+    "boolq": MCTask(
+        "BoolQ validation (no/yes)", f"{FOUNDRY}/boolq.jsonl", _jsonl(_boolq_local),
+        ("aps/super_glue", "boolq", "validation"), lambda d: boolq_item(d["passage"], d["question"], d["label"])),
 }
-HUB_TASKS = {"hellaswag", "arc_easy", "arc_challenge", "mmlu"}
 
 
-def load_mc_task(name: str, root: str | Path | None = None, source: str = "auto") -> list[MCItem]:
-    """Items of a multiple-choice task. source: "local", "hub", or "auto" (local if the file is
-    there, else the hub)."""
+def how_to_get(task: str) -> str:
+    """The settings that get a task's data, for messages and the report card."""
+    if task == "gsm8k":
+        local, (repo, config, _) = "gsm8k/test.jsonl", GSM8K_HUB
+    else:
+        local, (repo, config, _) = MC_TASKS[task].local_file, MC_TASKS[task].hub
+    return (f"set LMFORGE_SHARED_DATA / --data-root to a folder with {local}, or go online for the "
+            f"Hugging Face hub ({repo}{' ' + config if config else ''})")
+
+
+def now_available(names) -> list[str]:
+    """Those of these multiple-choice tasks whose data can be loaded now (e.g. the ones a finished
+    speedrun could not run: if one has data since, its eval stage is worth running again)."""
+    found = []
+    for name in names:
+        try:
+            load_mc_task(name)
+            found.append(name)
+        except DataUnavailable:
+            pass
+    return found
+
+
+def load_mc_task(name: str, root: str | Path | None = None, source: str = "auto", *,
+                 hub_mirror: str | Path | None = None) -> list[MCItem]:
+    """Items of a multiple-choice task. source: "local", "hub", or "auto" (the local file if it is
+    there, else the hub). Raises DataUnavailable when the chosen source(s) do not have the data."""
     if name not in MC_TASKS:
         raise LmforgeError(f"unknown multiple-choice task {name!r}; known: {', '.join(MC_TASKS)}")
     if source not in ("local", "hub", "auto"):
         raise LmforgeError(f"data source must be local, hub or auto, got {source!r}")
-    root = Path(root) if root is not None else default_data_root()
-    loader = MC_TASKS[name][0]
-    if source == "hub" and name not in HUB_TASKS:
-        raise LmforgeError(f"{name} loads from local files only (hub tasks: {', '.join(sorted(HUB_TASKS))})")
-    if source == "auto":
-        try:
-            return loader(root, "local")
-        except LmforgeError:
-            if name not in HUB_TASKS:
-                raise
-            return loader(root, "hub")
-    return loader(root, source)
+    task = MC_TASKS[name]
+    path = (Path(root) if root is not None else default_data_root()) / task.local_file
+    if source != "hub" and path.is_file():
+        return task.read_local(path)
+    if source == "local":
+        raise DataUnavailable(name, f"{path} not found", how_to_get(name))
+    try:
+        return _from_hub_rows(name, task.hub, task.hub_item, hub_mirror)
+    except DataUnavailable as e:
+        if source == "auto":  # say that both places were looked at
+            raise DataUnavailable(name, f"{path} not found, and {e.reason}", how_to_get(name)) from None
+        raise
 
 
 # ----------------------------------------------------------------------------- GSM8K
@@ -234,19 +467,54 @@ class GSM8KItem:
     question: str
     solution: str  # worked solution ending in "#### answer"
 
+    def __post_init__(self):
+        if not isinstance(self.question, str) or not isinstance(self.solution, str) or "####" not in self.solution:
+            raise ValueError("expected a question and a worked solution with the answer after '####'")
+
     @property
     def answer(self) -> str:
-        return self.solution.split("####")[-1].strip().replace(",", "")
+        """The reference number, canonical (see lmforge.answers): "1,000" -> "1000"."""
+        from lmforge.answers import extract_number
+
+        return extract_number(self.solution) or self.solution.split("####")[-1].strip()
 
 
-def load_gsm8k(root: str | Path | None = None, source: str = "auto", split: str = "test") -> list[GSM8KItem]:
+def read_gsm8k_file(path: str | Path) -> list[GSM8KItem]:
+    """A GSM8K-style JSON-lines file ({"question", "answer"}, the final answer after "####"): the
+    one reader for evaluation (`lmforge eval --tasks gsm8k`) and RL prompts (`--task gsm8k:PATH`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"GSM8K file not found: {path}")
+    items = _rows(path, lambda d: GSM8KItem(d["question"], d["answer"]))
+    if not items:
+        raise LmforgeError(f"{path}: no problems")
+    return items
+
+
+GSM8K_HUB = ("openai/gsm8k", "main", "test")
+
+
+def load_gsm8k(root: str | Path | None = None, source: str = "auto", split: str = "test", *,
+               hub_mirror: str | Path | None = None) -> list[GSM8KItem]:
     """GSM8K (test 1319, train 7473). Local: gsm8k/{split}.jsonl (OpenAI's files); the hub:
-    openai/gsm8k "main"."""
-    root = Path(root) if root is not None else default_data_root()
-    path = root / "gsm8k" / f"{split}.jsonl"
-    if source == "hub" or (source == "auto" and not path.is_file()):
-        return [GSM8KItem(d["question"], d["answer"]) for d in _hub("openai/gsm8k", "main", split)]
-    return [GSM8KItem(r["question"], r["answer"]) for r in _read_jsonl(path)]
+    openai/gsm8k "main" (same columns: question, answer)."""
+    if source not in ("local", "hub", "auto"):
+        raise LmforgeError(f"data source must be local, hub or auto, got {source!r}")
+    path = (Path(root) if root is not None else default_data_root()) / "gsm8k" / f"{split}.jsonl"
+
+    def item(d):
+        return GSM8KItem(d["question"], d["answer"])
+
+    if source != "hub" and path.is_file():
+        return read_gsm8k_file(path)
+    if source == "local":
+        raise DataUnavailable("gsm8k", f"{path} not found", how_to_get("gsm8k"))
+    try:
+        return _from_hub_rows("gsm8k", (GSM8K_HUB[0], GSM8K_HUB[1], split), item, hub_mirror)
+    except DataUnavailable as e:
+        if source == "auto":
+            raise DataUnavailable("gsm8k", f"{path} not found, and {e.reason}", how_to_get("gsm8k")) from None
+        raise
 
 
 def iter_limit(items: list, limit: int | None) -> list:

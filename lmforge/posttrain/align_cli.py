@@ -94,9 +94,11 @@ def cmd_rl(args):
                      eval_tasks=split(args.eval_task) if args.eval_task else None, reward_model=args.reward_model,
                      prompts_per_step=args.batch_size, group_size=args.group_size,
                      max_new_tokens=args.max_new_tokens, tools=args.tools, temperature=args.temperature,
-                     top_p=args.top_p, clip=args.clip, kl_beta=args.kl_beta, updates_per_rollout=args.updates_per_rollout,
+                     top_p=args.top_p, clip=args.clip, kl_beta=args.kl_beta,
+                     updates_per_rollout=args.updates_per_rollout,
                      gamma=getattr(args, "gamma", 1.0), lam=getattr(args, "lam", 0.95),
-                     vf_coef=getattr(args, "vf_coef", 0.5), critic=getattr(args, "critic", "separate"), eval_n=args.eval_n, resume=args.resume)
+                     vf_coef=getattr(args, "vf_coef", 0.5), critic=getattr(args, "critic", "separate"),
+                     eval_n=args.eval_n, resume=args.resume)
     _print_result(train_rl(opts, train_config(args, args.out), log=_log()))
     cleanup_distributed()
 
@@ -164,7 +166,8 @@ def add_commands(sub) -> None:
         r.add_argument("--temperature", type=temperature_value, default=1.0)
         r.add_argument("--top-p", type=top_p_value, default=None)
         r.add_argument("--clip", type=positive_float, default=0.2, help="PPO ratio clip epsilon")
-        r.add_argument("--kl-beta", type=checked(float, lambda v: v >= 0, "a number >= 0"), default=0.04 if algo == "grpo" else 0.05,
+        r.add_argument("--kl-beta", type=checked(float, lambda v: v >= 0, "a number >= 0"),
+                       default=0.04 if algo == "grpo" else 0.05,
                        help="weight of the KL penalty to the reference")
         r.add_argument("--updates-per-rollout", type=positive_int, default=1,
                        help="optimizer steps on each rollout (>1: the clipping matters)")

@@ -28,22 +28,30 @@ def cmd_sft(args):
 
         raise LmforgeError("--lora-alpha / --lora-targets need --lora-rank")
     opts = SFTOptions(checkpoint=args.checkpoint, data=args.data, val_data=args.val_data or [],
-                      val_fraction=args.val_fraction, max_val=args.max_val, batch_size=args.batch_size, seq_len=args.seq_len,
+                      val_fraction=args.val_fraction, max_val=args.max_val, batch_size=args.batch_size,
+                      seq_len=args.seq_len,
                       skip_invalid=args.skip_invalid, tools=not args.no_tools, lora=lora, resume=args.resume)
     result = sft(opts, train_config(args, args.out), log=print if is_main_process() else (lambda *a: None))
     if is_main_process():
         print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}, indent=2))
         if lora is not None:
-            print(f"adapter: {result['adapter']}\nmerge it: lmforge lora merge --adapter {args.out} --out {args.out}-merged")
+            print(f"adapter: {result['adapter']}\n"
+                  f"merge it: lmforge lora merge --adapter {args.out} --out {args.out}-merged")
     cleanup_distributed()
 
 
 def cmd_lora_merge(args):
+    from pathlib import Path
+
     from lmforge.common import LmforgeError
     from lmforge.posttrain.lora import load_adapter, merge_lora, read_adapter_config
-    from lmforge.train.checkpoint import (list_checkpoints, load_checkpoint_tokenizer, load_model,
-                                          resolve_checkpoint, save_checkpoint)
-    from pathlib import Path
+    from lmforge.train.checkpoint import (
+        list_checkpoints,
+        load_checkpoint_tokenizer,
+        load_model,
+        resolve_checkpoint,
+        save_checkpoint,
+    )
 
     meta = read_adapter_config(args.adapter)
     base = args.checkpoint or meta.get("base_checkpoint")
@@ -97,7 +105,7 @@ def cmd_tool(args):
 
 def add_commands(sub) -> None:
     """Add this stage's subcommands to the `lmforge` parser's subparsers."""
-    from lmforge.cli import add_train_args, nonneg_int, positive_float, positive_int, fraction
+    from lmforge.cli import add_train_args, fraction, nonneg_int, positive_float, positive_int
 
     s = sub.add_parser("sft", help="supervised fine-tuning on chat conversations (full or LoRA)")
     s.add_argument("--checkpoint", required=True, help="pretrained run or checkpoint folder to start from")

@@ -135,7 +135,8 @@ def load_records(records, source: str, *, skip_invalid: bool = False) -> tuple[l
     report.loaded = len(out)
     if not out:
         raise LmforgeError(f"{source}: no usable conversations" +
-                           (f" ({len(report.skipped)} skipped, first: {report.skipped[0][1]})" if report.skipped else ""))
+                           (f" ({len(report.skipped)} skipped, first: {report.skipped[0][1]})"
+                            if report.skipped else ""))
     return out, report
 
 

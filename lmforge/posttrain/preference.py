@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from lmforge.chat import render_messages, validate_messages
 from lmforge.common import LmforgeError
-from lmforge.train.loop import Trainer
+from lmforge.train.loop import Trainer, all_reduce_sum
 
 
 @dataclass
@@ -252,7 +252,8 @@ def encode_pairs(tok, pairs: list[PreferencePair], max_len: int) -> tuple[list[E
     return out, cut
 
 
-def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+         device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded sequences prompt + response (B, T) and the mask (B, T - 1) of target positions
     that predict a response token (position t predicts token t + 1)."""
     width = max(len(p) + len(r) for p, r in zip(prompts, responses))
@@ -298,11 +299,18 @@ class RunningMetrics:
 
 class MetricsTrainer(Trainer):
     """The shared Trainer; each training log line also carries the task's `metrics.pop()` (the means
-    since the previous line), so reward, accuracy, KL or margins are logged per step with the loss."""
+    since the previous line), so reward, accuracy, KL or margins are logged per step with the loss.
+    Under DDP they are averaged over the processes (every process logs the same names), so the line
+    describes the whole step, not rank 0's share of it."""
 
     def _log(self, record: dict):
         if "loss" in record and hasattr(self.task, "metrics"):
-            record = {**record, **self.task.metrics.pop()}
+            metrics = self.task.metrics.pop()
+            if self.world > 1:
+                names = sorted(metrics)
+                metrics = {k: round(v / self.world, 6)
+                           for k, v in zip(names, all_reduce_sum([metrics[k] for k in names], self.device))}
+            record = {**record, **metrics}
         super()._log(record)
 
 

@@ -8,20 +8,29 @@ replies, it does not grade them on an absolute scale.
 `RewardModel` is a `GPT` whose final hidden state at the reply's last token (its <|assistant_end|>,
 which has attended to the whole prompt and reply) goes through a linear `score_head` to one number.
 It starts from a language-model checkpoint (usually the SFT model), so the trunk already reads
-text; the head starts at zero, so every score starts at 0 and the loss at log 2. The language-model
-head stays in the module, unused, so the state dict keeps the checkpoint's names.
+text; the head starts at zero, so every score starts at 0 and the loss at log 2. It has no
+language-model head: a parameter that gets no gradient would make DDP fail on the second step (and
+would cost vocabulary × width of memory for nothing); loading drops a checkpoint's `lm_head.weight`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError, dist_info
 from lmforge.model import GPT, GPTConfig
-from lmforge.posttrain.preference import (EncodedPair, MetricsTrainer, RunningMetrics, encode_pairs, encode_response,
-                                          fit_window, load_pair_sources)
+from lmforge.posttrain.preference import (
+    EncodedPair,
+    MetricsTrainer,
+    RunningMetrics,
+    encode_pairs,
+    encode_response,
+    fit_window,
+    load_pair_sources,
+)
 from lmforge.train.loop import TrainConfig, all_reduce_sum, setup_distributed
 
 
@@ -30,9 +39,16 @@ class RewardModel(GPT):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__(cfg)
+        self.lm_head = nn.Identity()  # scores read hidden states only (see the module docstring)
         self.score_head = nn.Linear(cfg.n_embd, 1)
         nn.init.zeros_(self.score_head.weight)
         nn.init.zeros_(self.score_head.bias)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # A language model's (or an older reward model's) head, or the copy of the tied embedding
+        # that checkpoint loading adds, has no place here.
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("lm_head.")}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Scores (B,) in float32: the head applied to the hidden state at position last[b] of row b."""
@@ -41,7 +57,7 @@ class RewardModel(GPT):
         return self.score_head(h).squeeze(-1).float()
 
     @classmethod
-    def from_lm(cls, lm: GPT) -> "RewardModel":
+    def from_lm(cls, lm: GPT) -> RewardModel:
         rm = cls(lm.config)
         missing, unexpected = rm.load_state_dict(lm.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("score_head.") for k in missing)
@@ -50,13 +66,18 @@ class RewardModel(GPT):
 
 def load_reward_model(path, device: str = "cpu") -> tuple[RewardModel, dict]:
     """A trained reward model from a `lmforge reward train` run or checkpoint folder."""
-    from lmforge.train.checkpoint import load_model_weights, read_checkpoint_state, resolve_checkpoint
+    from lmforge.train.checkpoint import (
+        checkpoint_model_config,
+        load_model_weights,
+        read_checkpoint_state,
+        resolve_checkpoint,
+    )
 
     ckpt = resolve_checkpoint(path)
     state = read_checkpoint_state(ckpt)
     if state.get("stage") != "reward":
         raise LmforgeError(f"{ckpt} is not a reward model (train one with `lmforge reward train`)")
-    rm = RewardModel(GPTConfig.from_dict(state["model_config"]))
+    rm = RewardModel(checkpoint_model_config(ckpt, state))
     load_model_weights(rm, ckpt)
     return rm.to(device).eval(), state
 

@@ -31,7 +31,7 @@ greedy replies to held-out problems, exact-match accuracy (as `lmforge synthetic
 from __future__ import annotations
 
 import copy
-import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +39,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lmforge.answers import is_correct_number
 from lmforge.common import LmforgeError, dist_info
 from lmforge.model import GPT, GPTConfig
 from lmforge.posttrain.preference import MetricsTrainer, RunningMetrics, pack, token_logprobs
+from lmforge.posttrain.synthetic import heldout_problems
 from lmforge.train.loop import TrainConfig, all_reduce_sum, setup_distributed
 
 # ----------------------------------------------------------------------------- the pieces, testable alone
@@ -74,25 +76,25 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over (B, T) per-token rewards and values; mask marks the
-    reply's tokens (contiguous in each row). After a row's last token the value is 0 (the episode
-    ends). δ_t = r_t + γ V_{t+1} − V_t, A_t = δ_t + γλ A_{t+1}. Returns (advantages, returns = A + V),
-    zero outside the mask."""
+    policy's actions. δ_t = r_t + γ V_{t'} − V_t, A_t = δ_t + γλ A_{t'}, where t' is the row's next
+    action: positions outside the mask are not steps of the episode (the prompt, the padding, and
+    with tools the tool's result inside the reply, which the environment inserted), so they are
+    skipped and the credit flows across them. After a row's last action the value is 0 (the episode
+    ends). Returns (advantages, returns = A + V), zero outside the mask."""
     B, T = rewards.shape
     adv = torch.zeros_like(rewards)
     next_adv = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
     next_value = torch.zeros_like(next_adv)
     for t in range(T - 1, -1, -1):
-        m = mask[:, t]
+        m = mask[:, t] > 0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         a = delta + gamma * lam * next_adv
-        adv[:, t] = a * m
-        # Outside the reply, carry nothing backwards into it.
-        next_adv, next_value = a * m, values[:, t] * m
+        adv[:, t] = torch.where(m, a, 0.0)
+        # The padding after a reply comes first in this backward pass and carries nothing (both
+        # stay 0); a non-action inside the reply passes the next action's advantage and value on.
+        next_adv = torch.where(m, a, next_adv)
+        next_value = torch.where(m, values[:, t], next_value)
     return adv, (adv + values) * mask
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 class ActorCritic(GPT):
@@ -118,7 +120,7 @@ class ActorCritic(GPT):
         return self.lm_head(h).float(), self.value_head(hv).squeeze(-1).float()
 
     @classmethod
-    def from_lm(cls, lm: GPT, separate_critic: bool = True) -> "ActorCritic":
+    def from_lm(cls, lm: GPT, separate_critic: bool = True) -> ActorCritic:
         ac = cls(lm.config, separate_critic)
         missing, unexpected = ac.load_state_dict(lm.state_dict(), strict=False)
         assert not unexpected and all(k.startswith(("value_head.", "critic.")) for k in missing)
@@ -173,35 +175,21 @@ class SyntheticSource(PromptSource):
 
 
 class GSM8KSource(PromptSource):
-    """GSM8K-style JSONL ({"question", "answer"} with the final answer after '####'); reward: the
-    reply's last number equals it."""
+    """GSM8K-style JSONL ({"question", "answer"} with the final answer after '####'), read by the
+    evaluation's reader; reward: the reply's answer equals it (lmforge.answers, as the metric)."""
 
     name = "gsm8k"
 
     def __init__(self, path: str):
-        p = Path(path)
-        if not p.is_file():
-            raise LmforgeError(f"GSM8K file not found: {p}")
-        self.items = []
-        for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                answer = rec["answer"].rsplit("####", 1)[1].strip().replace(",", "")
-                self.items.append((rec["question"], answer))
-            except (json.JSONDecodeError, KeyError, IndexError, AttributeError):
-                raise LmforgeError(f"{p}:{lineno}: expected {{'question', 'answer'}} with the answer after '####'") from None
-        if not self.items:
-            raise LmforgeError(f"{p}: no problems")
+        from lmforge.eval.tasks import read_gsm8k_file
+
+        self.items = [(it.question, it.answer) for it in read_gsm8k_file(path)]
 
     def sample(self, rng):
         return rng.choice(self.items)
 
     def check(self, text, expected):
-        from lmforge.posttrain.synthetic import check_number
-
-        return check_number(text, expected)
+        return is_correct_number(text, expected)
 
 
 def prompt_source(spec: str, split: str) -> PromptSource:
@@ -251,6 +239,10 @@ class Rollout:
     # Rollout-wide numbers for the log when x holds only some of the replies (GRPO drops the
     # groups whose replies all got the same reward): mean reward, share of groups kept.
     stats: dict = field(default_factory=dict)
+    # The replies in the loss and their action tokens in the whole step, summed over the
+    # processes (the loss and the logged means average over them); 0: this batch's own.
+    global_replies: float = 0.0
+    global_tokens: float = 0.0
 
 
 @dataclass
@@ -328,11 +320,16 @@ class RLTask:
         from lmforge.engine import Engine
 
         o = self.opts
-        rng = random.Random(f"rl-{self.seed}-{self.rank}-{self.rollouts}")
+        # Every process draws the step's global list of problems and keeps its own slice, so the
+        # prompts of a step are the same whatever the number of processes (as SFT's rows are).
+        # The replies are sampled with one seed per process: the same prompts split across
+        # processes get other (equally likely) replies than on one.
+        rng = random.Random(f"rl-{self.seed}-{self.rollouts}")
         problems = []
-        for _ in range(o.prompts_per_step):
+        for _ in range(o.prompts_per_step * self.world):
             src = rng.choice(self.train_sources)
             problems.append((src, *src.sample(rng)))
+        problems = problems[self.rank * o.prompts_per_step:(self.rank + 1) * o.prompts_per_step]
         prompts = [self._prompt_ids(p) for _, p, _ in problems for _ in range(o.group_size)]
         engine = Engine(self.policy, self.tok)
         window = self.policy.config.block_size
@@ -352,12 +349,15 @@ class RLTask:
         else:
             rewards = torch.tensor(correct)
         stats = {"reward": rewards.mean().item()}
-        keep = list(range(len(prompts)))
+        keep, dummy = list(range(len(prompts))), False
         if o.algorithm == "grpo" and o.skip_uniform_groups:
             groups = rewards.view(-1, o.group_size)
             informative = (groups.max(1).values > groups.min(1).values).nonzero().flatten().tolist()
             stats["informative"] = len(informative) / groups.size(0)
-            # With none informative, one group still makes a (KL-only) step.
+            # With none informative, one group still goes through the model (under DDP every
+            # process takes part in every step) but with its mask cleared, so it adds nothing: the
+            # step is what one process holding all the processes' replies would make.
+            dummy = not informative
             keep = [g * o.group_size + j for g in (informative or [0]) for j in range(o.group_size)]
         x, mask = pack([prompts[i] for i in keep], [replies[i] for i in keep], self.tok.pad_id, self.device)
         for row, i in enumerate(keep):
@@ -365,9 +365,13 @@ class RLTask:
             n = len(prompts[i])
             mask[row, n - 1:n - 1 + len(replies[i])] *= torch.tensor(outs[i].actions or [0], dtype=mask.dtype,
                                                                      device=mask.device)
+        if dummy:
+            mask.zero_()
         self.rollouts += 1
+        replies, tokens = all_reduce_sum([0.0 if dummy else float(len(keep)), mask.sum().item()], self.device)
         return Rollout(x, mask, rewards[keep].to(self.device), torch.tensor(correct, device=self.device),
-                       torch.tensor([float(sum(r.actions)) for r in outs], device=self.device), stats=stats)
+                       torch.tensor([float(sum(r.actions)) for r in outs], device=self.device), stats=stats,
+                       global_replies=replies, global_tokens=tokens)
 
     def next_batch(self) -> Rollout:
         if self.current is None or self.current.uses >= self.opts.updates_per_rollout:
@@ -396,8 +400,11 @@ class RLTask:
         last = (r.mask.cumsum(1) == r.mask.sum(1, keepdim=True)) & (r.mask > 0)  # each reply's last token
         rewards = rewards + last.float() * r.rewards[:, None]
         adv, ret = gae(rewards, values, r.mask, o.gamma, o.lam)
-        mean = masked_mean(adv, r.mask)
-        std = masked_mean((adv - mean) ** 2, r.mask).sqrt()
+        # Whitened over the whole step's tokens (all processes), as one process would.
+        total, n = all_reduce_sum([(adv * r.mask).sum().item(), r.mask.sum().item()], self.device)
+        mean = total / max(n, 1)
+        sq = all_reduce_sum([((adv - mean) ** 2 * r.mask).sum().item()], self.device)[0]
+        std = math.sqrt(sq / max(n, 1))
         p["adv"] = (adv - mean) / (std + 1e-8) * r.mask
         p["old_values"], p["returns"] = values, ret
 
@@ -414,20 +421,27 @@ class RLTask:
         p = r.prepared
         surrogate, clipped = clipped_surrogate(logp, p["old_logp"], p["adv"], o.clip)
         kl = kl_k3(logp, p["ref_logp"])
+        # DDP averages the processes' gradients (and MetricsTrainer their logged numbers): dividing
+        # each process's sum by (global count / processes) makes that average the mean over the
+        # whole step, as on one process, even when the processes hold different numbers of replies
+        # or tokens.
+        tokens = r.global_tokens / self.world if r.global_tokens else mask.sum().clamp(min=1)
         if o.algorithm == "grpo":
             # Mean over each reply's tokens, then over replies (the GRPO paper's normalisation).
             per_tok = -(surrogate - o.kl_beta * kl)
-            loss = ((per_tok * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+            per_reply = (per_tok * mask).sum(1) / mask.sum(1).clamp(min=1)
+            loss = per_reply.sum() / (r.global_replies / self.world if r.global_replies else per_reply.numel())
             extra = {}
         else:
             v = values[:, :-1]
             v_clipped = p["old_values"] + (v - p["old_values"]).clamp(-o.clip, o.clip)
-            v_loss = 0.5 * masked_mean(torch.maximum((v - p["returns"]) ** 2, (v_clipped - p["returns"]) ** 2), mask)
-            loss = -masked_mean(surrogate, mask) + o.vf_coef * v_loss
+            v_err = torch.maximum((v - p["returns"]) ** 2, (v_clipped - p["returns"]) ** 2)
+            v_loss = 0.5 * (v_err * mask).sum() / tokens
+            loss = -(surrogate * mask).sum() / tokens + o.vf_coef * v_loss
             extra = {"value_loss": v_loss.item()}
         self.metrics.add(reward=r.stats.get("reward", r.rewards.mean().item()), accuracy=r.correct.mean().item(),
-                         kl=masked_mean(kl.detach(), mask).item(), length=r.lengths.mean().item(),
-                         clip_frac=masked_mean(clipped.float(), mask).item(),
+                         kl=((kl.detach() * mask).sum() / tokens).item(), length=r.lengths.mean().item(),
+                         clip_frac=((clipped.float() * mask).sum() / tokens).item(),
                          **{k: v for k, v in r.stats.items() if k != "reward"}, **extra)
         return loss, int(mask.sum().item())
 
@@ -472,14 +486,13 @@ def _evaluate(engine, *, src_names, n, max_new_tokens, seed, device, batch_size,
     out, correct_all, length_all, total = {}, 0.0, 0.0, 0
     for name in src_names:
         src = prompt_source(name, "test")
-        rng = random.Random(f"eval-{name}-{seed}")
-        problems = [src.sample(rng) for _ in range(n)][rank::world]
+        problems = heldout_problems(src, name, n, seed)[rank::world]
         correct = length = 0.0
         for k in range(0, len(problems), batch_size):
             chunk = problems[k:k + batch_size]
             prompts = [render_messages(tok, [{"role": "user", "content": q}]) for q, _ in chunk]
             budget = min(max_new_tokens, model.config.block_size - max(len(p) for p in prompts))
-            for (q, expected), r in zip(chunk, generate_replies(engine, prompts, max(budget, 1), tools=tools,
+            for (_, expected), r in zip(chunk, generate_replies(engine, prompts, max(budget, 1), tools=tools,
                                                                 temperature=0.0)):
                 correct += r.ended and src.check(r.text, expected)
                 length += sum(r.actions) - r.ended

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from lmforge.chat import render_for_training
 from lmforge.common import LmforgeError, dist_info
-from lmforge.train.loop import Trainer, TrainConfig, all_reduce_sum, setup_distributed
+from lmforge.train.loop import TrainConfig, Trainer, all_reduce_sum, setup_distributed
 
 
 @dataclass
@@ -77,7 +77,8 @@ class MixtureSampler:
 
     def _perm(self, d: int) -> np.ndarray:
         if self._perms.get(d, (None,))[0] != self.epoch[d]:
-            self._perms[d] = (self.epoch[d], np.random.default_rng([self.seed, d, self.epoch[d]]).permutation(self.sizes[d]))
+            rng = np.random.default_rng([self.seed, d, self.epoch[d]])
+            self._perms[d] = (self.epoch[d], rng.permutation(self.sizes[d]))
         return self._perms[d][1]
 
     def next(self) -> tuple[int, int]:
@@ -113,11 +114,16 @@ class SFTTask:
         # Every rank walks the same global stream of rows and keeps its own slice of each batch.
         rows = [self.sampler.next() for _ in range(self.batch_size * self.world)]
         mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return collate([self.sources[d][i] for d, i in mine], self.pad_id, self.device)
+        # The loss is the mean over the assistant tokens of the whole global batch, as on one
+        # process. Rows differ in how many tokens they teach, so each rank divides its sum by
+        # (global tokens / ranks): DDP's average of the ranks' gradients is then that mean's gradient.
+        global_targets = sum(sum(self.sources[d][i].mask[1:]) for d, i in rows)
+        x, y = collate([self.sources[d][i] for d, i in mine], self.pad_id, self.device)
+        return x, y, max(global_targets, 1) / self.world
 
     def loss(self, model: nn.Module, batch):
-        x, y = batch
-        return model(x, y), int((y != -100).sum().item())
+        x, y, denominator = batch
+        return model(x, y, reduction="sum") / denominator, int((y != -100).sum().item())
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         mine = self.val[self.rank::self.world]
@@ -178,10 +184,12 @@ def sft(opts: SFTOptions, train_cfg: TrainConfig, log=print) -> dict:
         raise LmforgeError(f"--batch-size must be positive, got {opts.batch_size}")
     mixture = parse_mixture(opts.data)
     sources, weights, val_convs, stats = [], [], [], {"truncated": 0, "dropped_no_target": 0}
+    tool_conversations = 0  # recorded in the checkpoint: `lmforge chat` runs tools for such a model
     for k, (spec, weight) in enumerate(mixture):
         convs, report = load_source(spec, skip_invalid=opts.skip_invalid, seed=train_cfg.seed, tools=opts.tools)
         train, held = split_heldout(convs, 0.0 if opts.val_data else opts.val_fraction, train_cfg.seed + k)
         examples, st = tokenize_conversations(tok, train, seq_len)
+        tool_conversations += sum(any(m.get("tool_calls") for m in msgs) for msgs in train)
         for key in stats:
             stats[key] += st[key]
         if not examples:
@@ -215,14 +223,15 @@ def sft(opts: SFTOptions, train_cfg: TrainConfig, log=print) -> dict:
 
     counts = trainable_summary(model)
     log(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['trainable'] / 1e6:.3f}M trainable "
-        f"({100 * counts['fraction']:.2f}%)" + (f", LoRA r={opts.lora.rank} on {','.join(opts.lora.targets)}" if lora_info else ""))
+        f"({100 * counts['fraction']:.2f}%)"
+        + (f", LoRA r={opts.lora.rank} on {','.join(opts.lora.targets)}" if lora_info else ""))
     _, _, _, device = setup_distributed(train_cfg.device)
     train_cfg.device = device
     task = SFTTask(sources, weights, val, pad_id=tok.pad_id, batch_size=opts.batch_size, seed=train_cfg.seed,
                    device=device, max_val=opts.max_val)
     extra = {"stage": "sft", "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(base.resolve()),
              "data": [f"{s}*{w:g}" for s, w in mixture], "batch_size": opts.batch_size, "seq_len": seq_len,
-             "lora": lora_info}
+             "lora": lora_info, "tool_conversations": tool_conversations}
     trainer = Trainer(model, task, train_cfg, extra_state=extra, resume=opts.resume,
                       extra_files={"tokenizer.json": (base / "tokenizer.json").read_bytes()})
     result = trainer.fit()
@@ -249,15 +258,14 @@ def evaluate_tasks(model, tok, tasks: list[str], n: int, *, seed: int = 0, tools
     tokens."""
     from lmforge.chat import render_messages
     from lmforge.engine import Engine
-    from lmforge.posttrain.synthetic import get_task
+    from lmforge.posttrain.synthetic import get_task, heldout_problems
     from lmforge.posttrain.tools import generate_with_tools_batch
 
     engine = Engine(model, tok)
     out, correct_all, formed_all, total = {"tasks": {}}, 0, 0, 0
     for name in tasks:
         task = get_task(name, split="test")
-        rng = random.Random(f"eval-{name}-{seed}")
-        problems = [task.sample(rng) for _ in range(n)]
+        problems = heldout_problems(task, name, n, seed)
         correct = formed = calls = 0
         shown = []
         for k in range(0, n, batch_size):

@@ -19,25 +19,20 @@ Tasks:
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 
+from lmforge.answers import is_correct_number
 from lmforge.common import LmforgeError
 
 MODEL_NAME = "Forge"
-NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def last_number(text: str) -> str | None:
-    """The last number written in a text (commas between digit groups removed), or None."""
-    found = NUMBER_RE.findall(re.sub(r"(?<=\d),(?=\d{3})", "", text))
-    return found[-1] if found else None
-
-
-def check_number(answer_text: str, expected: str) -> bool:
-    """Exact match of the last number in the answer with the expected integer."""
-    got = last_number(answer_text)
-    return got is not None and got == str(expected)
+def heldout_problems(task, name: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """The n held-out (prompt, answer) pairs every evaluation of task `name` draws — `lmforge
+    synthetic eval`, SFT's and RL's evaluations — from one seed rule, so they score the same
+    problems. `task` is anything with `sample(rng)` (a SyntheticTask or an RL prompt source)."""
+    rng = random.Random(f"eval-{name}-{seed}")
+    return [task.sample(rng) for _ in range(n)]
 
 
 @dataclass
@@ -60,7 +55,9 @@ class SyntheticTask:
         raise NotImplementedError
 
     def check(self, answer_text: str, expected: str) -> bool:
-        return check_number(answer_text, expected)
+        """Whether the reply's answer is the expected number (lmforge.answers: the same rule as the
+        GSM8K metric and every RL reward)."""
+        return is_correct_number(answer_text, expected)
 
     def sample(self, rng: random.Random) -> tuple[str, str]:
         p = self.problem(rng)
@@ -158,7 +155,8 @@ class LetterCountTask(SyntheticTask):
             else:
                 spelled.append(ch)
         return [{"role": "assistant",
-                 "content": f"Spelling it out: {' '.join(spelled)}. The letter '{letter}' appears {n} {times} in '{word}'."}]
+                 "content": f"Spelling it out: {' '.join(spelled)}. "
+                            f"The letter '{letter}' appears {n} {times} in '{word}'."}]
 
 
 class IdentityTask(SyntheticTask):

@@ -8,29 +8,27 @@ and lets the model continue until it ends a turn without a call.
 Tools:
   calculator  arithmetic on numbers (+ - * / // % ** and parentheses), evaluated by walking the
               `ast` of the expression: no eval, no names, no attribute access, bounded sizes.
-  python      a snippet run by a separate Python process: isolated mode (-I: no user site, no
-              PYTHON* variables, no current folder on sys.path), empty environment, a fresh temp
-              folder as working directory, CPU-time / memory / file-size / open-file limits
-              (setrlimit), a wall-clock timeout, and an audit hook that refuses sockets, new
-              processes, ctypes and writes outside the temp folder. This keeps honest mistakes and
-              casual misuse contained; it is NOT a security boundary against a determined attacker
-              (that needs an OS sandbox: containers, seccomp, namespaces).
+  python      a snippet run inside an operating-system sandbox (lmforge/posttrain/sandbox.py):
+              new user/mount/network/pid/ipc namespaces, a private read-only root holding only the
+              Python installation and shared libraries, a size-limited tmpfs as working folder,
+              a seccomp filter that makes process creation, exec, sockets, ptrace and mounts fail,
+              rlimits on CPU time, memory, file size and open files, output read with a byte cap and
+              a wall-clock timeout that kill the whole process group. Where the kernel cannot
+              provide this (macOS, user namespaces disabled) it refuses (SandboxUnavailable); it
+              never runs the code unsandboxed. Threat model: docs/posttraining.md, "Tools".
 """
 from __future__ import annotations
 
 import ast
 import math
 import operator
-import os
-import subprocess
-import sys
-import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from lmforge.chat import format_tool_call, parse_tool_call, render_messages
 from lmforge.common import LmforgeError
+from lmforge.posttrain.sandbox import PythonLimits, SandboxUnavailable, run_sandboxed
 
 # ----------------------------------------------------------------------------- calculator
 
@@ -87,80 +85,24 @@ def _eval(node):
                        f"not {type(node).__name__}")
 
 
-# ----------------------------------------------------------------------------- python in a subprocess
-
-# Runs inside the child before the snippet. Audit hooks cannot be removed once added.
-_GUARD = r'''
-import os, sys
-_root = os.path.realpath(os.getcwd())
-_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-def _inside(p):
-    try:
-        p = os.path.realpath(os.fsdecode(p) if not isinstance(p, int) else "")
-    except Exception:
-        return False
-    return p == _root or p.startswith(_root + os.sep)
-def _hook(event, args):
-    if event.startswith(("socket.", "subprocess.", "os.exec", "os.posix_spawn", "os.fork", "os.system",
-                         "os.spawn", "ctypes.", "os.kill", "pty.", "winreg.")):
-        raise PermissionError(f"python tool: {event} is not allowed")
-    if event == "open" and len(args) >= 3 and not isinstance(args[0], int):
-        mode, flags = args[1], args[2]
-        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags & _WRITE)
-        if writing and not _inside(args[0]):
-            raise PermissionError(f"python tool: writing outside the temp folder is not allowed: {args[0]}")
-    if event in ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.link",
-                 "os.symlink", "os.truncate", "shutil.rmtree", "os.utime") and args and not _inside(args[0]):
-        raise PermissionError(f"python tool: {event} outside the temp folder is not allowed")
-sys.addaudithook(_hook)
-del _hook
-_code = sys.stdin.read()
-exec(compile(_code, "<tool>", "exec"), {"__name__": "__main__"})
-'''
-
-
-@dataclass
-class PythonLimits:
-    timeout: float = 5.0  # wall-clock seconds
-    cpu_seconds: int = 5
-    memory_mb: int = 512  # address space (RLIMIT_AS)
-    file_mb: int = 16  # largest file the snippet may write (RLIMIT_FSIZE)
-    open_files: int = 64
-    max_output: int = 2000  # characters of output returned to the model
-
-
-def _set_limits(limits: PythonLimits):
-    def apply():
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
-        mem = limits.memory_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        size = limits.file_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        os.setsid()  # its own process group, so a timeout kills everything it started
-    return apply
+# ----------------------------------------------------------------------------- python in a sandbox
 
 
 def run_python(code: str, limits: PythonLimits | None = None) -> str:
-    """Run a Python snippet in a limited child process; returns its stdout and stderr (truncated).
-    Errors in the snippet come back as text (the model sees them), never as exceptions here."""
+    """Run a Python snippet in the OS sandbox (lmforge.posttrain.sandbox); returns its stdout and
+    stderr (truncated). Errors in the snippet come back as text (the model sees them), never as
+    exceptions here; a machine where the sandbox cannot be built raises SandboxUnavailable."""
     if not isinstance(code, str) or not code.strip():
         raise LmforgeError("python tool: give some code to run")
     limits = limits or PythonLimits()
-    with tempfile.TemporaryDirectory(prefix="lmforge-py-") as tmp:
-        try:
-            proc = subprocess.run([sys.executable, "-I", "-c", _GUARD], input=code, capture_output=True,
-                                  text=True, cwd=tmp, env={}, timeout=limits.timeout,
-                                  preexec_fn=_set_limits(limits))
-        except subprocess.TimeoutExpired:
-            return f"error: timed out after {limits.timeout:g} s"
-    out = proc.stdout + proc.stderr
-    if proc.returncode != 0 and not out:
-        out = f"error: exited with status {proc.returncode}"
-    out = out.strip()
+    result = run_sandboxed(code, limits)
+    if result.timed_out:
+        return f"error: timed out after {limits.timeout:g} s"
+    out = (result.stdout + result.stderr).decode("utf-8", "replace").strip()
+    if result.output_cut:
+        return out[:limits.max_output] + f"... (more than {limits.max_output_bytes} bytes of output: stopped)"
+    if result.returncode != 0 and not out:
+        out = f"error: exited with status {result.returncode}"
     if len(out) > limits.max_output:
         out = out[:limits.max_output] + f"... ({len(out) - limits.max_output} more characters)"
     return out
@@ -204,6 +146,8 @@ def run_tool(call: dict, tools: dict[str, Tool] | None = None) -> str:
         return f"error: unknown tool {call['name']!r} (available: {', '.join(tools)})"
     try:
         return tools[call["name"]](call["arguments"])
+    except SandboxUnavailable:
+        raise  # the machine's problem, not the model's: stop instead of feeding errors into training
     except LmforgeError as e:
         return f"error: {e}"
 
@@ -327,6 +271,7 @@ def generate_with_tools_batch(engine, prompts: list[list[int]], *, max_new_token
     return results
 
 
-__all__ = ["calculator", "run_python", "PythonLimits", "Tool", "TOOLS", "run_tool", "generate_with_tools",
+__all__ = ["calculator", "run_python", "PythonLimits", "SandboxUnavailable", "Tool", "TOOLS", "run_tool",
+           "generate_with_tools",
            "generate_with_tools_batch",
            "ToolChatResult", "format_tool_call"]

@@ -4,7 +4,12 @@
     POST /v1/completions        prompt -> continuation, JSON or server-sent events
     GET  /v1/models             the one model served
     GET  /health                liveness and scheduler counters (no key needed)
+    GET  /openapi.json          the routes and their request bodies (no key needed)
     GET  /                      the chat page (static/index.html)
+
+With ServeConfig(tools="builtin") (`lmforge serve --tools builtin`) a chat request that brings no
+tools of its own may call lmforge's calculator and python tools: the server runs each call and the
+model continues after the result (see `events`); the reply reports them as `tool_runs`.
 
 Each request's sequences report to an asyncio queue of their own (the scheduler thread puts events
 there with call_soon_threadsafe), so the model loop never waits for a client. A stream whose client
@@ -22,7 +27,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -33,9 +38,21 @@ from starlette.requests import ClientDisconnect
 
 from lmforge.chat import render_messages
 from lmforge.common import LmforgeError
-from lmforge.serve.protocol import (APIError, ChatRequest, CompletionRequest, chat_messages, completion_prompts,
-                                    new_id, now, parse_request, sse, tool_call_obj, tool_choice_mode,
-                                    tools_system_text, usage)
+from lmforge.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    chat_messages,
+    completion_prompts,
+    new_id,
+    now,
+    parse_request,
+    sse,
+    tool_call_obj,
+    tool_choice_mode,
+    tools_system_text,
+    usage,
+)
 from lmforge.serve.scheduler import Event, SamplingParams, Scheduler
 
 log = logging.getLogger("lmforge.serve")
@@ -55,6 +72,10 @@ class ServeConfig:
     compile: bool = False  # torch.compile the decode step (see Engine(compile=True))
     chat_completion_default_tokens: int | None = None  # chat default for max_tokens (None: up to the limit)
     completion_default_tokens: int = 16  # OpenAI's default for /v1/completions
+    # "builtin": a chat request that brings no tools of its own may call lmforge's tools (calculator,
+    # python), which the server runs, feeding each result back to the model. "none": it may not.
+    tools: str = "none"
+    max_tool_calls: int = 4  # server-run calls per choice; the reply ends (finish "length") past it
 
 
 def chat_page() -> str:
@@ -67,6 +88,8 @@ def chat_page() -> str:
 
 def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     cfg = config or ServeConfig()
+    if cfg.tools not in ("none", "builtin"):
+        raise LmforgeError(f"tools must be 'none' or 'builtin', got {cfg.tools!r}")
     sched = Scheduler(model, tokenizer, max_batch=cfg.max_batch, dtype=cfg.dtype, compile=cfg.compile)
     window = model.config.block_size
     max_prompt = min(cfg.max_prompt_tokens or window - 1, window - 1)
@@ -78,7 +101,9 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         yield
         sched.stop()
 
-    app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # /openapi.json describes the routes (request bodies included, see request_body_schema) for
+    # clients and for the schema fuzz test (bench/serve_fuzz.py); no interactive docs pages.
+    app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.scheduler = sched
     app.state.config = cfg
 
@@ -167,11 +192,13 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     def params_for(req, max_tokens: int, i: int, **extra) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
                               top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                              seed=None if req.seed is None else req.seed + i,  # n choices differ
+                              # n choices differ; wrapped so the last of n still fits in 64 bits
+                              seed=None if req.seed is None else (req.seed + i) % 2**64,
                               stop=req.stops(), **extra)
 
     def submit_all(jobs: list[tuple[list[int], SamplingParams]]):
-        """Queue every sequence of a request; returns (queue, sequences in choice order)."""
+        """Queue every sequence of a request; returns (queue, sequences in choice order, the emit
+        callback that feeds the queue)."""
         if sched.waiting + len(jobs) > cfg.max_waiting:
             raise APIError(429, "the server is busy (too many queued requests); retry shortly",
                            type="rate_limit_error", code="server_busy")
@@ -185,34 +212,101 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         try:
             for ids, params in jobs:
                 seqs.append(sched.submit(ids, params, emit))
-        except LmforgeError as e:
+        except Exception as e:  # all or nothing: the choices already queued must not run for no one
             for s in seqs:
                 sched.cancel(s)
-            raise APIError(400, str(e)) from None
-        return queue, seqs
+            if isinstance(e, LmforgeError):
+                raise APIError(400, str(e)) from None
+            raise
+        return queue, seqs, emit
 
-    async def events(queue, seqs) -> AsyncIterator[tuple[int, Event]]:
-        """(choice index, event) until every sequence is done."""
+    sid = tokenizer.special_id
+
+    async def events(queue, seqs, server_tools=None) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) until every choice is done.
+
+        server_tools = (emit, max_tokens): the server runs the calls. A choice whose model calls a
+        tool reports a "tool_run" event (tool_call = the call in OpenAI's shape), runs the tool off
+        the event loop, reports a "tool_result" event (text = the result), and continues in a new
+        sequence (seqs[i] is replaced, so a disconnect cancels the current one) whose prompt is
+        everything so far plus the result, as lmforge.posttrain.tools.generate_with_tools does.
+        Its last "done" counts the model's tokens over all rounds against max_tokens."""
         index = {s.id: i for i, s in enumerate(seqs)}
         remaining = len(seqs)
+        earlier = [0] * len(seqs)  # completion tokens of a choice's finished rounds
+        runs: list[list[tuple[dict, dict]]] = [[] for _ in seqs]  # (parsed call, OpenAI-shaped call)
         while remaining:
             ev = await queue.get()
+            i = index[ev.seq_id]
+            if server_tools is not None and ev.kind == "tool_call":
+                shown = tool_call_obj(ev.tool_call)
+                runs[i].append((ev.tool_call, shown))
+                yield i, Event("tool_run", ev.seq_id, tool_call=shown)
+                continue
+            if server_tools is not None and ev.kind == "done" and ev.finish_reason == "tool_calls":
+                earlier[i] += ev.completion_tokens
+                call, shown = runs[i][-1]
+                nxt = None
+                if len(runs[i]) > cfg.max_tool_calls:
+                    result, reason = f"error: not run: at most {cfg.max_tool_calls} tool calls per reply", "length"
+                else:
+                    result = await asyncio.to_thread(run_builtin_tool, call)
+                    nxt, reason = continue_after_tool(seqs[i], result, server_tools, earlier[i], len(runs[i]))
+                yield i, Event("tool_result", ev.seq_id, text=result, tool_call=shown)
+                if isinstance(nxt, str):  # the continuation could not be queued
+                    remaining -= 1
+                    yield i, Event("error", ev.seq_id, text=nxt)
+                elif nxt is not None:
+                    seqs[i] = nxt
+                    index[nxt.id] = i
+                else:
+                    remaining -= 1
+                    yield i, Event("done", ev.seq_id, finish_reason=reason, completion_tokens=earlier[i])
+                continue
+            if ev.kind == "done" and earlier[i]:
+                ev = Event("done", ev.seq_id, finish_reason=ev.finish_reason, prompt_tokens=ev.prompt_tokens,
+                           completion_tokens=ev.completion_tokens + earlier[i])
             if ev.kind in ("done", "error"):
                 remaining -= 1
-            yield index[ev.seq_id], ev
+            yield i, ev
 
-    async def collect(request: Request, queue, seqs) -> list[dict]:
+    def run_builtin_tool(call: dict) -> str:
+        from lmforge.posttrain.tools import run_tool
+
+        return run_tool(call)
+
+    def continue_after_tool(seq, result: str, server_tools, used: int, round_: int):
+        """(the sequence that continues the reply after a tool's result, None) or (None, finish reason)
+        when there is no room left, or (message, None) when it could not be queued."""
+        emit, max_tokens = server_tools
+        ids = (seq.prompt + seq.tokens + [sid("<|assistant_end|>"), sid("<|tool_result_start|>")]
+               + tokenizer.encode(result) + [sid("<|tool_result_end|>"), sid("<|assistant_start|>")])
+        if used >= max_tokens or len(ids) > max_prompt:
+            return None, "length"
+        p = seq.params
+        params = replace(p, max_tokens=max_tokens - used,
+                         seed=None if p.seed is None else (p.seed + round_) % 2**64)  # fresh draws each round
+        try:
+            return sched.submit(ids, params, emit), None
+        except LmforgeError as e:
+            return f"continuing after the tool result failed: {e}", None
+
+    async def collect(request: Request, queue, seqs, server_tools=None) -> list[dict]:
         """Wait for every sequence (cancelling them if the client disconnects); per choice:
         text, tool_calls, finish_reason, token counts."""
-        out = [{"text": "", "tool_calls": [], "finish_reason": None, "prompt": 0, "completion": 0}
+        out = [{"text": "", "tool_calls": [], "tool_runs": [], "finish_reason": None, "prompt": 0, "completion": 0}
                for _ in seqs]
 
         async def gather():
-            async for i, ev in events(queue, seqs):
+            async for i, ev in events(queue, seqs, server_tools):
                 if ev.kind == "text":
                     out[i]["text"] += ev.text
                 elif ev.kind == "tool_call":
                     out[i]["tool_calls"].append(tool_call_obj(ev.tool_call))
+                elif ev.kind == "tool_run":
+                    out[i]["tool_runs"].append({**ev.tool_call, "result": None})
+                elif ev.kind == "tool_result":
+                    out[i]["tool_runs"][-1]["result"] = ev.text
                 elif ev.kind == "done":
                     out[i].update(finish_reason=ev.finish_reason, prompt=ev.prompt_tokens,
                                   completion=ev.completion_tokens)
@@ -240,14 +334,16 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     def total_usage(results, prompt_counts) -> dict:
         return usage(sum(prompt_counts), sum(r["completion"] for r in results))
 
-    def streaming(body: AsyncIterator[str], queue, seqs) -> StreamingResponse:
+    def streaming(body: AsyncIterator[str | None], queue, seqs) -> StreamingResponse:
         async def guarded():
             try:
-                # Events that piled up while this client was being served go out in one write.
+                # Events that piled up while this client was being served go out in one write;
+                # None from the body means "send now" (a server-run tool is about to block it).
                 pending = []
                 async for chunk in body:
-                    pending.append(chunk)
-                    if queue.empty():
+                    if chunk is not None:
+                        pending.append(chunk)
+                    if pending and (chunk is None or queue.empty()):
                         yield "".join(pending)
                         pending = []
                 if pending:
@@ -288,13 +384,16 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
             raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
         return model_card()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body_schema(ChatRequest, documented_fields(cfg)))
     async def chat_completions(request: Request):
         req = parse_request(ChatRequest, await read_json(request))
         max_tokens = check_common(req, cfg.chat_completion_default_tokens)
         if req.top_logprobs:
             raise APIError(400, "'top_logprobs' is not supported by lmforge", param="top_logprobs")
         mode, forced = tool_choice_mode(req.tool_choice, req.tools)
+        # The built-in tools, run here, for a request that brings none of its own and does not
+        # refuse tools: the model calls them as it was fine-tuned to (no tool list in the prompt).
+        run_tools = cfg.tools == "builtin" and not req.tools and req.tool_choice is None
         messages = chat_messages(req.messages)
         if req.tools and mode != "none":  # the tool definitions go into the system prompt
             text = tools_system_text(req.tools)
@@ -311,10 +410,11 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
             prefix = "" if forced is None else '{"name": ' + json.dumps(forced) + ', "arguments": '
             ids = ids + [tokenizer.special_id("<|tool_call_start|>")] + tokenizer.encode(prefix)
         check_prompt(ids, "messages")
-        jobs = [(ids, params_for(req, max_tokens, i, tools=mode != "none", ban_tool_tokens=mode == "none",
-                                      tool_prefix=prefix))
+        jobs = [(ids, params_for(req, max_tokens, i, tools=mode != "none" or run_tools,
+                                      ban_tool_tokens=mode == "none" and not run_tools, tool_prefix=prefix))
                 for i in range(req.n)]
-        queue, seqs = submit_all(jobs)
+        queue, seqs, emit = submit_all(jobs)
+        server_tools = (emit, max_tokens) if run_tools else None
         rid, created = new_id("chatcmpl"), now()
 
         def chunk(choices, **extra):
@@ -329,11 +429,15 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                     yield sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                       "logprobs": None, "finish_reason": None}]))
                 completion = 0
-                async for i, ev in events(queue, seqs):
+                async for i, ev in events(queue, seqs, server_tools):
                     if ev.kind == "text":
                         delta = {"content": ev.text}
                     elif ev.kind == "tool_call":
                         delta = {"tool_calls": [tool_call_obj(ev.tool_call, index=0)]}
+                    elif ev.kind == "tool_run":  # lmforge extension: a call the server runs itself
+                        delta = {"tool_run": ev.tool_call}
+                    elif ev.kind == "tool_result":
+                        delta = {"tool_result": {"id": ev.tool_call["id"], "content": ev.text}}
                     elif ev.kind == "done":
                         completion += ev.completion_tokens
                         yield sse(chunk([{"index": i, "delta": {}, "logprobs": None,
@@ -343,24 +447,28 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                         yield sse(APIError(500, ev.text, type="server_error").body())
                         continue
                     yield sse(chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]))
+                    if ev.kind == "tool_run":
+                        yield None  # the client sees the call before the tool has run
                 if include_usage:
                     yield sse(chunk([], usage=usage(len(ids) * len(seqs), completion)))
                 yield sse("[DONE]")
 
             return streaming(body(), queue, seqs)
 
-        results = await collect(request, queue, seqs)
+        results = await collect(request, queue, seqs, server_tools)
         choices = []
         for i, r in enumerate(results):
             msg = {"role": "assistant", "content": r["text"] if r["text"] or not r["tool_calls"] else None}
             if r["tool_calls"]:
                 msg["tool_calls"] = r["tool_calls"]
+            if r["tool_runs"]:
+                msg["tool_runs"] = r["tool_runs"]
             choices.append({"index": i, "message": msg, "logprobs": None, "finish_reason": r["finish_reason"]})
         return {"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_name,
                 "system_fingerprint": None, "choices": choices,
                 "usage": total_usage(results, [len(ids)] * len(seqs))}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body_schema(CompletionRequest, documented_fields(cfg)))
     async def completions(request: Request):
         req = parse_request(CompletionRequest, await read_json(request))
         max_tokens = check_common(req, cfg.completion_default_tokens)
@@ -380,7 +488,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                            param="prompt")
         # Choice index = prompt index * n + j, as in OpenAI's API.
         jobs = [(ids, params_for(req, max_tokens, j)) for ids in prompts for j in range(req.n)]
-        queue, seqs = submit_all(jobs)
+        queue, seqs, _ = submit_all(jobs)
         prompt_counts = [len(ids) for ids, _ in jobs]
         rid, created = new_id("cmpl"), now()
 
@@ -415,6 +523,68 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                 "system_fingerprint": None, "choices": choices, "usage": total_usage(results, prompt_counts)}
 
     return app
+
+
+def documented_fields(cfg: ServeConfig) -> dict:
+    """What the handlers accept for the fields whose pydantic type is looser than the rules they
+    check (the one model name, the server's limits, "not supported" options only at their neutral
+    value, the shapes of `messages` and `prompt`), for the OpenAPI schema: a client, or the schema
+    fuzz test, then knows which requests are valid. The handlers still check all of it."""
+    nullable = lambda schema: {"anyOf": [schema, {"type": "null"}]}  # noqa: E731
+    text_part = {"type": "object", "required": ["type", "text"],
+                 "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}
+    message = {"type": "object", "required": ["role"], "properties": {
+        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+        "content": nullable({"anyOf": [{"type": "string"}, {"type": "array", "items": text_part}]}),
+        "tool_calls": {"type": "array", "items": {"type": "object"}}}}
+    token_ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+    return {
+        "model": {"type": "string", "enum": [cfg.model_name]},
+        "n": {"type": "integer", "minimum": 1, "maximum": cfg.max_n, "default": 1},
+        "max_tokens": nullable({"type": "integer", "minimum": 0, "maximum": cfg.max_tokens}),
+        "max_completion_tokens": nullable({"type": "integer", "minimum": 0, "maximum": cfg.max_tokens}),
+        "stop": nullable({"anyOf": [{"type": "string", "minLength": 1},
+                                    {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1}}]}),
+        "presence_penalty": nullable({"enum": [0]}),
+        "frequency_penalty": nullable({"enum": [0]}),
+        "logprobs": nullable({"enum": [False, 0]}),
+        "top_logprobs": nullable({"enum": [0]}),
+        "echo": {"enum": [False], "default": False},
+        "suffix": nullable({"enum": [""]}),
+        "best_of": nullable({"enum": [1]}),
+        "messages": {"type": "array", "minItems": 1, "items": message},
+        "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                             token_ids, {"type": "array", "minItems": 1, "items": token_ids}]},
+        "tool_choice": nullable({"anyOf": [
+            {"enum": ["none", "auto", "required"]},
+            {"type": "object", "required": ["type", "function"],
+             "properties": {"type": {"enum": ["function"]},
+                            "function": {"type": "object", "required": ["name"],
+                                         "properties": {"name": {"type": "string"}}}}}]}),
+    }
+
+
+def request_body_schema(model, documented: dict) -> dict:
+    """The OpenAPI requestBody of a route that parses its JSON itself (strictly, within the size
+    limit: see read_json): the request model's JSON schema, with its definitions inlined so the
+    route's entry stands alone, and the fields of `documented` described as the handlers check them."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+    for name, field_schema in documented.items():
+        if name in schema["properties"]:
+            schema["properties"][name] = {"title": schema["properties"][name].get("title", name), **field_schema}
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline({**defs[ref.rsplit("/", 1)[1]], **{k: v for k, v in node.items() if k != "$ref"}})
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 def load_served_model(path, device: str = "cpu"):

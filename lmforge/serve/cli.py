@@ -1,6 +1,6 @@
 """`lmforge` subcommands of this stage (see lmforge.cli.STAGE_COMMANDS).
 
-    lmforge serve --checkpoint runs/sft [--port 8000] [--api-key KEY | $LMFORGE_API_KEY]
+    lmforge serve --checkpoint runs/sft [--port 8000] [--api-key KEY | $LMFORGE_API_KEY] [--tools builtin]
 """
 from __future__ import annotations
 
@@ -16,38 +16,61 @@ def cmd_serve(args):
     import torch
     import uvicorn
 
+    from lmforge.common import LmforgeError
     from lmforge.serve.app import ServeConfig, create_app, load_served_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tools == "builtin":  # refuse at startup rather than fail the first request that runs Python
+        from lmforge.posttrain.sandbox import sandbox_problem
+
+        problem = sandbox_problem()
+        if problem:
+            raise LmforgeError(f"--tools builtin: {problem}")
     model, tok = load_served_model(args.checkpoint, device=args.device)
     name = args.model_name or Path(args.checkpoint).resolve().name
     key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     cfg = ServeConfig(model_name=name, api_key=key, max_batch=args.max_batch, max_tokens=args.max_tokens,
                       max_request_bytes=args.max_request_bytes, max_n=args.max_n, max_waiting=args.max_waiting,
-                      dtype=args.dtype, compile=args.compile)
+                      dtype=args.dtype, compile=args.compile, tools=args.tools)
     app = create_app(model, tok, cfg)
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
         loopback = args.host == "localhost"
     if not loopback and not key:
+        also = " and run Python in the tool sandbox (--tools builtin)" if args.tools == "builtin" else ""
         print(f"warning: listening on {args.host} without an API key: anyone who can reach this port can "
-              f"use the model (set --api-key or ${API_KEY_ENV})", flush=True)
+              f"use the model{also} (set --api-key or ${API_KEY_ENV})", flush=True)
+    if args.tools == "none" and _fine_tuned_for_tools(args.checkpoint):
+        print("note: this model was fine-tuned to call tools; `--tools builtin` lets the server run them "
+              "(calculator, python) for chat requests that bring no tools of their own", flush=True)
     print(f"serving '{name}' ({model.config.block_size}-token context, batches of up to {args.max_batch}) "
           f"on http://{args.host}:{args.port}/  (chat page at /, OpenAI API at /v1"
           f"{', API key required' if key else ''})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
+def _fine_tuned_for_tools(path) -> bool:
+    from lmforge.common import LmforgeError
+    from lmforge.train.checkpoint import trained_with_tools
+
+    try:
+        return trained_with_tools(path)
+    except LmforgeError:  # a Hugging Face folder: no lmforge training record
+        return False
+
+
 def add_commands(sub) -> None:
     """Add this stage's subcommands to the `lmforge` parser's subparsers."""
-    from lmforge.cli import positive_int
+    from lmforge.cli import checked, positive_int
+
+    port_number = checked(int, lambda v: 0 < v < 65536, "a TCP port number in 1..65535")
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API and web chat page for a model")
     p.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or Hugging Face model folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=positive_int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--api-key", default=None, help=f"require this key on /v1 routes (default: ${API_KEY_ENV})")
     p.add_argument("--model-name", default=None, help="the model id clients ask for (default: the folder name)")
     p.add_argument("--max-batch", type=positive_int, default=16,
@@ -57,6 +80,9 @@ def add_commands(sub) -> None:
     p.add_argument("--max-n", type=positive_int, default=8, help="most choices (n) per request")
     p.add_argument("--max-waiting", type=positive_int, default=256,
                    help="queued sequences beyond the batch before new requests get 429")
+    p.add_argument("--tools", choices=["none", "builtin"], default="none",
+                   help="builtin: run lmforge's calculator and python tools on the server when the model calls "
+                        "them in a chat request without tools of its own (default: none)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--compile", action="store_true",

@@ -84,7 +84,8 @@ class _Sampling(_Strict):
     top_k: int | None = Field(None, ge=1)  # lmforge extension (as in vLLM)
     min_p: float | None = Field(None, ge=0, le=1)  # lmforge extension
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # What a torch generator accepts: a signed or an unsigned 64-bit integer (negative ones alias).
+    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -21,6 +21,10 @@ turns it into an asyncio queue per request, so a slow client never holds up the 
 Tool calls: when a sequence may call tools, `<|tool_call_start|>` ends its content; the tokens after
 it, up to `<|tool_call_end|>`, are the call's JSON (lmforge/chat.py's format), parsed and handed out
 as a tool call with finish reason "tool_calls".
+
+Failures: a step that raises (a bug, an out-of-memory) fails every sequence it held, the running
+rows and those it was admitting (already off the waiting list), each with one "error" event, so no
+client waits forever; the loop keeps serving and /health shows the count and the last message.
 """
 from __future__ import annotations
 
@@ -85,6 +89,7 @@ class Sequence:
         self.tok = tokenizer
         self.budget = budget  # tokens this sequence may sample in total
         self.generated = 0  # tokens sampled so far (stop tokens included: the model produced them)
+        self.tokens: list[int] = []  # those tokens (a server-run tool call continues after them)
         self.cancelled = False
         self.finish_reason: str | None = None
         self.generator = None
@@ -111,6 +116,7 @@ class Sequence:
     def add(self, token: int) -> None:
         """Take the next sampled token: hand out text, switch to the tool call, or finish."""
         self.generated += 1
+        self.tokens.append(token)
         piece = self.row.add(token)
         if not self.in_call:
             if piece:
@@ -171,6 +177,7 @@ class SchedulerStats:
     errors: int = 0
     generated_tokens: int = 0
     max_rows: int = 0  # most rows in one decode step
+    last_error: str | None = None  # the latest failed step's message (the loop keeps serving)
     rows_per_step: Counter = field(default_factory=Counter)  # decode steps by batch size
 
     def as_dict(self) -> dict:
@@ -206,6 +213,9 @@ class Scheduler:
         self._next: torch.Tensor | None = None  # each row's next input token
         self._positions: list[int] = []  # each row's next cache slot
         self._cache = None
+        # Sequences taken off the waiting list for this step's prefill: until they join _rows, a
+        # failure must still reach them (else their clients wait forever).
+        self._admitting: list[Sequence] = []
         self._cv = threading.Condition()
         self._paused = False
         self._in_step = False
@@ -290,7 +300,8 @@ class Scheduler:
                     self._cv.wait()
                 if self._stopping:
                     for seq in list(self._rows) + list(self._waiting):
-                        seq.fail("the server is shutting down")
+                        if not seq.done:
+                            seq.fail("the server is shutting down")
                     return
                 self._in_step = True
             try:
@@ -312,10 +323,13 @@ class Scheduler:
             self._waiting = deque(s for s in self._waiting if not s.cancelled)
             room = self.max_batch - len(self._rows) + sum(s.cancelled for s in self._rows)
             new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            self._admitting = new
         with self._context():
             self._drop_rows(cancelled=True)
             if new:
                 self._admit(new)
+            with self._cv:
+                self._admitting = []
             if self._rows:
                 self._decode()
 
@@ -416,10 +430,15 @@ class Scheduler:
             self._cache, self._next, self._positions = None, None, []
 
     def _fail_all(self, message: str) -> None:
+        """Fail every sequence the failed step held: the running rows and those being admitted."""
         with self._cv:
             rows, self._rows = self._rows, []
+            admitting, self._admitting = self._admitting, []
             self._cache, self._next, self._positions = None, None, []
-        for seq in rows:
-            if not seq.done:
+            self.stats.last_error = message
+        failed = set()
+        for seq in rows + admitting:
+            if not seq.done and seq.id not in failed:
+                failed.add(seq.id)
                 self.stats.errors += 1
                 seq.fail(message)

@@ -162,6 +162,19 @@ def read_checkpoint_state(ckpt_dir: str | Path) -> dict:
     return read_json(Path(ckpt_dir) / "state.json", "checkpoint state", fmt="lmforge-checkpoint", version=1)
 
 
+def checkpoint_model_config(ckpt_dir: Path, state: dict) -> GPTConfig:
+    """The model shape recorded in a checkpoint's state.json, or one clear error saying it is not there."""
+    where = Path(ckpt_dir) / "state.json"
+    config = state.get("model_config")
+    if not isinstance(config, dict):
+        raise LmforgeError(f"{where} has no 'model_config' (the model's shape), so the weights cannot be "
+                           "loaded; the file is damaged or was not written by lmforge")
+    try:
+        return GPTConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise LmforgeError(f"{where}: 'model_config' is not a valid model configuration: {e}") from None
+
+
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
@@ -183,7 +196,7 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, dict]:
     """Build the model described by a checkpoint and load its weights. Returns (model, state)."""
     ckpt = resolve_checkpoint(path)
     state = read_checkpoint_state(ckpt)
-    model = GPT(GPTConfig.from_dict(state["model_config"]))
+    model = GPT(checkpoint_model_config(ckpt, state))
     if state.get("quantization"):
         from lmforge.quantize import prepare_quantized  # empty quantized layers to load into
 
@@ -205,6 +218,30 @@ def load_checkpoint_tokenizer(ckpt_dir: str | Path):
     if want and tok.fingerprint != want:
         raise LmforgeError(f"tokenizer in {ckpt_dir} does not match the one the model was trained with")
     return tok
+
+
+def trained_with_tools(path: str | Path) -> bool:
+    """Whether the model in a checkpoint was fine-tuned to call tools: its SFT data had tool calls
+    (SFT records how many conversations did, "tool_conversations") or RL ran with tools. Followed
+    back through "base_checkpoint" (an RL run's state leads to its SFT's); False when nothing says so
+    (a base model, or an SFT checkpoint from before the record existed)."""
+    ckpt, seen = resolve_checkpoint(path), set()
+    while ckpt.resolve() not in seen:
+        seen.add(ckpt.resolve())
+        state = read_checkpoint_state(ckpt)
+        rl = state.get("rl")
+        if isinstance(rl, dict) and rl.get("tools"):
+            return True
+        if "tool_conversations" in state:
+            return bool(state["tool_conversations"])
+        base = state.get("base_checkpoint")
+        if not base:
+            return False
+        try:
+            ckpt = resolve_checkpoint(base)
+        except LmforgeError:  # the base was moved or deleted: nothing more to learn
+            return False
+    return False
 
 
 def load_optimizer_states(optimizers, ckpt_dir: str | Path, state: dict) -> None:

@@ -3,8 +3,8 @@
 A stage describes itself as a `Task`: where its micro-batches come from, how its loss is computed,
 how it evaluates, and how its data position is saved. The `Trainer` owns everything else:
 distributed setup (torchrun + DDP), mixed precision, gradient accumulation and clipping, the
-optimizers and LR schedule, NaN detection, logging, progress bar, loss-curve plot, and atomic
-checkpoints with exact resume.
+optimizers and LR schedule, NaN detection (of the loss and of the gradient norm), logging, progress
+bar, loss-curve plot, and atomic checkpoints with exact resume.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class TrainConfig:
     progress: bool = True
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -242,8 +242,9 @@ class Trainer:
         path = found[-1]
         state = ckpt_io.read_checkpoint_state(path)
         ours = self.raw_model.config.to_dict()
-        if state["model_config"] != ours:
-            diff = {k: (state["model_config"].get(k), v) for k, v in ours.items() if state["model_config"].get(k) != v}
+        theirs = ckpt_io.checkpoint_model_config(path, state).to_dict()
+        if theirs != ours:
+            diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
             raise LmforgeError(f"--resume: checkpoint {path} was trained with a different model config "
                                f"(checkpoint vs now: {diff})")
         for key in ("tokenizer_fingerprint",):
@@ -297,6 +298,10 @@ class Trainer:
     def save(self):
         """Checkpoint on rank 0 (model and optimizer state are identical across DDP ranks); every
         rank's RNG state and the task's data position are gathered so resume is exact."""
+        # The step checks stop a NaN before it reaches the weights; this is the last line of defence
+        # for "the last good checkpoint".
+        if not all(torch.isfinite(p).all() for p in self.raw_model.parameters()):
+            self._diverged(f"the weights are not finite after step {self.step}; not saved")
         rng = ckpt_io.capture_rng()
         if self.world > 1:
             gathered = [None] * self.world
@@ -349,14 +354,18 @@ class Trainer:
             ntok += n
         loss_mean = all_reduce_mean(loss_sum / cfg.grad_accum, self.device)
         if not math.isfinite(loss_mean):
-            for opt in self.optimizers:
-                opt.zero_grad(set_to_none=True)
-            last = ckpt_io.list_checkpoints(self.ckpt_root)
-            keep = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-            raise TrainingDiverged(f"loss became {loss_mean} at step {self.step + 1}; stopping ({keep}). "
-                                   "Try a lower learning rate or more warmup.")
+            self._diverged(f"loss became {loss_mean} at step {self.step + 1}")
+        # A finite loss can still have an inf/NaN gradient (an overflow in the backward pass): one
+        # such step would make every weight NaN, and the next checkpoint would save them. The norm
+        # is of the gradients after DDP's all-reduce, so every rank sees the same one and stops.
+        grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if not torch.isfinite(grad_norm):
+            self._diverged(f"the gradient norm became {grad_norm.item()} at step {self.step + 1} "
+                           f"(loss {loss_mean:.4f})")
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grads_with_norm_(self.raw_model.parameters(), cfg.grad_clip, grad_norm)
+        self.last_grad_norm = grad_norm.item()
         for opt in self.optimizers:
             opt.step()
         for opt in self.optimizers:
@@ -365,6 +374,15 @@ class Trainer:
         self.tokens_seen += int(all_reduce_sum([ntok], self.device)[0])
         self.current_lr_mult = mult
         return loss_mean
+
+    def _diverged(self, what: str):
+        """Stop without stepping: nothing of this step reaches the weights or a checkpoint."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        last = ckpt_io.list_checkpoints(self.ckpt_root)
+        keep = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+        raise TrainingDiverged(f"{what}; stopping ({keep}). "
+                               "Try a lower learning rate or more warmup.")
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -391,7 +409,8 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.done():
                 tok_s = window_tok / max(window_t, 1e-9)
                 rec = {"step": self.step, "loss": round(last_loss, 6), "lr_mult": round(self.current_lr_mult, 6),
-                       "tokens": self.tokens_seen, "tok_per_s": round(tok_s, 1), "time": round(self.train_time, 3)}
+                       "grad_norm": round(self.last_grad_norm, 6), "tokens": self.tokens_seen,
+                       "tok_per_s": round(tok_s, 1), "time": round(self.train_time, 3)}
                 if flops_per_token and self.peak_flops:
                     rec["mfu"] = round(flops_per_token * tok_s / self.peak_flops, 4)
                 self._log(rec)

@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 
 from lmforge.common import LmforgeError, dist_info
-from lmforge.data.loader import BatchLoader, TokenSplit, eval_batches
+from lmforge.data.loader import BatchLoader, SplitMissing, TokenSplit, eval_batches
 from lmforge.data.prepare import load_manifest
 from lmforge.model import GPT, get_config
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.loop import Trainer, TrainConfig, all_reduce_sum, setup_distributed
+from lmforge.train.loop import TrainConfig, Trainer, all_reduce_sum, setup_distributed
 
 
 class NextTokenTask:
@@ -100,8 +100,8 @@ def pretrain(opts: PretrainOptions, train_cfg: TrainConfig) -> dict:
     train = TokenSplit(opts.data_dir, "train", tokenizer=tok)
     try:
         val = TokenSplit(opts.data_dir, "val", tokenizer=tok)
-    except LmforgeError:
-        val = None  # no validation split (val_fraction=0)
+    except SplitMissing:
+        val = None  # no validation split (val_fraction=0); a damaged one raises
     torch.manual_seed(train_cfg.seed)  # same initial weights on every rank and every run
     model = GPT(cfg)
     # The task's batches must land on the device the Trainer will use.
