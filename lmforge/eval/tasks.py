@@ -89,17 +89,21 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _rows(path: Path, parse: Callable[[dict], object]) -> list:
-    """parse(row) for every row of a JSON-lines file; a row without an expected field is one
-    error line naming the file and line, not a KeyError."""
+def _parse_each(rows, parse: Callable[[dict], object], where: Callable[[int], str]) -> list:
+    """parse(row) for every row; a row without an expected field is one error line, where(n) + the
+    reason (n counts from 1), not a KeyError."""
     out = []
-    for n, row in enumerate(_read_jsonl(path), 1):
+    for n, row in enumerate(rows, 1):
         try:
             out.append(parse(row))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-            raise LmforgeError(f"{path}: item {n} does not have the expected fields "
-                               f"({type(e).__name__}: {e})") from None
+            raise LmforgeError(f"{where(n)} ({type(e).__name__}: {e})") from None
     return out
+
+
+def _rows(path: Path, parse: Callable[[dict], object]) -> list:
+    """parse(row) for every row of a JSON-lines file, errors naming the file and item."""
+    return _parse_each(_read_jsonl(path), parse, lambda n: f"{path}: item {n} does not have the expected fields")
 
 
 # ----------------------------------------------------------------------------- the hub
@@ -197,14 +201,8 @@ def hub_rows(task: str, repo: str, config: str | None, split: str, mirror: str |
 
 def _from_hub_rows(task: str, spec: tuple[str, str | None, str], item: Callable[[dict], object],
                    mirror=None) -> list:
-    out = []
-    for n, row in enumerate(hub_rows(task, *spec, mirror=mirror)):
-        try:
-            out.append(item(row))
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-            raise LmforgeError(f"{task}: hub row {n} of {spec[0]} does not have the expected columns "
-                               f"({type(e).__name__}: {e})") from None
-    return out
+    return _parse_each(hub_rows(task, *spec, mirror=mirror), item,
+                       lambda n: f"{task}: hub row {n - 1} of {spec[0]} does not have the expected columns")
 
 
 # ----------------------------------------------------------------------------- item builders (lm-eval's formats)
