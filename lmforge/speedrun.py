@@ -31,6 +31,11 @@ from lmforge.model import get_config
 # when to refuse (lmforge/posttrain/safety.py). Weights after '*'.
 SFT_MIXTURE = ("synthetic:arithmetic:4000*2", "synthetic:letters:3000", "synthetic:identity:500", "safety*0.5")
 SFT_TASKS = ("arithmetic", "letters", "identity")  # evaluated after SFT (held-out problems)
+# Where the python tool's sandbox cannot be built (macOS; Linux without user namespaces) the speedrun
+# leaves out what needs it: letter counting (its worked examples call python) in SFT and its
+# evaluation, and python in the tool loops; arithmetic runs with the calculator alone.
+PYTHON_TASKS = ("letters",)
+WITHOUT_PYTHON = ("calculator",)
 # The benchmark table: multiple-choice tasks scored by log-likelihood (lmforge/eval).
 EVAL_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "copa", "boolq")
 
@@ -206,29 +211,37 @@ def _train_config(out_dir: Path, *, steps: int, budget: float | None, lr: float,
 
 
 def sft_stage(p: SpeedrunPreset, base: str, out_dir: Path, *, resume: bool, seed: int, device: str, dtype: str,
-              progress: bool, log=print) -> dict:
+              progress: bool, python_tool: bool = True, log=print) -> dict:
     """Chat SFT from the pretrained checkpoint, then greedy evaluation on held-out synthetic problems
-    (tools run) and the safety prompts. Resumes an interrupted run."""
+    (tools run) and the safety prompts. Resumes an interrupted run. Without the python tool, the
+    tasks that need it are left out (PYTHON_TASKS)."""
     from lmforge.posttrain.sft import SFTOptions, evaluate_tasks, safety_eval, sft
+
+    def keep(spec: str) -> bool:
+        return python_tool or not any(spec.startswith(f"synthetic:{t}") for t in PYTHON_TASKS)
 
     cfg = _train_config(out_dir, steps=p.sft_steps, budget=p.sft_time_budget, lr=p.sft_lr, seed=seed, device=device,
                         dtype=dtype, progress=progress, ckpt_every=50)
-    r = sft(SFTOptions(checkpoint=base, data=list(SFT_MIXTURE), batch_size=p.sft_batch_size, resume=resume), cfg,
-            log=lambda m: log("      " + m))
+    r = sft(SFTOptions(checkpoint=base, data=[s for s in SFT_MIXTURE if keep(s)], batch_size=p.sft_batch_size,
+                       resume=resume), cfg, log=lambda m: log("      " + m))
     t0 = time.perf_counter()
-    tasks = evaluate_tasks(r["model"].eval(), r["tokenizer"], list(SFT_TASKS), p.task_eval_n, examples=2)
+    tasks = evaluate_tasks(r["model"].eval(), r["tokenizer"],
+                           [t for t in SFT_TASKS if python_tool or t not in PYTHON_TASKS], p.task_eval_n,
+                           tool_names=None if python_tool else WITHOUT_PYTHON, examples=2)
     safety = safety_eval(r["model"], r["tokenizer"])
     return {"checkpoint": r["checkpoint"], "steps": r["step"], "train_time": r["train_time"],
             "val_loss": r.get("val_loss"), "accuracy": tasks["accuracy"], "well_formed": tasks["well_formed"],
-            "tasks": tasks["tasks"], "safety": safety, "eval_time": time.perf_counter() - t0}
+            "tasks": tasks["tasks"], "safety": safety, "eval_time": time.perf_counter() - t0,
+            "python_tool": python_tool}
 
 
 def rl_stage(p: SpeedrunPreset, sft_checkpoint: str, out_dir: Path, *, resume: bool, seed: int, device: str,
-             dtype: str, progress: bool) -> dict:
+             dtype: str, progress: bool, python_tool: bool = True) -> dict:
     """GRPO with tool use on the preset's verifiable task; held-out accuracy before and after."""
     from lmforge.posttrain.rl import RLOptions, train_rl
 
     opts = RLOptions(checkpoint=sft_checkpoint, algorithm="grpo", tasks=[p.rl_task], tools=True,
+                     tool_names=None if python_tool else WITHOUT_PYTHON,
                      prompts_per_step=p.rl_prompts, group_size=p.rl_group, max_new_tokens=96, kl_beta=0.02,
                      temperature=p.rl_temperature,
                      eval_n=p.task_eval_n, resume=resume)
@@ -340,6 +353,9 @@ def write_report(out: Path, preset: SpeedrunPreset, stages: dict[str, dict], tot
         lines.append(f"| eval | centred benchmark score (0 = chance) | not run: no benchmark data on this machine "
                      f"({len(ev.get('skipped', {}))} benchmarks, listed below) | – |")
     lines.append("")
+    if sft and sft.get("python_tool") is False:
+        lines += ["The python tool's sandbox cannot be built on this machine, so SFT and RL left out what needs "
+                  "it: no letter counting, arithmetic with the calculator only (docs/posttraining.md).", ""]
     if evals:
         labels = list(evals)
         names = [n for n in next(iter(evals.values()))["tasks"]]

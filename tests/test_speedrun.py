@@ -221,3 +221,37 @@ def test_report_card_without_benchmark_data_lists_every_benchmark_and_keeps_the_
     report = (run / "report" / "report.md").read_text()
     assert "Not run" not in report and "| task | chance | base | final |" in report
     assert all(re.search(rf"^\| {name} \| 0\.[0-9]{{3}} \| [01]\.[0-9]{{3}} ± ", report, re.M) for name in EVAL_TASKS)
+
+
+@pytest.mark.usefixtures("unreachable_hub")
+def test_without_a_sandbox_the_speedrun_leaves_the_python_tool_out(tmp_path, corpus_text, capsys, monkeypatch):
+    """Where the python tool's sandbox cannot be built (macOS, no user namespaces) the speedrun still
+    runs end to end: SFT without letter counting, tool loops with the calculator only, the report
+    saying so — and model-written Python is never run."""
+    import json
+
+    import lmforge.posttrain.sandbox as sandbox
+    import lmforge.posttrain.tools as tools
+
+    def never(code, *args, **kwargs):
+        raise AssertionError(f"the python tool ran without a sandbox: {code!r}")
+
+    monkeypatch.setattr(sandbox, "sandbox_problem", lambda: "python tool: no sandbox here (test)")
+    monkeypatch.setattr(tools, "run_python", never)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("LMFORGE_SHARED_DATA", str(tmp_path / "no_data"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(corpus_text[:20_000])
+    run = tmp_path / "run"
+    argv = ["speedrun", "--data", str(corpus), "--out", str(run), "--vocab-size", "300", "--tokenizer-chars", "20000",
+            "--model", "tiny", "--block-size", "128", "--batch-size", "2", "--max-steps", "2", "--eval-every", "0",
+            "--compile", "off", "--no-progress", "--max-new-tokens", "4", "--sft-steps", "1", "--rl-steps", "1",
+            "--task-eval-n", "2", "--eval-limit", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "note: python tool: no sandbox here (test)" in out and "leave out the python tool" in out
+    stages = json.loads((run / "report" / "report.json").read_text())["stages"]
+    assert set(stages["sft"]["tasks"]) == {"arithmetic", "identity"} and stages["sft"]["python_tool"] is False
+    rl_state = json.loads(next((run / "rl" / "checkpoints").glob("step_*/state.json")).read_text())
+    assert rl_state["rl"]["tool_names"] == ["calculator"]
+    assert "sandbox cannot be built on this machine" in (run / "report" / "report.md").read_text()

@@ -595,3 +595,16 @@ def test_batched_tool_loop_matches_one_at_a_time_and_marks_inserted_tokens():
     # A row's own budget holds even when the round's is larger (a longer row shares the batch).
     cut = generate_with_tools_batch(ScriptedBatchEngine(tok, cfg, scripts), prompts, max_new_tokens=10)
     assert cut[2].finish_reason == "length" and len(cut[2].tokens) == 10 and cut[1].finish_reason == "stop"
+
+
+def test_a_tool_subset_answers_other_calls_as_unknown_without_running_them(monkeypatch):
+    import lmforge.posttrain.tools as tools
+
+    monkeypatch.setattr(tools, "run_python", lambda code, *a, **k: pytest.fail("python ran"))
+    only_calculator = tools.select_tools(["calculator"])
+    assert list(only_calculator) == ["calculator"] and list(tools.select_tools(None)) == list(tools.TOOLS)
+    assert tools.run_tool({"name": "python", "arguments": {"code": "print(1)"}}, only_calculator) == \
+        "error: unknown tool 'python' (available: calculator)"
+    assert tools.run_tool({"name": "calculator", "arguments": {"expression": "6*7"}}, only_calculator) == "42"
+    with pytest.raises(LmforgeError, match="unknown tool.*'nope'"):
+        tools.select_tools(["nope"])

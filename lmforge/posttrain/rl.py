@@ -211,13 +211,15 @@ class Reply:
 
 
 def generate_replies(engine, prompts: list[list[int]], max_new_tokens: int, *, tools: bool,
-                     **sampling) -> list[Reply]:
-    """Replies to rendered chat prompts, with the tool loop (tools=True) or without."""
-    from lmforge.posttrain.tools import generate_with_tools_batch
+                     tool_names=None, **sampling) -> list[Reply]:
+    """Replies to rendered chat prompts, with the tool loop (tools=True; the built-in tools named
+    in tool_names, all when None) or without."""
+    from lmforge.posttrain.tools import generate_with_tools_batch, select_tools
 
     if tools:
         return [Reply(r.tokens, r.action_mask, r.text, r.finish_reason == "stop")
-                for r in generate_with_tools_batch(engine, prompts, max_new_tokens=max_new_tokens, **sampling)]
+                for r in generate_with_tools_batch(engine, prompts, max_new_tokens=max_new_tokens,
+                                                   tools=select_tools(tool_names), **sampling)]
     end = engine.tokenizer.special_id("<|assistant_end|>")
     out = []
     for c in engine.generate(prompts, max_new_tokens, **sampling):
@@ -256,6 +258,7 @@ class RLOptions:
     group_size: int = 8
     max_new_tokens: int = 32
     tools: bool = False  # run the tools the policy calls during rollouts and evaluation
+    tool_names: tuple[str, ...] | None = None  # with tools: which built-in tools run (None: all)
     temperature: float = 1.0
     top_p: float | None = None
     clip: float = 0.2
@@ -338,7 +341,8 @@ class RLTask:
         if budget <= 0:
             raise LmforgeError(f"prompts of {max(len(p) for p in prompts)} tokens leave no room to reply "
                                f"in the {window}-token window")
-        outs = generate_replies(engine, prompts, budget, tools=o.tools, temperature=o.temperature, top_p=o.top_p,
+        outs = generate_replies(engine, prompts, budget, tools=o.tools, tool_names=o.tool_names,
+                                temperature=o.temperature, top_p=o.top_p,
                                 seed=hash((self.seed, self.rank, self.rollouts)) & 0x7FFFFFFF)
         # A reply cut at zero tokens still needs a target to pack; its mask is cleared below.
         replies = [r.tokens or [self.end_id] for r in outs]
@@ -450,7 +454,8 @@ class RLTask:
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
         return evaluate_policy(model, self.tok, self.eval_tasks, self.opts.eval_n,
-                               max_new_tokens=self.opts.max_new_tokens, device=self.device, tools=self.opts.tools)
+                               max_new_tokens=self.opts.max_new_tokens, device=self.device, tools=self.opts.tools,
+                               tool_names=self.opts.tool_names)
 
     def state_dict(self) -> dict:
         return {"rollouts": self.rollouts - (self.current is not None and
@@ -463,7 +468,8 @@ class RLTask:
 
 @torch.no_grad()
 def evaluate_policy(model, tok, tasks: list[str], n: int, *, max_new_tokens: int = 32, seed: int = 0,
-                    device: str = "cpu", batch_size: int = 64, tools: bool = False) -> dict[str, float]:
+                    device: str = "cpu", batch_size: int = 64, tools: bool = False,
+                    tool_names=None) -> dict[str, float]:
     """Greedy replies (with the tool loop if tools) to n held-out problems per task, batched:
     exact-match accuracy (the reply must end its turn), per task and overall, and the mean reply
     length (the model's own tokens). The problems are the ones `lmforge synthetic eval` draws (same
@@ -476,10 +482,10 @@ def evaluate_policy(model, tok, tasks: list[str], n: int, *, max_new_tokens: int
     # fp32 even inside the Trainer's bf16 evaluation: the same numbers as a standalone evaluation.
     with torch.autocast(dev, enabled=False):
         return _evaluate(engine, src_names=tasks, n=n, max_new_tokens=max_new_tokens, seed=seed, device=device,
-                         batch_size=batch_size, rank=rank, world=world, tools=tools)
+                         batch_size=batch_size, rank=rank, world=world, tools=tools, tool_names=tool_names)
 
 
-def _evaluate(engine, *, src_names, n, max_new_tokens, seed, device, batch_size, rank, world, tools):
+def _evaluate(engine, *, src_names, n, max_new_tokens, seed, device, batch_size, rank, world, tools, tool_names):
     from lmforge.chat import render_messages
 
     tok, model = engine.tokenizer, engine.model
@@ -493,7 +499,7 @@ def _evaluate(engine, *, src_names, n, max_new_tokens, seed, device, batch_size,
             prompts = [render_messages(tok, [{"role": "user", "content": q}]) for q, _ in chunk]
             budget = min(max_new_tokens, model.config.block_size - max(len(p) for p in prompts))
             for (_, expected), r in zip(chunk, generate_replies(engine, prompts, max(budget, 1), tools=tools,
-                                                                temperature=0.0)):
+                                                                tool_names=tool_names, temperature=0.0)):
                 correct += r.ended and src.check(r.text, expected)
                 length += sum(r.actions) - r.ended
         correct, length, count = all_reduce_sum([correct, length, len(problems)], device)

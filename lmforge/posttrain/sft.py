@@ -250,7 +250,7 @@ def sft(opts: SFTOptions, train_cfg: TrainConfig, log=print) -> dict:
 # ----------------------------------------------------------------------------- task evaluation
 
 
-def evaluate_tasks(model, tok, tasks: list[str], n: int, *, seed: int = 0, tools: bool = True,
+def evaluate_tasks(model, tok, tasks: list[str], n: int, *, seed: int = 0, tools: bool = True, tool_names=None,
                    max_new_tokens: int = 96, examples: int = 0, batch_size: int = 64) -> dict:
     """Greedy replies to n held-out problems per synthetic task, batch_size at a time (the tool loop
     runs the tools the model calls). Reports exact-match accuracy per task and the fraction of
@@ -259,7 +259,7 @@ def evaluate_tasks(model, tok, tasks: list[str], n: int, *, seed: int = 0, tools
     from lmforge.chat import render_messages
     from lmforge.engine import Engine
     from lmforge.posttrain.synthetic import get_task, heldout_problems
-    from lmforge.posttrain.tools import generate_with_tools_batch
+    from lmforge.posttrain.tools import generate_with_tools_batch, select_tools
 
     engine = Engine(model, tok)
     out, correct_all, formed_all, total = {"tasks": {}}, 0, 0, 0
@@ -272,7 +272,7 @@ def evaluate_tasks(model, tok, tasks: list[str], n: int, *, seed: int = 0, tools
             chunk = problems[k:k + batch_size]
             prompts = [render_messages(tok, [{"role": "user", "content": q}]) for q, _ in chunk]
             replies = generate_with_tools_batch(engine, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                                                tools=None if tools else {})
+                                                tools=select_tools(tool_names) if tools else {})
             for (prompt, answer), r in zip(chunk, replies):
                 ok = r.finish_reason == "stop" and task.check(r.text, answer)
                 correct += ok

@@ -139,6 +139,16 @@ TOOLS: dict[str, Tool] = {
 }
 
 
+def select_tools(names=None) -> dict[str, Tool]:
+    """The built-in tools with these names (all of them when None); LmforgeError for an unknown one."""
+    if names is None:
+        return dict(TOOLS)
+    unknown = [n for n in names if n not in TOOLS]
+    if unknown:
+        raise LmforgeError(f"unknown tool(s) {', '.join(map(repr, unknown))}; built-in tools: {', '.join(TOOLS)}")
+    return {n: TOOLS[n] for n in names}
+
+
 def run_tool(call: dict, tools: dict[str, Tool] | None = None) -> str:
     """Run one parsed call; any failure becomes an 'error: ...' result for the model to read."""
     tools = TOOLS if tools is None else tools
