@@ -173,14 +173,8 @@ def test_full_speedrun_runs_every_stage_reports_each_metric_and_reuses_them(tmp_
     assert json.loads((run / "sft" / "stage.json").read_text())["steps"] == 3
 
 
-@pytest.mark.usefixtures("unreachable_hub")
-def test_report_card_without_benchmark_data_lists_every_benchmark_and_keeps_the_other_metrics(
-        tmp_path, corpus_text, capsys, monkeypatch, sandbox):
-    """A machine with neither the benchmark files nor the hub: the speedrun still finishes, its
-    report card says for every benchmark that it was not run, why and what gets its data, and
-    still has what needs no download: bits per byte, the SFT task accuracies and tool calls, GRPO."""
-    import json
-
+def smallest_speedrun_without_data(tmp_path, corpus_text, monkeypatch, capsys):
+    """Every stage at its smallest, with no benchmark data: (run folder, what it printed, its argv)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("LMFORGE_SHARED_DATA", str(tmp_path / "no_data"))
     corpus = tmp_path / "corpus.txt"
@@ -191,7 +185,18 @@ def test_report_card_without_benchmark_data_lists_every_benchmark_and_keeps_the_
             "--compile", "off", "--no-progress", "--max-new-tokens", "4", "--sft-steps", "1", "--rl-steps", "1",
             "--task-eval-n", "2", "--eval-limit", "2"]
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    return run, capsys.readouterr().out, argv
+
+
+@pytest.mark.usefixtures("unreachable_hub")
+def test_report_card_without_benchmark_data_lists_every_benchmark_and_keeps_the_other_metrics(
+        tmp_path, corpus_text, capsys, monkeypatch, sandbox):
+    """A machine with neither the benchmark files nor the hub: the speedrun still finishes, its
+    report card says for every benchmark that it was not run, why and what gets its data, and
+    still has what needs no download: bits per byte, the SFT task accuracies and tool calls, GRPO."""
+    import json
+
+    run, out, argv = smallest_speedrun_without_data(tmp_path, corpus_text, monkeypatch, capsys)
     assert out.count("      not run: ") == len(EVAL_TASKS)  # one line per benchmark while the stage runs
     report = (run / "report" / "report.md").read_text()
     ev = json.loads((run / "report" / "report.json").read_text())["stages"]["eval"]
@@ -238,17 +243,7 @@ def test_without_a_sandbox_the_speedrun_leaves_the_python_tool_out(tmp_path, cor
 
     monkeypatch.setattr(sandbox, "sandbox_problem", lambda: "python tool: no sandbox here (test)")
     monkeypatch.setattr(tools, "run_python", never)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("LMFORGE_SHARED_DATA", str(tmp_path / "no_data"))
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(corpus_text[:20_000])
-    run = tmp_path / "run"
-    argv = ["speedrun", "--data", str(corpus), "--out", str(run), "--vocab-size", "300", "--tokenizer-chars", "20000",
-            "--model", "tiny", "--block-size", "128", "--batch-size", "2", "--max-steps", "2", "--eval-every", "0",
-            "--compile", "off", "--no-progress", "--max-new-tokens", "4", "--sft-steps", "1", "--rl-steps", "1",
-            "--task-eval-n", "2", "--eval-limit", "2"]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
+    run, out, argv = smallest_speedrun_without_data(tmp_path, corpus_text, monkeypatch, capsys)
     assert "note: python tool: no sandbox here (test)" in out and "leave out the python tool" in out
     stages = json.loads((run / "report" / "report.json").read_text())["stages"]
     assert set(stages["sft"]["tasks"]) == {"arithmetic", "identity"} and stages["sft"]["python_tool"] is False
