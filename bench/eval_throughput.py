@@ -38,7 +38,7 @@ def model_folders(work: Path) -> tuple[Path, Path]:
     run, hf = work / "run", work / "hf"
     if (hf / "config.json").is_file():
         return run, hf
-    from lmforge.model import GPT, get_config
+    from lmforge.models.transformer import GPT, get_config
     from lmforge.tokenizer import Tokenizer
     from lmforge.train.checkpoint import save_checkpoint
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from lmforge.engine import Engine  # noqa: E402
 from lmforge.hf import export_hf  # noqa: E402
-from lmforge.model import GPT, get_config  # noqa: E402
+from lmforge.models.transformer import GPT, get_config  # noqa: E402
 from lmforge.quantize import model_memory_bytes, quantize_model  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
 from lmforge.train.checkpoint import load_model, save_checkpoint  # noqa: E402

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lmforge.data.prepare import prepare_shards  # noqa: E402
-from lmforge.model import GPT, get_config  # noqa: E402
+from lmforge.models.transformer import GPT, get_config  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
 from lmforge.train.loop import TrainConfig, autocast_dtype  # noqa: E402
 from lmforge.train.optim import build_optimizers  # noqa: E402

@@ -99,7 +99,7 @@ def serve_tiny(block_size: int = 64):
     import torch
     import uvicorn
 
-    from lmforge.model import GPT, get_config
+    from lmforge.models.transformer import GPT, get_config
     from lmforge.serve.app import ServeConfig, create_app
     from lmforge.tokenizer import Tokenizer
 

@@ -46,7 +46,7 @@ def make_model(out: Path) -> Path:
     serving speed does not depend on what the weights say)."""
     import torch
 
-    from lmforge.model import GPT, get_config
+    from lmforge.models.transformer import GPT, get_config
     from lmforge.tokenizer import Tokenizer
     from lmforge.train.checkpoint import save_checkpoint
 

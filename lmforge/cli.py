@@ -6,7 +6,7 @@
     lmforge pretrain
     lmforge sample | generate | chat      text from a checkpoint (KV-cached engine)
     lmforge score
-    lmforge export --format hf | import                  Hugging Face interop
+    lmforge export --format hf | arpa, import            Hugging Face interop, ARPA n-gram files
     lmforge quantize                                     weight-only int8 / int4
 
 Errors caused by input (missing files, mismatched tokenizer, bad option values) print one line
@@ -51,11 +51,11 @@ positive_float = checked(float, lambda v: 0 < v < float("inf"), "a positive numb
 seed_value = checked(int, lambda v: -2**63 <= v < 2**64, "an integer seed that fits in 64 bits")
 
 
-def parse_model_sets(pairs: list[str]) -> dict:
-    """`--set key=value` overrides for GPTConfig fields, typed by the dataclass field."""
-    from lmforge.model import GPTConfig
+def parse_model_sets(pairs: list[str], family: str | None = None) -> dict:
+    """`--set key=value` overrides for fields of a model family's config, typed by the dataclass field."""
+    from lmforge.models.registry import get_family
 
-    types = {f.name: f.type for f in dataclasses.fields(GPTConfig)}
+    types = {f.name: f.type for f in dataclasses.fields(get_family(family).config_class)}
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
@@ -84,11 +84,18 @@ def parse_model_sets(pairs: list[str]) -> dict:
 # ----------------------------------------------------------------------------- shared option groups
 
 
-def add_model_args(p: argparse.ArgumentParser, default_preset: str | None = "cpu", flag: str = "--preset"):
-    from lmforge.model import PRESETS
+def add_model_args(p: argparse.ArgumentParser, default_preset: str | None = None, flag: str = "--preset",
+                   family: bool = False):
+    from lmforge.models.registry import family_names
 
     g = p.add_argument_group("model")
-    g.add_argument(flag, dest="preset", default=default_preset, choices=sorted(PRESETS), help="model preset")
+    if family:
+        g.add_argument("--arch", default="transformer", choices=family_names(),
+                       help="model family (default transformer); presets are per family")
+    g.add_argument(flag, dest="preset", default=default_preset,
+                   help="the family's model preset (transformer: tiny, cpu (default), gpt2-classic, d12, d20; "
+                        "lstm: tiny, cpu; ngram: unigram, bigram, trigram, kn3, kn5, kn7, ...)")
+    p.set_defaults(preset_flag=flag)
     g.add_argument("--n-layer", type=positive_int)
     g.add_argument("--n-head", type=positive_int)
     g.add_argument("--n-kv-head", type=positive_int)
@@ -99,10 +106,23 @@ def add_model_args(p: argparse.ArgumentParser, default_preset: str | None = "cpu
 
 
 def model_overrides(args) -> dict:
+    """The model fields set on the command line, checked against the chosen family's config."""
+    from lmforge.models.registry import get_family
+
+    family = get_family(getattr(args, "arch", None))
+    known = {f.name for f in dataclasses.fields(family.config_class)}
     o = {"n_layer": args.n_layer, "n_head": args.n_head, "n_kv_head": args.n_kv_head,
          "n_embd": args.n_embd, "block_size": args.block_size}
+    preset = getattr(args, "preset", None)
+    if preset is not None and preset not in family.presets:
+        raise LmforgeError(f"{args.preset_flag} {preset}: not a {family.name} preset; "
+                           f"choose from {', '.join(family.presets)}")
     o = {k: v for k, v in o.items() if v is not None}
-    o.update(parse_model_sets(args.set))
+    for k in o:
+        if k not in known:
+            raise LmforgeError(f"--{k.replace('_', '-')} does not apply to the {family.name} family "
+                               f"(its fields: {', '.join(sorted(known))})")
+    o.update(parse_model_sets(args.set, family.name))
     return o
 
 
@@ -129,8 +149,8 @@ def add_train_args(p: argparse.ArgumentParser, *, max_steps: int = 1000):
     g.add_argument("--seed", type=seed_value, default=1337)
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="torch.compile the training step; auto = on, on CPU too (falls back to eager with a warning "
-                        "if compiling fails; see docs/benchmarks.md)")
+                   help="torch.compile the training step; auto = on CUDA, and on CPU unless the model has dropout "
+                        "(falls back to eager with a warning if compiling fails; see docs/benchmarks.md)")
     g.add_argument("--device", default="auto")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -226,7 +246,8 @@ def cmd_pretrain(args):
 
     if args.dry_run:
         return print_training_estimate(args)
-    opts = PretrainOptions(data_dir=args.data_dir, preset=args.preset, model_overrides=model_overrides(args),
+    opts = PretrainOptions(data_dir=args.data_dir, model=args.arch, preset=args.preset,
+                           model_overrides=model_overrides(args),
                            batch_size=args.batch_size, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
                            resume=args.resume)
     result = pretrain(opts, train_config(args, args.out))
@@ -243,10 +264,12 @@ def cmd_pretrain(args):
 def print_training_estimate(args):
     """`pretrain --dry-run`: what a step costs, per device, before any memory is spent on it."""
     from lmforge.common import dist_info
-    from lmforge.model import get_config
+    from lmforge.models.transformer import get_config
     from lmforge.train.budget import training_footprint
     from lmforge.train.pretrain import load_data_tokenizer
 
+    if args.arch != "transformer":
+        raise LmforgeError(f"--dry-run estimates the transformer family only, not {args.arch}")
     tok, _ = load_data_tokenizer(args.data_dir)
     cfg = get_config(args.preset, **{**model_overrides(args), "vocab_size": tok.vocab_size})
     seq_len = args.seq_len or cfg.block_size
@@ -334,13 +357,16 @@ def cmd_chat(args):
     tok = load_checkpoint_tokenizer(args.checkpoint)
     use_tools = trained_with_tools(args.checkpoint) if args.tools is None else args.tools
     engine = Engine(model, tok)
-    window = model.config.block_size
+    from lmforge.models.protocol import tokens_left
+
+    window = tokens_left(model, 0)  # the context window (unbounded for an LSTM or an n-gram)
     reply_room = min(args.max_new_tokens, window // 2)
+    context = f"{window}-token context" if model.context_limit else "no context limit"
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
     sampling = _sampling_kwargs(args)
     interactive = sys.stdin.isatty()
-    print(f"lmforge chat ({window}-token context{', tools run' if use_tools else ''}). {CHAT_HELP}",
+    print(f"lmforge chat ({context}{', tools run' if use_tools else ''}). {CHAT_HELP}",
           file=sys.stderr)
     while True:
         try:
@@ -449,7 +475,7 @@ def cmd_speedrun(args):
 
     from lmforge.data.prepare import load_manifest, prepare_shards
     from lmforge.data.sources import iter_documents
-    from lmforge.model import get_config
+    from lmforge.models.transformer import get_config
     from lmforge.speedrun import (
         check_preset,
         eval_stage,
@@ -646,8 +672,13 @@ def _stage_settings(preset, stage: str) -> dict:
 
 def _final_metrics(run_dir: Path) -> dict:
     """What a pretraining run under torchrun ended with: its newest checkpoint and last evaluation."""
-    from lmforge.model import GPT
-    from lmforge.train.checkpoint import checkpoint_model_config, read_checkpoint_state, resolve_checkpoint
+    from lmforge.models.registry import build_model
+    from lmforge.train.checkpoint import (
+        checkpoint_family,
+        checkpoint_model_config,
+        read_checkpoint_state,
+        resolve_checkpoint,
+    )
     from lmforge.train.loop import read_log
 
     ckpt = resolve_checkpoint(run_dir)
@@ -656,7 +687,7 @@ def _final_metrics(run_dir: Path) -> dict:
     import torch
 
     with torch.device("meta"):
-        params = GPT(checkpoint_model_config(ckpt, state)).num_params()
+        params = build_model(checkpoint_family(state), checkpoint_model_config(ckpt, state)).num_params()
     return {"checkpoint": str(ckpt), "step": state.get("step"), "tokens": state.get("tokens_seen"),
             "train_time": state.get("train_time"), "val_loss": evals[-1]["val_loss"] if evals else float("nan"),
             "val_bpb": evals[-1].get("val_bpb", float("nan")) if evals else float("nan"), "params": params}
@@ -694,11 +725,36 @@ def _pretrain_under_torchrun(args, nproc: int, data_dir, run_dir, resume: bool):
 
 
 def cmd_export(args):
+    from lmforge.train.checkpoint import checkpoint_family, read_checkpoint_state, resolve_checkpoint
+
+    family = checkpoint_family(read_checkpoint_state(resolve_checkpoint(args.checkpoint)))
+    if args.format == "arpa":
+        return export_arpa(args, family)
+    if family != "transformer":
+        raise LmforgeError(f"--format hf exports the transformer family; this checkpoint holds a {family} model"
+                           + (" (use --format arpa)" if family == "ngram" else ""))
     from lmforge.hf import export_hf
 
     conv = export_hf(args.checkpoint, args.out_dir, dtype=args.dtype)
     print(f"exported {conv.architecture} to {conv.path}" + (f" ({conv.note})" if conv.note else ""))
     print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(conv.path)!r})")
+
+
+def export_arpa(args, family: str):
+    """An n-gram checkpoint as an ARPA file (the format of SRILM and KenLM); words are the tokens'
+    spellings (`arpa_token_text`), <s> the document start."""
+    from lmforge.models.ngram import arpa_token_text, write_arpa
+    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
+
+    if family != "ngram":
+        raise LmforgeError(f"--format arpa exports n-gram models; this checkpoint holds a {family} model")
+    out = Path(args.out_dir)
+    if out.is_dir():
+        out = out / "model.arpa"
+    model, _ = load_model(args.checkpoint)
+    write_arpa(model, out, arpa_token_text(load_checkpoint_tokenizer(args.checkpoint)))
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, order {model.config.order}); "
+          f"query it with kenlm.Model({str(out)!r})")
 
 
 def cmd_import(args):
@@ -709,8 +765,8 @@ def cmd_import(args):
 
 
 def cmd_quantize(args):
-    from lmforge.quantize import model_memory_bytes, quantize_checkpoint
-    from lmforge.train.checkpoint import load_model
+    from lmforge.quantize import model_memory_bytes
+    from lmforge.train.checkpoint import load_model, quantize_checkpoint
 
     out = quantize_checkpoint(args.checkpoint, args.out, bits=args.bits, group_size=args.group_size,
                               include_lm_head=not args.no_lm_head)
@@ -801,7 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--out", required=True, help="run folder (checkpoints, log.jsonl, loss.png)")
     pt.add_argument("--dry-run", action="store_true",
                     help="print parameters, tokens per step, memory per device and FLOPs per step; do not train")
-    add_model_args(pt)
+    add_model_args(pt, family=True)
     add_train_args(pt)
     pt.set_defaults(func=cmd_pretrain)
 
@@ -836,11 +892,12 @@ def build_parser() -> argparse.ArgumentParser:
     ch.set_defaults(func=cmd_chat)
 
     # Hugging Face interop
-    ex = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder")
+    ex = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder or an ARPA n-gram file")
     ex.add_argument("--checkpoint", required=True)
-    ex.add_argument("--format", choices=["hf"], default="hf")
-    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    ex.add_argument("out_dir")
+    ex.add_argument("--format", choices=["hf", "arpa"], default="hf",
+                    help="hf: a transformers folder (transformer family); arpa: an SRILM/KenLM file (n-gram family)")
+    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="hf only")
+    ex.add_argument("out_dir", help="the folder (hf), or the .arpa file or a folder for model.arpa (arpa)")
     ex.set_defaults(func=cmd_export)
     im = sub.add_parser("import", help="convert a local Hugging Face Llama/Qwen3/GPT-2 folder to a checkpoint")
     im.add_argument("hf_dir")

@@ -1,8 +1,11 @@
-"""The inference engine: batched generation from a key/value cache, with stop handling and streaming.
+"""The inference engine: batched generation from a model's decode state, with stop handling and streaming.
 
 `sampling.generate` re-runs the model over the whole sequence for every new token. The engine
-runs each prompt through the model once (prefill), keeps every layer's keys and values in a
-preallocated cache (`model.KVCache`), and then feeds only the newest token of each row (decode).
+runs each prompt through the model once (prefill), keeps what the model needs to continue — its
+decode state (lmforge/models/protocol.py): for the transformer every layer's keys and values in a
+preallocated cache (`models.transformer.KVCache`), for an LSTM its (h, c) — and then feeds only the
+newest token of each row (decode). The padding and slot rules below are the transformer's; a
+recurrent state simply advances one token per row and step.
 
 Batching prompts of different lengths: the rows are right-padded, and every token lives in the
 cache slot equal to its position. The alternative, left-padding, lines up the rows' ends so all
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.common import LmforgeError
+from lmforge.models.protocol import tokens_left
 from lmforge.sampling import check_sampling_args, sample_next
 
 # A reply ends at the end of the assistant's turn; any text ends at end-of-text (bos doubles as it).
@@ -167,6 +171,12 @@ class CompiledDecodeStep:
         return self.plain(*args)
 
 
+def compiled_decode_step(model) -> CompiledDecodeStep | None:
+    """A torch.compile'd decode step to pass as `decode(..., step_fn=...)`, or None for a family
+    without a `decode_step` (its decode is not one tensor graph; it runs as it is)."""
+    return CompiledDecodeStep(model) if callable(getattr(model, "decode_step", None)) else None
+
+
 class _CachedRunner:
     """Prefill once, then one token per row and step from the key/value cache."""
 
@@ -181,7 +191,7 @@ class _CachedRunner:
         self.cache = model.new_cache(len(prompts), max_len + (step_fn is not None), dtype)
 
     def start(self) -> torch.Tensor:
-        device = self.cache.k[0].device
+        device = self.model.device
         idx = _right_padded(self.prompts, max(self.positions), device)
         last = torch.tensor([n - 1 for n in self.positions], device=device)
         return self.model.prefill(idx, self.cache, last)
@@ -203,7 +213,7 @@ class _RecomputeRunner:
     def __init__(self, model, prompts: list[list[int]], max_len: int):
         self.model = model
         self.lengths = [len(p) for p in prompts]
-        self.ids = _right_padded(prompts, max_len, model.embed_tokens.weight.device)
+        self.ids = _right_padded(prompts, max_len, model.device)
 
     def start(self) -> torch.Tensor:
         return self._last_logits()
@@ -225,7 +235,9 @@ class _RecomputeRunner:
 
 
 class Engine:
-    """Generates from a `GPT` with a key/value cache. The tokenizer is needed for text (stop strings,
+    """Generates from any lmforge language model (lmforge/models/protocol.py) through its decode
+    state: a key/value cache for a transformer, (h, c) for an LSTM, the last tokens for an n-gram.
+    The tokenizer is needed for text (stop strings,
     streaming, Completion.text); without it the engine works on token ids only.
 
     dtype "bf16" runs under bf16 autocast with a bf16 cache (faster on recent CPUs and GPUs, not
@@ -241,11 +253,11 @@ class Engine:
         if dtype not in ("fp32", "bf16"):
             raise LmforgeError(f"engine dtype must be fp32 or bf16, got {dtype!r}")
         self.model = model
-        self.step_fn = CompiledDecodeStep(model) if compile else None
+        self.step_fn = compiled_decode_step(model) if compile else None
         self.tokenizer = tokenizer
-        self.device = model.embed_tokens.weight.device
+        self.device = model.device
         self.amp_dtype = torch.bfloat16 if dtype == "bf16" else None
-        vocab = model.config.vocab_size
+        vocab = model.vocab_size
         # A model's vocabulary may be padded beyond the tokenizer's (e.g. to a multiple of 64):
         # ids the tokenizer cannot decode are never sampled.
         self.sample_vocab = vocab if tokenizer is None else min(vocab, tokenizer.vocab_size)
@@ -295,7 +307,7 @@ class Engine:
     def _prepare(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
                  stop_ids, stop_strings, use_cache):
         check_sampling_args(temperature, top_k, top_p, max_new_tokens, min_p, repetition_penalty)
-        cfg = self.model.config
+        model = self.model
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
             raise LmforgeError("give a non-empty list of prompts, each a list of token ids")
         if any(isinstance(p, int) for p in prompts):
@@ -304,19 +316,19 @@ class Engine:
         for i, p in enumerate(prompts):
             if not p:
                 raise LmforgeError(f"prompt {i} is empty (give at least one token, e.g. the bos token)")
-            if len(p) > cfg.block_size:
+            if tokens_left(model, len(p)) < 0:
                 raise LmforgeError(f"prompt {i} is {len(p)} tokens, longer than the model's context "
-                                   f"window of {cfg.block_size} tokens")
-            if not all(0 <= t < cfg.vocab_size for t in p):
+                                   f"window of {model.context_limit} tokens")
+            if not all(0 <= t < model.vocab_size for t in p):
                 raise LmforgeError(f"prompt {i} has token ids outside the model's vocabulary "
-                                   f"(0..{cfg.vocab_size - 1})")
+                                   f"(0..{model.vocab_size - 1})")
         stop_ids = self.default_stop_ids if stop_ids is None else frozenset(int(t) for t in stop_ids)
         stop_strings = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings)
         if stop_strings and self.tokenizer is None:
             raise LmforgeError("stop strings need a tokenizer")
         if any(not isinstance(s, str) or not s for s in stop_strings):
             raise LmforgeError("stop strings must be non-empty strings")
-        rows = [RowOutput(min(max_new_tokens, cfg.block_size - len(p)), stop_ids, stop_strings, self.tokenizer)
+        rows = [RowOutput(min(max_new_tokens, tokens_left(model, len(p))), stop_ids, stop_strings, self.tokenizer)
                 for p in prompts]
         settings = _Settings(temperature, top_k, top_p, min_p, repetition_penalty, seed, use_cache)
         return prompts, rows, settings
@@ -360,7 +372,7 @@ class Engine:
                     runner = _RecomputeRunner(model, prompts, max_len)
                 seen = None
                 if s.repetition_penalty is not None and s.repetition_penalty != 1.0:
-                    seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool,
+                    seen = torch.zeros(len(prompts), model.vocab_size, dtype=torch.bool,
                                        device=self.device)
                     for b, p in enumerate(prompts):
                         seen[b, p] = True

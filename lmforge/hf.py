@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.common import LmforgeError, atomic_write_bytes, atomic_write_json, read_json
-from lmforge.model import GPT, GPTConfig
+from lmforge.models.transformer import GPT, GPTConfig
 from lmforge.train.checkpoint import (
     list_checkpoints,
     load_checkpoint_tokenizer,

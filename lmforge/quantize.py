@@ -18,7 +18,9 @@ Formats (N = out_features, K = in_features)
         smaller step than a symmetric [-absmax, absmax] grid, which wastes levels on the side of zero
         the group does not reach.
 
-A quantized checkpoint is an ordinary checkpoint folder (lmforge.train.checkpoint) whose state.json
+Quantization is a transform of a built model (`quantize_model`, `prepare_quantized`); this module
+does no file I/O, so it depends on nothing but torch. A quantized checkpoint
+(`lmforge.train.checkpoint.save_quantized`) is an ordinary checkpoint folder whose state.json
 holds "quantization": {"bits", "group_size", "include_lm_head"}. Its int4 codes are stored in a
 plain layout (two codes per byte, the even column in the low nibble), never the kernel's private,
 instruction-set-dependent one, so files move between machines.
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -368,40 +369,3 @@ def model_memory_bytes(model: nn.Module) -> int:
 def linear_memory_bytes(model: nn.Module) -> int:
     """Bytes held by the linear layers alone (float or quantized): what quantization shrinks."""
     return _tensors(m for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear)))
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_quantized(model: nn.Module, out_dir: str | Path, *, step: int = 0, state: dict | None = None,
-                   files: dict[str, bytes] | None = None) -> Path:
-    """Write a quantized model as a checkpoint out_dir/step_{step}/ (model.safetensors + state.json with
-    the model config and "quantization"); returns that folder. `state` and `files` are extra state.json
-    entries and files, as for save_checkpoint (e.g. the tokenizer, to stay self-contained)."""
-    from lmforge.train.checkpoint import save_checkpoint
-
-    qcfg = quantization_config(model)
-    if qcfg is None:
-        raise LmforgeError("model is not quantized; call quantize_model first")
-    return save_checkpoint(out_dir, step, model, state={**(state or {}), "quantization": qcfg}, files=files)
-
-
-_NOT_COPIED = {"model.safetensors", "optimizer.safetensors", "state.json"}
-_STATE_RESET = {"format", "version", "step", "model_config", "optimizer", "quantization"}
-
-
-def quantize_checkpoint(src: str | Path, out_dir: str | Path, bits: int = 8, group_size: int = 32,
-                        include_lm_head: bool = True) -> Path:
-    """Quantize a float checkpoint (any path resolve_checkpoint accepts) into out_dir/step_N/, keeping
-    its step, its state entries (tokenizer fingerprint, ...) and its small files (tokenizer.json)."""
-    from lmforge.train.checkpoint import load_model, resolve_checkpoint
-
-    ckpt = resolve_checkpoint(src)
-    model, state = load_model(ckpt)
-    if quantization_config(model) is not None:
-        raise LmforgeError(f"{ckpt} is already quantized")
-    quantize_model(model, bits, group_size, include_lm_head)
-    files = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file() and p.name not in _NOT_COPIED}
-    extra = {k: v for k, v in state.items() if k not in _STATE_RESET}
-    extra["quantized_from"] = str(ckpt.resolve())
-    return save_quantized(model, out_dir, step=int(state.get("step", 0)), state=extra, files=files)

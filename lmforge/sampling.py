@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
+from lmforge.models.protocol import tokens_left
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int,
@@ -96,19 +97,19 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, *, temperature: 
     view (the prompt itself must fit). The repetition penalty counts every token of the prompt and
     of the output, including dropped ones."""
     check_sampling_args(temperature, top_k, top_p, max_new_tokens, min_p, repetition_penalty)
-    block = model.config.block_size
+    block = tokens_left(model, 0)  # the window the model sees (unbounded without one)
     if len(prompt_ids) == 0:
         raise LmforgeError("the prompt is empty (give at least one token, e.g. the bos token)")
     if len(prompt_ids) > block:
         raise LmforgeError(f"the prompt is {len(prompt_ids)} tokens, longer than the model's context "
                            f"window of {block} tokens")
-    device = next(model.parameters()).device
+    device = model.device
     gen = None
     if seed is not None:
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
+    seen = torch.zeros(1, model.vocab_size, dtype=torch.bool, device=device)
     seen[0, ids[0]] = True
     out: list[int] = []
     with eval_mode(model):
@@ -148,10 +149,10 @@ def score_text(model, tokenizer, text: str) -> TextScore:
     if not ids:
         raise LmforgeError("cannot score an empty text")
     seq = [tokenizer.bos_id] + ids
-    if len(seq) - 1 > model.config.block_size:
+    if tokens_left(model, len(seq) - 1) < 0:
         raise LmforgeError(f"the text is {len(ids)} tokens, longer than the model's context window "
-                           f"of {model.config.block_size} tokens")
-    device = next(model.parameters()).device
+                           f"of {model.context_limit} tokens")
+    device = model.device
     x = torch.tensor([seq[:-1]], device=device)
     y = torch.tensor(seq[1:], device=device)
     with eval_mode(model):

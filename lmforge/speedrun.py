@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.common import LmforgeError
-from lmforge.model import get_config
+from lmforge.models.transformer import get_config
 
 # Chat SFT: tool-using arithmetic (calculator) and letter counting (python), who the model is, and
 # when to refuse (lmforge/posttrain/safety.py). Weights after '*'.
@@ -47,7 +47,7 @@ class SpeedrunPreset:
     max_chars: int | None  # corpus characters read (None: all)
     vocab_size: int
     tokenizer_chars: int  # characters the tokenizer is trained on
-    model: str  # lmforge.model preset
+    model: str  # lmforge.models.transformer preset
     nproc: int  # processes (one per GPU) under torchrun
     device: str
     batch_size: int  # sequences per micro-batch per process

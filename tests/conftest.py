@@ -156,7 +156,7 @@ def save_tiny_checkpoint(root: Path, block_size: int = 96) -> Path:
     """A random `tiny` model with the byte-level tokenizer, saved as a run folder in root."""
     import torch
 
-    from lmforge.model import GPT, get_config
+    from lmforge.models.transformer import GPT, get_config
     from lmforge.tokenizer import Tokenizer
     from lmforge.train.checkpoint import save_checkpoint
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.model import GPT, get_config
+from lmforge.models.transformer import GPT, get_config
 from lmforge.train.budget import activation_bytes_per_token, saved_activation_bytes, training_footprint
 
 

@@ -8,7 +8,7 @@ import torch
 
 from lmforge.common import LmforgeError
 from lmforge.engine import Completion, Engine
-from lmforge.model import GPT, GPTConfig, get_config
+from lmforge.models.transformer import GPT, GPTConfig, get_config
 from lmforge.sampling import apply_repetition_penalty, generate, sample_next
 from lmforge.tokenizer import Tokenizer
 

@@ -29,7 +29,7 @@ from lmforge.eval.tasks import (
     load_mc_task,
     mmlu_item,
 )
-from lmforge.model import GPT, get_config
+from lmforge.models.transformer import GPT, get_config
 from lmforge.tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- fixture data

@@ -17,7 +17,7 @@ from conftest import missing  # noqa: E402
 from lmforge.chat import render_messages  # noqa: E402
 from lmforge.common import LmforgeError  # noqa: E402
 from lmforge.hf import export_hf, import_hf  # noqa: E402
-from lmforge.model import GPT, get_config  # noqa: E402
+from lmforge.models.transformer import GPT, get_config  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
 from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model, save_checkpoint  # noqa: E402
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lmforge.common import LmforgeError
-from lmforge.model import GPT, get_config
+from lmforge.models.transformer import GPT, get_config
 from lmforge.posttrain.lora import (
     LoRAConfig,
     apply_lora,

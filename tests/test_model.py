@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lmforge.common import LmforgeError
-from lmforge.model import GPT, GPTConfig, get_config
+from lmforge.models.transformer import GPT, GPTConfig, get_config
 
 VARIANTS = {
     "modern-gqa": dict(pos="rope", norm="rms", mlp="swiglu", n_kv_head=2, qk_norm=True),
@@ -98,7 +98,7 @@ def test_context_longer_than_window_is_an_error():
 
 
 def test_unknown_preset():
-    with pytest.raises(LmforgeError, match="unknown model preset"):
+    with pytest.raises(LmforgeError, match="unknown transformer preset"):
         get_config("gpt-5")
 
 

@@ -6,17 +6,16 @@ import torch.nn as nn
 
 import lmforge.quantize as qz
 from lmforge.common import LmforgeError
-from lmforge.model import GPT, get_config
+from lmforge.models.transformer import GPT, get_config
 from lmforge.quantize import (
     QuantLinear,
     linear_memory_bytes,
     model_memory_bytes,
     pack_int4,
     quantize_model,
-    save_quantized,
     unpack_int4,
 )
-from lmforge.train.checkpoint import load_model
+from lmforge.train.checkpoint import load_model, save_quantized
 
 
 def rel_err(a, b):
@@ -193,7 +192,7 @@ def test_save_load_round_trip(tmp_path, bits, group_size):
 def test_trained_model_bits_per_byte(tiny_data, tmp_path):
     """Validation bits per byte through training's own evaluation code: fp32 vs int8 vs int4."""
     from lmforge.data.loader import TokenSplit
-    from lmforge.quantize import quantize_checkpoint
+    from lmforge.train.checkpoint import quantize_checkpoint
     from lmforge.train.loop import TrainConfig
     from lmforge.train.pretrain import NextTokenTask, PretrainOptions, load_data_tokenizer, pretrain
 

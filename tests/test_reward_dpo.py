@@ -1,22 +1,87 @@
-"""Reward model (Bradley-Terry) and DPO: losses against hand computations, the scalar head, and
-tiny end-to-end runs of `lmforge reward train|score` and `lmforge dpo`."""
+"""Reward model (Bradley-Terry) and DPO: losses against hand computations, the scalar head (on a
+transformer and on a family that is not one), the checkpoint layout old and new, and tiny
+end-to-end runs of `lmforge reward train|score` and `lmforge dpo`."""
 import json
 import math
 import random
+from dataclasses import asdict, dataclass
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from conftest import run_cli, save_tiny_checkpoint
+from safetensors.torch import load_file, save_file
 
-from lmforge.common import LmforgeError
-from lmforge.model import GPT, get_config
+from lmforge.common import LmforgeError, atomic_write_json
+from lmforge.models.protocol import LanguageModel, ModelFamily
+from lmforge.models.registry import register
+from lmforge.models.transformer import GPT, get_config
 from lmforge.posttrain.dpo import DPOTask, dpo_loss, pair_rows
-from lmforge.posttrain.preference import encode_pairs, pack, record_to_pair, sequence_logprob
-from lmforge.posttrain.reward import RewardModel, bradley_terry_loss, load_reward_model, pack_for_scoring
+from lmforge.posttrain.preference import MetricsTrainer, encode_pairs, pack, record_to_pair, sequence_logprob
+from lmforge.posttrain.reward import (
+    RewardModel,
+    RewardTask,
+    bradley_terry_loss,
+    load_reward_model,
+    pack_for_scoring,
+    pair_batch,
+)
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoint import load_model
-from lmforge.train.loop import read_log
+from lmforge.train.checkpoint import list_checkpoints, load_model, save_checkpoint
+from lmforge.train.loop import TrainConfig, read_log
+
+# ----------------------------------------------------------------------------- a family that is not a transformer
+
+
+@dataclass(frozen=True)
+class PrefixMeanConfig:
+    vocab_size: int = 260
+    n_embd: int = 8
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+
+class PrefixMeanLM(LanguageModel):
+    """The hidden state at t is the mean of the embeddings of tokens 0..t; a linear output layer.
+    What the heads may rely on is the protocol alone (tests/test_rl.py wraps it in PPO's heads)."""
+
+    family = "test-prefix-mean"
+
+    def __init__(self, cfg: PrefixMeanConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.out = nn.Linear(cfg.n_embd, cfg.vocab_size)
+
+    hidden_size = property(lambda self: self.config.n_embd)
+
+    def hidden_states(self, idx):
+        return self.embed(idx).cumsum(1) / torch.arange(1, idx.size(1) + 1, device=idx.device)[:, None]
+
+    def logits_from_hidden(self, h):
+        return self.out(h).float()
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        logits = self.logits_from_hidden(self.hidden_states(idx))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
+
+    def param_groups(self):
+        return {"embedding": [self.embed.weight, self.out.weight], "vector": [self.out.bias]}
+
+    def output_head_names(self):
+        return ["out.weight", "out.bias"]
+
+
+register(ModelFamily("test-prefix-mean", PrefixMeanLM, PrefixMeanConfig, {"tiny": PrefixMeanConfig()},
+                     default_preset="tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +146,12 @@ def test_reward_model_reads_the_last_reply_token(tok):
     # hidden_states is the forward pass without the head
     x = torch.randint(0, 256, (2, 20))
     torch.testing.assert_close(lm.lm_head(lm.hidden_states(x)).float(), lm(x))
-    rm = RewardModel.from_lm(lm).eval()
+    rm = RewardModel(lm).eval()
     assert rm(x, torch.tensor([5, 19])).tolist() == [0.0, 0.0]  # zero-initialised head
+    # The language model's output layer is never read: frozen, and not part of the checkpoint.
+    assert rm.model is lm and not lm.lm_head.weight.requires_grad
+    assert set(rm.state_dict()) == {k for k in lm.state_dict() if k != "lm_head.weight"} | {
+        "score_head.weight", "score_head.bias"}
     torch.nn.init.normal_(rm.score_head.weight)
     a, last = pack_for_scoring([[1, 2, 3]], [[4, 5]], tok.pad_id, "cpu")
     b, _ = pack_for_scoring([[1, 2, 3], [9] * 10], [[4, 5], [6]], tok.pad_id, "cpu")
@@ -91,6 +160,77 @@ def test_reward_model_reads_the_last_reply_token(tok):
     x2 = a.clone()
     x2[0, 1] = 77  # ... but depends on earlier tokens
     assert rm(x2, last).item() != rm(a, last).item()
+
+
+def test_reward_model_on_another_family_trains_saves_loads_and_resumes(tok, tmp_path):
+    """The reward model on a language model that is not a transformer, through the shared Trainer
+    (Muon for the head's matrix): two steps, a checkpoint that records the wrapped family and the
+    head, loaded back with the same scores; --resume continues it. The wrapped output layer gets no
+    optimizer state and is not saved."""
+    torch.manual_seed(5)
+    rm = RewardModel(PrefixMeanLM(PrefixMeanConfig(vocab_size=tok.vocab_size)))
+    pairs = [record_to_pair({"prompt": f"{a}?", "chosen": "yes " * (a % 3 + 1), "rejected": "no " * (a % 3 + 1)})
+             for a in range(8)]
+    enc, _ = encode_pairs(tok, pairs, 64)
+
+    def trainer(max_steps, resume=False):
+        task = RewardTask(enc, enc, pad_id=tok.pad_id, batch_size=4, seed=0, device="cpu")
+        cfg = TrainConfig(out_dir=str(tmp_path / "rm"), max_steps=max_steps, optimizer="muon", lr=0.05,
+                          warmup_steps=0, eval_every=0, ckpt_every=1, log_every=1, compile="off", dtype="fp32",
+                          device="cpu", progress=False)
+        return MetricsTrainer(rm, task, cfg, extra_state={"stage": "reward", "head": rm.head_record()},
+                              resume=resume)
+
+    t = trainer(2)
+    optimized = {id(p) for opt in t.optimizers for g in opt.param_groups for p in g["params"]}
+    muon = {id(p) for p in t.optimizers[1].param_groups[0]["params"]}
+    assert muon == {id(rm.score_head.weight)} and id(rm.score_head.bias) in optimized
+    assert id(rm.model.embed.weight) in optimized
+    assert not ({id(rm.model.out.weight), id(rm.model.out.bias)} & optimized)
+    result = t.fit()
+    assert result["val_accuracy"] > 0.5 and result["val_loss"] < math.log(2)
+    x, last = pair_batch(enc, tok.pad_id, "cpu")
+    with torch.no_grad():
+        trained = rm.eval()(x, last)
+    ckpt = list_checkpoints(tmp_path / "rm" / "checkpoints")[-1]
+    assert set(load_file(str(ckpt / "model.safetensors"))) == {"embed.weight", "score_head.weight",
+                                                              "score_head.bias"}
+    loaded, state = load_reward_model(tmp_path / "rm")
+    assert state["model_family"] == "test-prefix-mean" and state["model_config"] == asdict(rm.config)
+    assert state["head"] == {"kind": "reward", "prefixes": ["score_head."], "loads_as_language_model": False}
+    assert isinstance(loaded.model, PrefixMeanLM)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, last), trained)
+    with pytest.raises(LmforgeError, match="holds a reward model, not a language model"):
+        load_model(ckpt)
+    rm.train()
+    assert trainer(3, resume=True).fit()["step"] == 3
+
+
+def test_a_reward_checkpoint_in_the_old_layout_still_loads(tmp_path):
+    """A reward checkpoint as written before the heads wrapped the model (a GPT subclass): the
+    transformer's tensors without lm_head, the score head's, and a state.json with neither
+    "model_family" nor "head". It loads with the same scores, and saving it again writes that layout."""
+    torch.manual_seed(6)
+    cfg = get_config("tiny", vocab_size=300, block_size=32)
+    lm = GPT(cfg)
+    head = nn.Linear(cfg.n_embd, 1)
+    tensors = {k: v for k, v in lm.state_dict().items() if not k.startswith("lm_head.")}
+    tensors.update({"score_head.weight": head.weight.detach(), "score_head.bias": head.bias.detach()})
+    ckpt = tmp_path / "old" / "checkpoints" / "step_000007"
+    ckpt.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(ckpt / "model.safetensors"))
+    atomic_write_json(ckpt / "state.json", {"format": "lmforge-checkpoint", "version": 1, "step": 7,
+                                            "model_config": cfg.to_dict(), "stage": "reward"})
+    rm, _ = load_reward_model(tmp_path / "old")
+    x, last = torch.randint(0, 300, (3, 12)), torch.tensor([11, 4, 7])
+    with torch.no_grad():
+        want = head(lm.hidden_states(x)[torch.arange(3), last]).squeeze(-1)
+        torch.testing.assert_close(rm(x, last), want)
+    again = save_checkpoint(tmp_path / "again", 7, rm, None, {"stage": "reward", "head": rm.head_record()})
+    assert set(load_file(str(again / "model.safetensors"))) == set(tensors)
+    with pytest.raises(LmforgeError, match="holds a reward model"):  # no "head" record: known by its stage
+        load_model(ckpt)
 
 
 def test_dpo_starts_at_log2_and_one_step_raises_the_margin(tok):
@@ -157,7 +297,8 @@ def test_cli_reward_train_and_score(base, tmp_path):
     assert state["stage"] == "reward" and rm.score_head.weight.abs().sum() > 0
     with pytest.raises(LmforgeError, match="not a reward model"):
         load_reward_model(base)
-    with pytest.raises(LmforgeError):  # the value head makes it no plain language model
+    assert state["head"]["kind"] == "reward"
+    with pytest.raises(LmforgeError, match="not a language model"):  # its trunk feeds the score head only
         load_model(out)
     # A prompt and word mix it never saw: the cheerful reply is ranked first, by a clear margin.
     code, stdout, err = run_cli("reward", "score", "--checkpoint", out, "--prompt", "How was the concert?",

@@ -1,5 +1,6 @@
 """GRPO and PPO: advantages, the clipped objective, the KL estimator and GAE against hand
-computations; a policy-gradient step moves probability the right way; tiny end-to-end runs."""
+computations; a policy-gradient step moves probability the right way (PPO's heads also on a family
+that is not a transformer); PPO's checkpoint is the policy's; tiny end-to-end runs."""
 import json
 import math
 
@@ -7,9 +8,11 @@ import pytest
 import torch
 from conftest import run_cli, save_tiny_checkpoint
 from safetensors.torch import load_file
+from test_reward_dpo import PrefixMeanConfig, PrefixMeanLM  # a family that is not a transformer
 
-from lmforge.common import LmforgeError
-from lmforge.model import GPT, get_config
+from lmforge.common import LmforgeError, atomic_write_json, read_json
+from lmforge.models.protocol import trainable_groups
+from lmforge.models.transformer import GPT, get_config
 from lmforge.posttrain.preference import pack, token_logprobs
 from lmforge.posttrain.rl import (
     ActorCritic,
@@ -22,8 +25,9 @@ from lmforge.posttrain.rl import (
     kl_k3,
 )
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoint import list_checkpoints, load_model, save_checkpoint
+from lmforge.train.checkpoint import list_checkpoints, load_model, load_model_weights, save_checkpoint
 from lmforge.train.loop import read_log
+from lmforge.train.optim import build_optimizers
 
 
 @pytest.fixture(scope="module")
@@ -125,19 +129,23 @@ def test_gae_carries_credit_across_a_tool_result_inside_the_reply():
 def test_actor_critic_keeps_the_policy_and_adds_a_value_per_position(tok, separate):
     torch.manual_seed(0)
     lm = GPT(get_config("tiny", vocab_size=tok.vocab_size, block_size=64)).eval()
-    ac = ActorCritic.from_lm(lm, separate).eval()
+    ac = ActorCritic(lm, separate).eval()
     x = torch.randint(0, 256, (2, 10))
     logits, values = ac(x)
     torch.testing.assert_close(logits, lm(x))
     assert values.shape == (2, 10) and values.abs().sum() == 0
-    assert set(ac.policy_state_dict()) == set(lm.state_dict())
+    # The checkpoint layout: the policy's tensors under their own names, the heads' under theirs.
+    heads = {k for k in ac.state_dict() if k.startswith(("critic.", "value_head."))}
+    assert set(ac.state_dict()) - heads == set(lm.state_dict()) and "critic.lm_head.weight" not in heads
     n_lm = sum(p.numel() for p in lm.parameters())
-    n_ac = sum(p.numel() for p in ac.parameters())
+    n_trained = sum(p.numel() for ps in trainable_groups(ac).values() for p in ps)
     head = lm.lm_head.weight.numel()
-    # a separate critic doubles the trunk (not the vocabulary head); a shared one adds only the value head
-    assert n_ac == (2 * n_lm - head if separate else n_lm) + lm.config.n_embd + 1
+    # a separate critic doubles the trunk (not the vocabulary head, which it leaves frozen); a
+    # shared one adds only the value head
+    assert n_trained == (2 * n_lm - head if separate else n_lm) + lm.config.n_embd + 1
     if separate:  # the critic's trunk is its own copy: training it leaves the policy alone
-        assert ac.critic.embed_tokens.weight.data_ptr() != ac.embed_tokens.weight.data_ptr()
+        assert ac.critic.embed_tokens.weight.data_ptr() != ac.model.embed_tokens.weight.data_ptr()
+        assert not ac.critic.lm_head.weight.requires_grad
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
@@ -146,7 +154,7 @@ def test_one_policy_gradient_step_favours_the_rewarded_reply(tok, algorithm):
     more likely and the other less likely."""
     torch.manual_seed(4)
     lm = GPT(get_config("tiny", vocab_size=tok.vocab_size, block_size=64))
-    model = ActorCritic.from_lm(lm, separate_critic=False) if algorithm == "ppo" else lm
+    model = ActorCritic(lm, separate_critic=False) if algorithm == "ppo" else lm
     ref = GPT(lm.config)
     ref.load_state_dict(lm.state_dict())
     ref.requires_grad_(False)
@@ -173,6 +181,54 @@ def test_one_policy_gradient_step_favours_the_rewarded_reply(tok, algorithm):
     assert after[0] > before[0] and after[1] < before[1]
     if algorithm == "ppo":
         assert model.value_head.weight.abs().sum() > 0  # the critic learned too
+
+
+def test_ppo_heads_on_another_family_train_and_round_trip(tok, tmp_path):
+    """ActorCritic on a policy that is not a transformer, with its own critic trunk: a step of the
+    PPO loss makes the rewarded reply more likely and trains the value head; the critic's unused
+    output layer is frozen, without optimizer state, and not saved; the checkpoint loads back into an
+    ActorCritic with the same logits and values, and with `load_model` as the plain policy."""
+    torch.manual_seed(7)
+    cfg = PrefixMeanConfig(vocab_size=tok.vocab_size)
+    ac = ActorCritic(PrefixMeanLM(cfg), separate_critic=True)
+    ref = PrefixMeanLM(cfg)
+    ref.load_state_dict(ac.model.state_dict())
+    ref.requires_grad_(False)
+    task = RLTask(RLOptions(checkpoint="-", algorithm="ppo", group_size=2, kl_beta=0.0), tok, ref, seed=0,
+                  device="cpu")
+    prompt, end = tok.encode("Q: 1+1="), tok.special_id("<|assistant_end|>")
+    x, mask = pack([prompt, prompt], [tok.encode("2") + [end], tok.encode("3") + [end]], tok.pad_id, "cpu")
+    roll = Rollout(x, mask, torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0]), torch.tensor([2.0, 2.0]))
+
+    def logps():
+        with torch.no_grad():
+            return (token_logprobs(ac(x)[0], x) * mask).sum(1)
+
+    optimizers = build_optimizers(ac, name="adamw", lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95), muon_lr=0.02,
+                                  muon_momentum=0.95)
+    optimized = {id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]}
+    assert id(ac.critic.embed.weight) in optimized and id(ac.model.out.weight) in optimized
+    assert not {id(ac.critic.out.weight), id(ac.critic.out.bias)} & optimized
+    before = logps()
+    task.loss(ac, roll)[0].backward()
+    for opt in optimizers:
+        opt.step()
+    after = logps()
+    assert after[0] > before[0] and after[1] < before[1]
+    assert ac.value_head.weight.abs().sum() > 0 and ac.critic.out.weight.grad is None
+
+    ckpt = save_checkpoint(tmp_path / "ppo" / "checkpoints", 1, ac, optimizers,
+                           {"stage": "ppo", "head": ac.head_record()})
+    assert set(load_file(str(ckpt / "model.safetensors"))) == {
+        "embed.weight", "out.weight", "out.bias", "critic.embed.weight", "value_head.weight", "value_head.bias"}
+    again = ActorCritic(PrefixMeanLM(cfg), separate_critic=True)
+    load_model_weights(again, ckpt)
+    with torch.no_grad():
+        for got, want in zip(again(x), ac(x)):
+            torch.testing.assert_close(got, want)
+        policy, state = load_model(tmp_path / "ppo")
+        assert isinstance(policy, PrefixMeanLM) and state["head"]["critic"] == "separate"
+        torch.testing.assert_close(policy(x), ac(x)[0])
 
 
 def test_tool_rollouts_credit_only_the_policys_own_tokens(tok, monkeypatch):
@@ -280,7 +336,10 @@ def test_cli_grpo_logs_reward_accuracy_kl_length_and_resumes(base, tmp_path):
     assert again[-1]["length"] == steps[-1]["length"]
 
 
-def test_cli_ppo_writes_a_plain_policy_checkpoint(base, tmp_path):
+def test_cli_ppo_checkpoint_is_the_policy(base, tmp_path):
+    """One checkpoint tree: the run's own checkpoint (for --resume) loads with `load_model` as the
+    trained policy — the same tensors, the same logits as the actor-critic the run would resume —
+    with the value head and the critic left out; no second tree."""
     out = tmp_path / "ppo"
     code, stdout, err = run_cli("ppo", "--checkpoint", base, "--task", "arithmetic", "--out", out,
                                 "--max-steps", "2", "--updates-per-rollout", "2", *RL_ARGS)
@@ -288,18 +347,34 @@ def test_cli_ppo_writes_a_plain_policy_checkpoint(base, tmp_path):
     result = json.loads(stdout[stdout.index("{"):])
     steps = [r for r in read_log(out / "log.jsonl") if "loss" in r]
     assert len(steps) == 2 and all("value_loss" in r and "reward" in r for r in steps)
-    policy, state = load_model(result["policy_checkpoint"])
-    assert state["stage"] == "ppo-policy" and not hasattr(policy, "value_head")
-    # The exported policy is the run's last weights without the critic (that training moves it is
-    # test_cli_rl_raises_the_expected_reward's check, on the exported checkpoint).
-    trained = load_file(str(list_checkpoints(out / "checkpoints")[-1] / "model.safetensors"))
+    ckpt = list_checkpoints(result["checkpoint"])[-1]
+    policy, state = load_model(out)
+    assert state["stage"] == "ppo" and not hasattr(policy, "value_head") and not (out / "policy").exists()
+    assert state["head"] == {"kind": "actor-critic", "prefixes": ["value_head.", "critic."],
+                             "loads_as_language_model": True, "critic": "separate"}
+    trained = load_file(str(ckpt / "model.safetensors"))
     assert set(trained) == set(policy.state_dict()) | {k for k in trained if k.startswith(("critic.", "value_head."))}
     for name, weight in policy.state_dict().items():
         assert torch.equal(weight, trained[name]), name
     assert any(k.startswith("critic.") for k in trained) and "value_head.weight" in trained
+    ac = ActorCritic(GPT(policy.config), separate_critic=True)
+    load_model_weights(ac, ckpt)  # as --resume restores it
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(policy(x), ac(x)[0])
+    # A PPO checkpoint from before the "head" record is known by its stage.
+    legacy = read_json(ckpt / "state.json", "state")
+    del legacy["head"]
+    atomic_write_json(ckpt / "state.json", legacy)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(ckpt)[0](x), policy(x))
+    atomic_write_json(ckpt / "state.json", {**legacy, "head": {"prefixes": "critic."}})
+    with pytest.raises(LmforgeError, match="'head' is not a record"):
+        load_model(ckpt)
     code, _, err = run_cli("ppo", "--checkpoint", base, "--out", tmp_path / "shared", "--critic", "shared",
                            "--max-steps", "1", *RL_ARGS)
     assert code == 0, err
+    assert load_model(tmp_path / "shared")[1]["head"]["critic"] == "shared"
 
 
 def last_token_reward_model(root, tok):
@@ -309,14 +384,16 @@ def last_token_reward_model(root, tok):
     from lmforge.posttrain.reward import RewardModel
 
     torch.manual_seed(1)
-    rm = RewardModel(get_config("tiny", vocab_size=tok.vocab_size, block_size=96))
+    lm = GPT(get_config("tiny", vocab_size=tok.vocab_size, block_size=96))
+    rm = RewardModel(lm)
     with torch.no_grad():
-        for layer in rm.layers:
+        for layer in lm.layers:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
         rm.score_head.weight.normal_(0, 1 / 8)  # scores spread with a std of about 1 over the tokens
-        scores = rm.score_head(rm.norm(rm.embed_tokens.weight)).squeeze(-1)
-    save_checkpoint(root / "checkpoints", 0, rm, None, {"stage": "reward", "tokenizer_fingerprint": tok.fingerprint})
+        scores = rm.score_head(lm.norm(lm.embed_tokens.weight)).squeeze(-1)
+    save_checkpoint(root / "checkpoints", 0, rm, None, {"stage": "reward", "tokenizer_fingerprint": tok.fingerprint,
+                                                        "head": rm.head_record()})
     return root, scores
 
 
@@ -330,12 +407,11 @@ def test_cli_rl_raises_the_expected_reward(base, tok, tmp_path, algorithm):
 
     rm, scores = last_token_reward_model(tmp_path / "rm", tok)
     out = tmp_path / algorithm
-    code, stdout, err = run_cli(algorithm, "--checkpoint", base, "--reward-model", rm, "--task", "arithmetic",
+    code, _, err = run_cli(algorithm, "--checkpoint", base, "--reward-model", rm, "--task", "arithmetic",
                                 "--out", out, "--max-steps", "8", "--max-new-tokens", "1", "--group-size", "8",
                                 "--batch-size", "2", "--lr", "1e-2", "--warmup-steps", "1", "--eval-every", "0",
                                 "--eval-n", "2", "--no-progress", "--device", "cpu", "--dtype", "fp32")
     assert code == 0, err
-    result = json.loads(stdout[stdout.index("{"):])
     prompts = [render_messages(tok, [{"role": "user", "content": f"What is {a} {op} {b}?"}])
                for a, op, b in [(3, "+", 4), (12, "-", 5), (7, "*", 70), (1, "+", 1), (250, "-", 9)]]
 
@@ -346,7 +422,7 @@ def test_cli_rl_raises_the_expected_reward(base, tok, tmp_path, algorithm):
                        for p in prompts) / len(prompts)
 
     before = expected_reward(base)
-    after = expected_reward(result.get("policy_checkpoint", out))
+    after = expected_reward(out)  # PPO's checkpoint too is the policy's
     # Measured over seeds 1-5: +0.20 to +0.74 (the scores have a std of 1); sign-flipped advantages: -0.6.
     assert after > before + 0.12, (before, after)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
-from lmforge.model import GPT, GPTConfig
+from lmforge.models.transformer import GPT, GPTConfig
 from lmforge.sampling import generate, rank_texts, sample_next, score_text
 from lmforge.tokenizer import Tokenizer
 

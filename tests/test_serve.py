@@ -31,7 +31,7 @@ import uvicorn
 
 from lmforge.chat import render_messages
 from lmforge.engine import Engine
-from lmforge.model import GPT, GPTConfig, get_config
+from lmforge.models.transformer import GPT, GPTConfig, get_config
 from lmforge.serve.app import ServeConfig, create_app, load_served_model
 from lmforge.serve.protocol import ToolDef, tools_system_text
 from lmforge.serve.scheduler import SamplingParams, Scheduler

@@ -8,7 +8,7 @@ from conftest import FIXTURES, run_cli, shared_file
 
 from lmforge.chat import render_for_training
 from lmforge.common import LmforgeError
-from lmforge.model import GPT, get_config
+from lmforge.models.transformer import GPT, get_config
 from lmforge.posttrain.conversations import load_file, load_hf, load_source, parse_mixture, write_jsonl
 from lmforge.posttrain.sft import MixtureSampler, SFTOptions, collate, sft, split_heldout, tokenize_conversations
 from lmforge.tokenizer import Tokenizer

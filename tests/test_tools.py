@@ -470,7 +470,7 @@ class ScriptedEngine:
 
     def __init__(self, tok, model_config, script):
         self.tokenizer, self.script, self.prompts = tok, list(script), []
-        self.model = type("M", (), {"config": model_config})()
+        self.model = type("M", (), {"config": model_config, "context_limit": model_config.block_size})()
 
     def generate(self, prompts, max_new_tokens, stop_ids=None, **kw):
         self.prompts.append(list(prompts[0]))
@@ -484,7 +484,7 @@ class ScriptedEngine:
 
 
 def test_tool_loop_feeds_results_back_exactly_as_the_template_renders_them():
-    from lmforge.model import get_config
+    from lmforge.models.transformer import get_config
 
     tok = Tokenizer.byte_level()
     cfg = get_config("tiny", vocab_size=tok.vocab_size, block_size=512)
@@ -508,7 +508,7 @@ def test_tool_loop_feeds_results_back_exactly_as_the_template_renders_them():
 
 
 def test_tool_loop_reports_malformed_calls_to_the_model():
-    from lmforge.model import get_config
+    from lmforge.models.transformer import get_config
 
     tok = Tokenizer.byte_level()
     cfg = get_config("tiny", vocab_size=tok.vocab_size, block_size=512)
@@ -526,7 +526,7 @@ def test_tool_loop_with_a_real_engine_stops_at_its_budget():
     import torch
 
     from lmforge.engine import Engine
-    from lmforge.model import GPT, get_config
+    from lmforge.models.transformer import GPT, get_config
 
     tok = Tokenizer.byte_level()
     torch.manual_seed(0)
@@ -543,7 +543,7 @@ class ScriptedBatchEngine:
 
     def __init__(self, tok, model_config, scripts):
         self.tokenizer, self.scripts, self.batches = tok, scripts, []
-        self.model = type("M", (), {"config": model_config})()
+        self.model = type("M", (), {"config": model_config, "context_limit": model_config.block_size})()
 
     def generate(self, prompts, max_new_tokens, stop_ids=None, **kw):
         self.batches.append(len(prompts))
@@ -560,7 +560,7 @@ class ScriptedBatchEngine:
 
 
 def test_batched_tool_loop_matches_one_at_a_time_and_marks_inserted_tokens():
-    from lmforge.model import get_config
+    from lmforge.models.transformer import get_config
     from lmforge.posttrain.tools import generate_with_tools_batch
 
     tok = Tokenizer.byte_level()

@@ -140,7 +140,7 @@ class NaNTask:
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_data, tmp_path):
     from lmforge.data.loader import TokenSplit
-    from lmforge.model import GPT, get_config
+    from lmforge.models.transformer import GPT, get_config
     from lmforge.train.pretrain import NextTokenTask
 
     out = tmp_path / "r"
@@ -218,7 +218,7 @@ def test_nan_gradient_with_finite_loss_stops_before_the_step(tiny_data, tmp_path
     must never reach the weights nor a checkpoint: the run stops at that step, naming the last good
     checkpoint, with the weights as they were before the step."""
     from lmforge.data.loader import TokenSplit
-    from lmforge.model import GPT, get_config
+    from lmforge.models.transformer import GPT, get_config
     from lmforge.train.pretrain import NextTokenTask
 
     class NaNGradientTask(NaNTask):
@@ -248,3 +248,13 @@ def test_nan_gradient_with_finite_loss_stops_before_the_step(tiny_data, tmp_path
     assert [p.name for p in ckpt_io.list_checkpoints(out / "checkpoints")] == ["step_000002"]
     saved, _ = ckpt_io.load_model(out)
     assert all(torch.isfinite(v).all() for v in saved.state_dict().values())
+
+
+def test_compile_auto_follows_the_device_and_dropout():
+    from lmforge.models.transformer import GPT, get_config
+    from lmforge.train.loop import use_compile
+
+    plain, dropped = GPT(get_config("tiny")), GPT(get_config("tiny", dropout=0.2))
+    assert use_compile("auto", "cpu", plain) and not use_compile("auto", "cpu", dropped)
+    assert use_compile("auto", "cuda:0", dropped) and not use_compile("auto", "mps", plain)
+    assert use_compile("on", "cpu", dropped) and not use_compile("off", "cuda", plain)

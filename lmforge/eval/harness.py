@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
+from lmforge.models.protocol import scoring_window
 
 
 class EvalModel(Protocol):
@@ -57,16 +58,17 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 class LmforgeModel:
-    """An lmforge GPT with its tokenizer. dtype "bf16" runs under autocast (faster on GPUs)."""
+    """An lmforge model of any family with its tokenizer. dtype "bf16" runs under autocast (faster on GPUs)."""
 
     def __init__(self, model, tokenizer, *, name: str = "lmforge", dtype: str = "fp32"):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.dtype = dtype
-        self.max_length = model.config.block_size
+        # Texts are scored in windows of the context window (a fixed size for a model without one).
+        self.max_length = scoring_window(model)
         self.prefix_ids = [tokenizer.bos_id]
-        self.device = next(model.parameters()).device
+        self.device = model.device
         self.config = model.config
 
     @classmethod
@@ -95,7 +97,7 @@ class LmforgeModel:
     @torch.inference_mode()
     def score_shared(self, groups: list[tuple[list[int], list[list[int]]]]) -> list[list[tuple[torch.Tensor, bool]]]:
         """Score several continuations of one context with the context run once: prefill every
-        group's context into the KV cache (one row per group), copy each row once per continuation,
+        group's context into the model's decode state (one row per group), copy each row once per continuation,
         then feed the continuations token by token through cached decode steps. groups: (context
         ids, [continuation ids]); every context + continuation must fit the window. Returns per
         group and continuation (per-token log-probs, all tokens greedy)."""

@@ -83,12 +83,13 @@ def evaluate_shards(model, tokenizer, data_dir: str | Path, split: str = "val", 
     """Loss, perplexity and bits per byte of an lmforge model on a prepared shard split, computed
     exactly as pretraining's validation does (`NextTokenTask.evaluate`)."""
     from lmforge.data.loader import TokenSplit
+    from lmforge.models.protocol import DEFAULT_SEQ_LEN
     from lmforge.train.pretrain import NextTokenTask
 
-    seq_len = seq_len or model.config.block_size
+    seq_len = seq_len or model.context_limit or DEFAULT_SEQ_LEN  # pretraining's validation windows
     data = TokenSplit(data_dir, split, tokenizer=tokenizer)
     budget = max_tokens if max_tokens is not None else data.num_tokens
-    device = str(next(model.parameters()).device)
+    device = str(model.device)
     task = NextTokenTask(data, data, torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long),
                          batch_size=batch_size, seq_len=seq_len, seed=0, device=device, eval_tokens=budget)
     was_training = model.training

@@ -45,16 +45,21 @@ def _run_facts(run_dir: Path | None) -> dict:
         return {}
     import torch
 
-    from lmforge.model import GPT
-    from lmforge.train.checkpoint import checkpoint_model_config, read_checkpoint_state, resolve_checkpoint
+    from lmforge.models.registry import build_model
+    from lmforge.train.checkpoint import (
+        checkpoint_family,
+        checkpoint_model_config,
+        read_checkpoint_state,
+        resolve_checkpoint,
+    )
 
     ckpt = resolve_checkpoint(run_dir)
     state = read_checkpoint_state(ckpt)
     cfg = checkpoint_model_config(ckpt, state)
     with torch.device("meta"):  # shapes only: no memory, no initialisation
-        model = GPT(cfg)
+        model = build_model(checkpoint_family(state), cfg)
     tokens = int(state.get("tokens_seen", 0))
-    seq_len = int(state.get("seq_len") or cfg.block_size)
+    seq_len = state.get("seq_len") or model.context_limit
     fpt = model.flops_per_token(seq_len)
     return {"checkpoint": str(ckpt), "step": state.get("step"), "params": model.num_params(),
             "params_non_embedding": model.num_params(non_embedding=True), "tokens_seen": tokens,

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError, dist_info
+from lmforge.models.protocol import DEFAULT_SEQ_LEN
 from lmforge.posttrain.preference import EncodedPair, MetricsTrainer, RunningMetrics, pack, sequence_logprob
 from lmforge.posttrain.reward import PairOptions, load_start, prepare_pairs
 from lmforge.train.loop import TrainConfig, all_reduce_sum, setup_distributed
@@ -111,7 +112,7 @@ def dpo(opts: DPOOptions, train_cfg: TrainConfig, log=print) -> dict:
     """DPO from opts.checkpoint on preference pairs; returns the Trainer's final metrics plus the
     held-out metrics before training (start_val_*)."""
     model, tok, base = load_start(opts.checkpoint)
-    train, val, seq_len = prepare_pairs(opts, tok, model.config.block_size, train_cfg.seed, log)
+    train, val, seq_len = prepare_pairs(opts, tok, model.context_limit or DEFAULT_SEQ_LEN, train_cfg.seed, log)
     _, _, _, device = setup_distributed(train_cfg.device)
     train_cfg.device = device
     ref = copy.deepcopy(model).to(device).eval()

@@ -1,27 +1,36 @@
-"""A reward model: the transformer with a scalar head, trained on preference pairs (Bradley-Terry).
+"""A reward model: a language model with a scalar head, trained on preference pairs (Bradley-Terry).
 
 The Bradley-Terry model says a reply y1 is preferred to y2 with probability σ(r(x, y1) - r(x, y2)),
 where r is a scalar score. Fitting r to human (or synthetic) choices by maximum likelihood gives the
 loss −log σ(r_chosen − r_rejected): only differences of scores matter, so a reward model ranks
 replies, it does not grade them on an absolute scale.
 
-`RewardModel` is a `GPT` whose final hidden state at the reply's last token (its <|assistant_end|>,
-which has attended to the whole prompt and reply) goes through a linear `score_head` to one number.
-It starts from a language-model checkpoint (usually the SFT model), so the trunk already reads
-text; the head starts at zero, so every score starts at 0 and the loss at log 2. It has no
-language-model head: a parameter that gets no gradient would make DDP fail on the second step (and
-would cost vocabulary × width of memory for nothing); loading drops a checkpoint's `lm_head.weight`.
+`RewardModel` wraps any language model (`self.model`, a family of lmforge.models with hidden
+states): the final hidden state at the reply's last token (its <|assistant_end|>, which has attended
+to the whole prompt and reply) goes through a linear `score_head` to one number. It starts from a
+language-model checkpoint (usually the SFT model), so the trunk already reads text; the head starts
+at zero, so every score starts at 0 and the loss at log 2. The wrapped model's output layer is never
+used: it is frozen and left out of the checkpoint (a trainable parameter that gets no gradient would
+make DDP fail on the second step, and its optimizer state would cost vocabulary × width for nothing).
+
+`ModelWithHead` is what the reward model and PPO's `ActorCritic` (lmforge.posttrain.rl) share: to the
+Trainer, the engine and checkpoints they look like the model they wrap (its family, config, device,
+context window), and their checkpoint is that model's (its tensors under their own names, so
+`load_model` reads it) plus the head's tensors under the head's names and a "head" record in
+state.json saying which prefixes are the head's (`head_record`).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError, dist_info
-from lmforge.model import GPT, GPTConfig
+from lmforge.models.protocol import tokens_left
 from lmforge.posttrain.preference import (
     EncodedPair,
     MetricsTrainer,
@@ -33,40 +42,133 @@ from lmforge.posttrain.preference import (
 )
 from lmforge.train.loop import TrainConfig, all_reduce_sum, setup_distributed
 
+LM_PREFIX = "model."  # where the wrapped language model's tensors sit in the module (not in the checkpoint)
 
-class RewardModel(GPT):
-    """GPT trunk + linear score head read at one position per row."""
 
-    def __init__(self, cfg: GPTConfig):
-        super().__init__(cfg)
-        self.lm_head = nn.Identity()  # scores read hidden states only (see the module docstring)
-        self.score_head = nn.Linear(cfg.n_embd, 1)
+class LoadResult(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+class ModelWithHead(nn.Module):
+    """A language model `self.model` plus head modules (`head_modules`: attribute names). Its
+    state dict names the language model's tensors as the model itself does and the heads' by their
+    attributes (`score_head.weight`, `critic.layers.0...`), without `unused` ones: the output layers
+    of trunks read only for their hidden states, which are frozen."""
+
+    head_kind: ClassVar[str]
+    head_modules: ClassVar[tuple[str, ...]]
+    loads_as_language_model: ClassVar[bool]  # does the checkpoint hold the whole wrapped model?
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.unused: set[str] = set()
+
+    def _freeze_output_layer(self, trunk: nn.Module, prefix: str = "") -> None:
+        """Freeze the output layer of a trunk read only for its hidden states, and keep it out of
+        the checkpoint."""
+        params = dict(trunk.named_parameters(remove_duplicate=False))
+        for name in trunk.output_head_names():
+            params[name].requires_grad_(False)
+            self.unused.add(prefix + name)
+
+    # -------------------------------------------------------------- what callers see: the wrapped model
+
+    @property
+    def family(self) -> str:
+        return self.model.family
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    @property
+    def context_limit(self) -> int | None:
+        return self.model.context_limit
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The trunks' own groups; a head's matrices are hidden weights, its biases vectors."""
+        groups = {g: list(ps) for g, ps in self.model.param_groups().items()}
+        for name in self.head_modules:
+            module = getattr(self, name)
+            if module is None:
+                continue
+            if hasattr(module, "param_groups"):  # a second trunk (PPO's critic)
+                for g, ps in module.param_groups().items():
+                    groups.setdefault(g, []).extend(ps)
+                continue
+            for p in module.parameters():
+                groups.setdefault("matrix" if p.ndim == 2 else "vector", []).append(p)
+        return groups
+
+    def head_record(self) -> dict:
+        """What state.json records of the head ("head"), so loading knows which tensors are not the
+        language model's."""
+        return {"kind": self.head_kind, "prefixes": [n + "." for n in self.head_modules],
+                "loads_as_language_model": self.loads_as_language_model}
+
+    # -------------------------------------------------------------- the checkpoint layout
+
+    def _checkpoint_name(self, key: str) -> str:
+        return key[len(LM_PREFIX):] if key.startswith(LM_PREFIX) else key
+
+    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
+        out = OrderedDict() if destination is None else destination
+        for key, value in super().state_dict(keep_vars=keep_vars).items():
+            name = self._checkpoint_name(key)
+            if name not in self.unused:
+                out[prefix + name] = value
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load the checkpoint layout of `state_dict` (or a plain language model's state dict: the
+        trunk's tensors, its output layer ignored where it is unused here)."""
+        heads = tuple(n + "." for n in self.head_modules)
+        ours = {(k if k.startswith(heads) else LM_PREFIX + k): v for k, v in state_dict.items() if k not in self.unused}
+        result = super().load_state_dict(ours, strict=False, assign=assign)
+        missing = [n for n in map(self._checkpoint_name, result.missing_keys) if n not in self.unused]
+        unexpected = [self._checkpoint_name(k) for k in result.unexpected_keys]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"state dict does not fit {type(self).__name__}: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+        return LoadResult(missing, unexpected)
+
+
+class RewardModel(ModelWithHead):
+    """A language model's hidden states + a linear score head read at one position per row."""
+
+    head_kind = "reward"
+    head_modules = ("score_head",)
+    loads_as_language_model = False  # its output layer is left out: a checkpoint is no language model
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self._freeze_output_layer(model)
+        self.score_head = nn.Linear(model.hidden_size, 1, device=model.device)
         nn.init.zeros_(self.score_head.weight)
         nn.init.zeros_(self.score_head.bias)
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        # A language model's (or an older reward model's) head, or the copy of the tied embedding
-        # that checkpoint loading adds, has no place here.
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("lm_head.")}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
     def forward(self, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Scores (B,) in float32: the head applied to the hidden state at position last[b] of row b."""
-        h = self.hidden_states(idx)
+        h = self.model.hidden_states(idx)
         h = h[torch.arange(idx.size(0), device=idx.device), last]
         return self.score_head(h).squeeze(-1).float()
-
-    @classmethod
-    def from_lm(cls, lm: GPT) -> RewardModel:
-        rm = cls(lm.config)
-        missing, unexpected = rm.load_state_dict(lm.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith("score_head.") for k in missing)
-        return rm.to(lm.embed_tokens.weight.device)
 
 
 def load_reward_model(path, device: str = "cpu") -> tuple[RewardModel, dict]:
     """A trained reward model from a `lmforge reward train` run or checkpoint folder."""
+    from lmforge.models.registry import build_model
     from lmforge.train.checkpoint import (
+        checkpoint_family,
         checkpoint_model_config,
         load_model_weights,
         read_checkpoint_state,
@@ -77,7 +179,7 @@ def load_reward_model(path, device: str = "cpu") -> tuple[RewardModel, dict]:
     state = read_checkpoint_state(ckpt)
     if state.get("stage") != "reward":
         raise LmforgeError(f"{ckpt} is not a reward model (train one with `lmforge reward train`)")
-    rm = RewardModel(checkpoint_model_config(ckpt, state))
+    rm = RewardModel(build_model(checkpoint_family(state), checkpoint_model_config(ckpt, state)))
     load_model_weights(rm, ckpt)
     return rm.to(device).eval(), state
 
@@ -173,9 +275,13 @@ def load_start(checkpoint: str):
     return model, load_checkpoint_tokenizer(base), base
 
 
-def prepare_pairs(opts: PairOptions, tok, block_size: int, seed: int, log=print):
-    seq_len = opts.seq_len or block_size
-    if seq_len > block_size:
+def prepare_pairs(opts: PairOptions, tok, block_size: int | None, seed: int, log=print):
+    """Training and held-out pairs encoded to --seq-len tokens (default: block_size, the model's
+    context window; DEFAULT_SEQ_LEN for a model without one, None)."""
+    from lmforge.models.protocol import DEFAULT_SEQ_LEN
+
+    seq_len = opts.seq_len or block_size or DEFAULT_SEQ_LEN
+    if block_size is not None and seq_len > block_size:
         raise LmforgeError(f"--seq-len {seq_len} is longer than the model's context window ({block_size})")
     if opts.batch_size <= 0:
         raise LmforgeError(f"--batch-size must be positive, got {opts.batch_size}")
@@ -190,15 +296,15 @@ def prepare_pairs(opts: PairOptions, tok, block_size: int, seed: int, log=print)
 
 def train_reward_model(opts: PairOptions, train_cfg: TrainConfig, log=print) -> dict:
     lm, tok, base = load_start(opts.checkpoint)
-    train, val, seq_len = prepare_pairs(opts, tok, lm.config.block_size, train_cfg.seed, log)
-    model = RewardModel.from_lm(lm)
-    del lm
+    train, val, seq_len = prepare_pairs(opts, tok, lm.context_limit, train_cfg.seed, log)
+    model = RewardModel(lm)
     _, _, _, device = setup_distributed(train_cfg.device)
     train_cfg.device = device
     task = RewardTask(train, val, pad_id=tok.pad_id, batch_size=opts.batch_size, seed=train_cfg.seed,
                       device=device, max_val=opts.max_val)
     extra = {"stage": "reward", "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(base.resolve()),
-             "data": list(opts.data), "batch_size": opts.batch_size, "seq_len": seq_len}
+             "data": list(opts.data), "batch_size": opts.batch_size, "seq_len": seq_len,
+             "head": model.head_record()}
     trainer = MetricsTrainer(model, task, train_cfg, extra_state=extra, resume=opts.resume,
                              extra_files={"tokenizer.json": (base / "tokenizer.json").read_bytes()})
     # The zero-initialised head scores every reply 0 at the start: loss log 2, no pair ranked right.
@@ -213,8 +319,8 @@ def score_replies(rm: RewardModel, tok, prompt_messages: list[dict], replies: li
     from lmforge.chat import render_messages
 
     prompt = render_messages(tok, prompt_messages)
-    rows = [fit_window(prompt, encode_response(tok, r), rm.config.block_size)[:2] for r in replies]
-    x, last = pack_for_scoring([p for p, _ in rows], [r for _, r in rows], tok.pad_id, rm.embed_tokens.weight.device)
+    rows = [fit_window(prompt, encode_response(tok, r), tokens_left(rm, 0))[:2] for r in replies]
+    x, last = pack_for_scoring([p for p, _ in rows], [r for _, r in rows], tok.pad_id, rm.device)
     return rm(x, last).tolist()
 
 
@@ -225,16 +331,16 @@ def score_pairs(rm: RewardModel, tok, specs: list[str], batch_size: int = 16) ->
     pairs = []
     for spec in specs:
         pairs += load_preferences(spec)[0]
-    enc, _ = encode_pairs(tok, pairs, rm.config.block_size)
+    enc, _ = encode_pairs(tok, pairs, tokens_left(rm, 0))
     correct = margin = 0.0
     with torch.no_grad():
         for k in range(0, len(enc), batch_size):
-            x, last = pair_batch(enc[k:k + batch_size], tok.pad_id, rm.embed_tokens.weight.device)
+            x, last = pair_batch(enc[k:k + batch_size], tok.pad_id, rm.device)
             rc, rr = rm(x, last).chunk(2)
             correct += (rc > rr).sum().item()
             margin += (rc - rr).sum().item()
     return {"pairs": len(enc), "accuracy": correct / len(enc), "margin": margin / len(enc)}
 
 
-__all__ = ["RewardModel", "load_reward_model", "bradley_terry_loss", "RewardTask",
+__all__ = ["ModelWithHead", "RewardModel", "load_reward_model", "bradley_terry_loss", "RewardTask",
            "PairOptions", "train_reward_model", "score_replies", "score_pairs"]

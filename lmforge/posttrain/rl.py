@@ -41,8 +41,9 @@ import torch.nn as nn
 
 from lmforge.answers import is_correct_number
 from lmforge.common import LmforgeError, dist_info
-from lmforge.model import GPT, GPTConfig
+from lmforge.models.protocol import tokens_left
 from lmforge.posttrain.preference import MetricsTrainer, RunningMetrics, pack, token_logprobs
+from lmforge.posttrain.reward import ModelWithHead
 from lmforge.posttrain.synthetic import heldout_problems
 from lmforge.train.loop import TrainConfig, all_reduce_sum, setup_distributed
 
@@ -97,39 +98,48 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
-class ActorCritic(GPT):
-    """A GPT policy with a value function: forward returns (logits, values), both (B, T), float32.
+class ActorCritic(ModelWithHead):
+    """A policy (`self.model`, any language model with hidden states) with a value function:
+    forward returns (logits (B, T, vocab), values (B, T)), float32.
 
     The value head reads either the policy's own final hidden states (`separate_critic=False`: one
     trunk, the value loss shapes it too) or those of a second trunk, the critic, initialised as a
     copy of the policy (the classic PPO set-up: twice the weights, gradients and optimizer state —
-    the memory GRPO saves). The head starts at zero (every value 0 at first)."""
+    the memory GRPO saves). The critic's output layer is unused (frozen, not saved). The head starts
+    at zero (every value 0 at first). A checkpoint holds the whole policy under its own names, so
+    `load_model` reads it as a plain language model."""
 
-    def __init__(self, cfg: GPTConfig, separate_critic: bool = True):
-        super().__init__(cfg)
-        self.critic = GPT(cfg) if separate_critic else None
-        if self.critic is not None:
-            self.critic.lm_head = nn.Identity()  # the critic reads hidden states only: no vocabulary head
-        self.value_head = nn.Linear(cfg.n_embd, 1)
+    head_kind = "actor-critic"
+    head_modules = ("value_head", "critic")
+    loads_as_language_model = True
+
+    def __init__(self, policy: nn.Module, separate_critic: bool = True):
+        from lmforge.models.registry import build_model, family_of
+
+        super().__init__(policy)
+        self.critic = None
+        if separate_critic:
+            self.critic = build_model(family_of(policy), policy.config)
+            self.critic.load_state_dict(policy.state_dict())
+            self.critic.to(policy.device)
+            self._freeze_output_layer(self.critic, "critic.")
+        self.value_head = nn.Linear(policy.hidden_size, 1, device=policy.device)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, idx: torch.Tensor):
-        h = self.hidden_states(idx)
+        h = self.model.hidden_states(idx)
+        logits = self.model.logits_from_hidden(h)  # one trunk pass serves the policy and a shared critic
         hv = h if self.critic is None else self.critic.hidden_states(idx)
-        return self.lm_head(h).float(), self.value_head(hv).squeeze(-1).float()
+        return logits, self.value_head(hv).squeeze(-1).float()
 
-    @classmethod
-    def from_lm(cls, lm: GPT, separate_critic: bool = True) -> ActorCritic:
-        ac = cls(lm.config, separate_critic)
-        missing, unexpected = ac.load_state_dict(lm.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith(("value_head.", "critic.")) for k in missing)
-        if ac.critic is not None:
-            ac.critic.load_state_dict({k: v for k, v in lm.state_dict().items() if not k.startswith("lm_head.")})
-        return ac
+    def head_record(self) -> dict:
+        return {**super().head_record(), "critic": "shared" if self.critic is None else "separate"}
 
-    def policy_state_dict(self) -> dict:
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(("value_head.", "critic."))}
+
+def policy_of(model: nn.Module) -> nn.Module:
+    """The language model that samples: an ActorCritic's policy, or the model itself (GRPO)."""
+    return model.model if isinstance(model, ActorCritic) else model
 
 
 # ----------------------------------------------------------------------------- prompts and rewards
@@ -335,12 +345,11 @@ class RLTask:
         problems = problems[self.rank * o.prompts_per_step:(self.rank + 1) * o.prompts_per_step]
         prompts = [self._prompt_ids(p) for _, p, _ in problems for _ in range(o.group_size)]
         engine = Engine(self.policy, self.tok)
-        window = self.policy.config.block_size
         # Leave room for the <|assistant_end|> appended to a reply that stopped.
-        budget = min(o.max_new_tokens, window - 1 - max(len(p) for p in prompts))
+        budget = min(o.max_new_tokens, tokens_left(self.policy, 1 + max(len(p) for p in prompts)))
         if budget <= 0:
             raise LmforgeError(f"prompts of {max(len(p) for p in prompts)} tokens leave no room to reply "
-                               f"in the {window}-token window")
+                               f"in the {self.policy.context_limit}-token window")
         outs = generate_replies(engine, prompts, budget, tools=o.tools, tool_names=o.tool_names,
                                 temperature=o.temperature, top_p=o.top_p,
                                 seed=hash((self.seed, self.rank, self.rollouts)) & 0x7FFFFFFF)
@@ -453,7 +462,7 @@ class RLTask:
 
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
-        return evaluate_policy(model, self.tok, self.eval_tasks, self.opts.eval_n,
+        return evaluate_policy(policy_of(model), self.tok, self.eval_tasks, self.opts.eval_n,
                                max_new_tokens=self.opts.max_new_tokens, device=self.device, tools=self.opts.tools,
                                tool_names=self.opts.tool_names)
 
@@ -478,7 +487,7 @@ def evaluate_policy(model, tok, tasks: list[str], n: int, *, max_new_tokens: int
 
     rank, _, world = dist_info()
     engine = Engine(model, tok)
-    dev = next(model.parameters()).device.type
+    dev = model.device.type
     # fp32 even inside the Trainer's bf16 evaluation: the same numbers as a standalone evaluation.
     with torch.autocast(dev, enabled=False):
         return _evaluate(engine, src_names=tasks, n=n, max_new_tokens=max_new_tokens, seed=seed, device=device,
@@ -497,7 +506,7 @@ def _evaluate(engine, *, src_names, n, max_new_tokens, seed, device, batch_size,
         for k in range(0, len(problems), batch_size):
             chunk = problems[k:k + batch_size]
             prompts = [render_messages(tok, [{"role": "user", "content": q}]) for q, _ in chunk]
-            budget = min(max_new_tokens, model.config.block_size - max(len(p) for p in prompts))
+            budget = min(max_new_tokens, tokens_left(model, max(len(p) for p in prompts)))
             for (_, expected), r in zip(chunk, generate_replies(engine, prompts, max(budget, 1), tools=tools,
                                                                 tool_names=tool_names, temperature=0.0)):
                 correct += r.ended and src.check(r.text, expected)
@@ -539,10 +548,10 @@ def plot_rewards(log_path: str | Path, png_path: str | Path) -> Path | None:
 
 
 def train_rl(opts: RLOptions, train_cfg: TrainConfig, log=print) -> dict:
-    """GRPO or PPO from opts.checkpoint; returns the Trainer's final metrics, the held-out metrics
-    before training (start_val_*), and for PPO the path of the policy-only checkpoint."""
+    """GRPO or PPO from opts.checkpoint; returns the Trainer's final metrics and the held-out metrics
+    before training (start_val_*). PPO's checkpoints hold the policy under its own names plus the
+    value head and critic ("head" in state.json): `load_model` reads them as the policy."""
     from lmforge.posttrain.reward import load_start
-    from lmforge.train.checkpoint import list_checkpoints, save_checkpoint
 
     lm, tok, base = load_start(opts.checkpoint)
     _, _, _, device = setup_distributed(train_cfg.device)
@@ -561,13 +570,15 @@ def train_rl(opts: RLOptions, train_cfg: TrainConfig, log=print) -> dict:
             p.requires_grad_(False)
     if opts.critic not in ("separate", "shared"):
         raise LmforgeError(f"--critic must be separate or shared, got {opts.critic!r}")
-    model = ActorCritic.from_lm(lm, opts.critic == "separate") if opts.algorithm == "ppo" else lm
+    model = ActorCritic(lm, opts.critic == "separate") if opts.algorithm == "ppo" else lm
     task = RLTask(opts, tok, ref, seed=train_cfg.seed, device=device, reward_model=rm)
     extra = {"stage": opts.algorithm, "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(base.resolve()),
              "rl": {k: v for k, v in vars(opts).items() if k not in ("checkpoint", "resume")}}
+    if isinstance(model, ActorCritic):
+        extra["head"] = model.head_record()
     trainer = MetricsTrainer(model, task, train_cfg, extra_state=extra, resume=opts.resume,
                              extra_files={"tokenizer.json": (base / "tokenizer.json").read_bytes()})
-    task.policy = trainer.raw_model  # the engine samples from the weights being trained
+    task.policy = policy_of(trainer.raw_model)  # the engine samples from the weights being trained
     start = None if opts.resume else trainer.evaluate()
     result = trainer.fit()
     result["checkpoint"] = str(trainer.ckpt_root)
@@ -575,19 +586,4 @@ def train_rl(opts: RLOptions, train_cfg: TrainConfig, log=print) -> dict:
         plot_rewards(Path(train_cfg.out_dir) / "log.jsonl", Path(train_cfg.out_dir) / "rewards.png")
     if start:
         result.update({f"start_val_{k}": v for k, v in start.items()})
-    if opts.algorithm == "ppo" and trainer.is_main:
-        # The run's checkpoints hold the value head too (for resume); the policy alone is a plain
-        # model checkpoint that every other command loads.
-        plain = GPT(model.config)
-        plain.load_state_dict(model.policy_state_dict())
-        root = Path(train_cfg.out_dir) / "policy" / "checkpoints"
-        for old in list_checkpoints(root):
-            import shutil
-
-            shutil.rmtree(old)
-        path = save_checkpoint(root, trainer.step, plain, None,
-                               {"stage": "ppo-policy", "tokenizer_fingerprint": tok.fingerprint,
-                                "base_checkpoint": str(base.resolve())},
-                               files={"tokenizer.json": (base / "tokenizer.json").read_bytes()})
-        result["policy_checkpoint"] = str(path)
     return result

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from lmforge.chat import render_for_training
 from lmforge.common import LmforgeError, dist_info
+from lmforge.models.protocol import DEFAULT_SEQ_LEN, tokens_left
 from lmforge.train.loop import TrainConfig, Trainer, all_reduce_sum, setup_distributed
 
 
@@ -177,9 +178,9 @@ def sft(opts: SFTOptions, train_cfg: TrainConfig, log=print) -> dict:
     base = resolve_checkpoint(opts.checkpoint)
     model, base_state = load_model(base)
     tok = load_checkpoint_tokenizer(base)
-    seq_len = opts.seq_len or model.config.block_size
-    if seq_len > model.config.block_size:
-        raise LmforgeError(f"--seq-len {seq_len} is longer than the model's context window ({model.config.block_size})")
+    seq_len = opts.seq_len or model.context_limit or DEFAULT_SEQ_LEN
+    if tokens_left(model, seq_len) < 0:
+        raise LmforgeError(f"--seq-len {seq_len} is longer than the model's context window ({model.context_limit})")
     if opts.batch_size <= 0:
         raise LmforgeError(f"--batch-size must be positive, got {opts.batch_size}")
     mixture = parse_mixture(opts.data)

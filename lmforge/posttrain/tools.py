@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from lmforge.chat import format_tool_call, parse_tool_call, render_messages
 from lmforge.common import LmforgeError
+from lmforge.models.protocol import tokens_left
 from lmforge.posttrain.sandbox import PythonLimits, SandboxUnavailable, run_sandboxed
 
 # ----------------------------------------------------------------------------- calculator
@@ -224,7 +225,7 @@ def generate_with_tools_batch(engine, prompts: list[list[int]], *, max_new_token
     end, a_start = sid("<|assistant_end|>"), sid("<|assistant_start|>")
     result_start, result_end = sid("<|tool_result_start|>"), sid("<|tool_result_end|>")
     stop_ids = [end, tok.bos_id, call_end]
-    window = engine.model.config.block_size
+    window = tokens_left(engine.model, 0)
     rows = [_ToolRow(p, max_new_tokens) for p in prompts]
     results: list[ToolChatResult | None] = [None] * len(rows)
     active, rnd = list(range(len(rows))), 0

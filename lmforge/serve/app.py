@@ -38,6 +38,7 @@ from starlette.requests import ClientDisconnect
 
 from lmforge.chat import render_messages
 from lmforge.common import LmforgeError
+from lmforge.models.protocol import tokens_left
 from lmforge.serve.protocol import (
     APIError,
     ChatRequest,
@@ -64,7 +65,7 @@ class ServeConfig:
     api_key: str | None = None  # required as "Authorization: Bearer <key>" on /v1 routes when set
     max_batch: int = 16  # most sequences decoded together (1 = one at a time)
     max_tokens: int = 1024  # largest max_tokens a request may ask for
-    max_prompt_tokens: int | None = None  # default: the context window minus one
+    max_prompt_tokens: int | None = None  # default: the context window minus one (no limit without a window)
     max_request_bytes: int = 1_000_000
     max_n: int = 8  # most choices per request
     max_waiting: int = 256  # sequences queued beyond the batch before new requests get 429
@@ -91,8 +92,9 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     if cfg.tools not in ("none", "builtin"):
         raise LmforgeError(f"tools must be 'none' or 'builtin', got {cfg.tools!r}")
     sched = Scheduler(model, tokenizer, max_batch=cfg.max_batch, dtype=cfg.dtype, compile=cfg.compile)
-    window = model.config.block_size
-    max_prompt = min(cfg.max_prompt_tokens or window - 1, window - 1)
+    window = model.context_limit  # None: no window (an LSTM, an n-gram)
+    room = tokens_left(model, 1)  # at least one token for the reply
+    max_prompt = min(cfg.max_prompt_tokens or room, room)
     page = chat_page()
 
     @asynccontextmanager

@@ -45,7 +45,8 @@ def cmd_serve(args):
     if args.tools == "none" and _fine_tuned_for_tools(args.checkpoint):
         print("note: this model was fine-tuned to call tools; `--tools builtin` lets the server run them "
               "(calculator, python) for chat requests that bring no tools of their own", flush=True)
-    print(f"serving '{name}' ({model.config.block_size}-token context, batches of up to {args.max_batch}) "
+    context = f"{model.context_limit}-token context" if model.context_limit else "no context limit"
+    print(f"serving '{name}' ({model.family}, {context}, batches of up to {args.max_batch}) "
           f"on http://{args.host}:{args.port}/  (chat page at /, OpenAI API at /v1"
           f"{', API key required' if key else ''})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

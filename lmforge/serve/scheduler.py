@@ -41,7 +41,8 @@ import torch
 
 from lmforge.chat import parse_tool_call
 from lmforge.common import LmforgeError
-from lmforge.engine import DEFAULT_STOP_TOKENS, CompiledDecodeStep, RowOutput
+from lmforge.engine import DEFAULT_STOP_TOKENS, RowOutput, compiled_decode_step
+from lmforge.models.protocol import tokens_left
 from lmforge.sampling import check_sampling_args, sample_next
 
 log = logging.getLogger("lmforge.serve")
@@ -199,12 +200,11 @@ class Scheduler:
         self.model = model.eval()
         self.tok = tokenizer
         self.max_batch = max_batch
-        self.step_fn = CompiledDecodeStep(model) if compile else None  # see Engine(compile=True)
-        self.device = model.embed_tokens.weight.device
+        self.step_fn = compiled_decode_step(model) if compile else None  # see Engine(compile=True)
+        self.device = model.device
         self.amp_dtype = torch.bfloat16 if dtype == "bf16" else None
-        self.window = model.config.block_size
         # A model's vocabulary may be padded beyond the tokenizer's: those ids are never sampled.
-        self.sample_vocab = min(model.config.vocab_size, tokenizer.vocab_size)
+        self.sample_vocab = min(model.vocab_size, tokenizer.vocab_size)
         self.stop_ids = frozenset(tokenizer.special_id(n) for n in DEFAULT_STOP_TOKENS)
         self.call_ids = (tokenizer.special_id("<|tool_call_start|>"), tokenizer.special_id("<|tool_call_end|>"))
         self.stats = SchedulerStats()
@@ -230,12 +230,13 @@ class Scheduler:
         check_sampling_args(params.temperature, params.top_k, params.top_p, params.max_tokens, params.min_p)
         if not prompt:
             raise LmforgeError("the prompt is empty")
-        if len(prompt) >= self.window:
-            raise LmforgeError(f"the prompt is {len(prompt)} tokens; the model's context window is {self.window} "
-                               "tokens and the reply needs at least one")
-        if not all(0 <= t < self.model.config.vocab_size for t in prompt):
-            raise LmforgeError(f"prompt token ids must be in 0..{self.model.config.vocab_size - 1}")
-        budget = min(params.max_tokens, self.window - len(prompt))
+        room = tokens_left(self.model, len(prompt))
+        if room <= 0:
+            raise LmforgeError(f"the prompt is {len(prompt)} tokens; the model's context window is "
+                               f"{self.model.context_limit} tokens and the reply needs at least one")
+        if not all(0 <= t < self.model.vocab_size for t in prompt):
+            raise LmforgeError(f"prompt token ids must be in 0..{self.model.vocab_size - 1}")
+        budget = min(params.max_tokens, room)
         seq = Sequence(list(prompt), params, emit, self.tok, budget, self.stop_ids, self.call_ids)
         with self._cv:
             if budget == 0:  # nothing to generate: finished at once
@@ -351,15 +352,16 @@ class Scheduler:
         idx = torch.tensor([s.prompt + [0] * (width - len(s.prompt)) for s in new], dtype=torch.long,
                            device=self.device)
         last = torch.tensor([len(s.prompt) - 1 for s in new], device=self.device)
-        cache = self.model.new_cache(len(new), self.window, self.amp_dtype)
+        # Every row's state spans the whole window, so that states of rows admitted at different
+        # times can be joined into one batch.
+        cache = self.model.new_cache(len(new), None, self.amp_dtype)
         logits = self.model.prefill(idx, cache, last)
         tokens = self._sample(logits, new)
         if self._cache is None or not self._rows:
             self._cache, self._rows, self._next = cache, [], tokens[:0]
             self._positions = []
         else:
-            self._cache.k = [torch.cat([a, b]) for a, b in zip(self._cache.k, cache.k)]
-            self._cache.v = [torch.cat([a, b]) for a, b in zip(self._cache.v, cache.v)]
+            self._cache.extend(cache)
         self._rows += new
         self._next = torch.cat([self._next, tokens])
         self._positions += [len(s.prompt) for s in new]

@@ -24,7 +24,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lmforge.model import GPT, GPTConfig
+from lmforge.models.protocol import trainable_groups
+from lmforge.models.transformer import GPT, GPTConfig
 
 
 def saved_activation_bytes(model: GPT, seq: int) -> int:
@@ -82,9 +83,8 @@ def training_footprint(cfg: GPTConfig, *, batch_size: int, seq_len: int, grad_ac
     with torch.device("meta"):  # shapes only: no memory for the weights of a big model
         model = GPT(cfg)
     n = model.num_params()  # a tied matrix counts once
-    # The matrices Muon updates (as lmforge.train.optim.build_optimizers splits them).
-    hidden = sum(p.numel() for name, p in model.named_parameters()
-                 if p.ndim == 2 and not any(k in name for k in ("embed_tokens", "wpe", "lm_head")))
+    # The matrices Muon updates: the model's declared "matrix" group, as the optimizer splits them.
+    hidden = sum(p.numel() for p in trainable_groups(model)["matrix"])
     opt_bytes = 8.0 * n if optimizer == "adamw" else 4.0 * hidden + 8.0 * (n - hidden)
     per_layer, rest = activation_bytes_per_token(cfg)
     tokens = batch_size * seq_len

@@ -3,7 +3,7 @@
 A checkpoint is a folder `checkpoints/step_000123/` holding
   model.safetensors      model weights (a tied output head is stored once)
   optimizer.safetensors  optimizer state tensors (absent for weights-only exports)
-  state.json             model config, step, data position, RNG states, optimizer hyper-parameters,
+  state.json             model family and config, step, data position, RNG states, optimizer hyper-parameters,
                          training config and anything the stage adds (tokenizer fingerprint, ...)
 It is written into `step_000123.tmp/` and renamed into place only when complete, so a crash
 mid-save leaves the previous checkpoint as the latest valid one.
@@ -18,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.common import LmforgeError, atomic_write_json, read_json
-from lmforge.model import GPT, GPTConfig
+from lmforge.models.registry import build_model, family_of, get_family
+from lmforge.quantize import prepare_quantized, quantization_config, quantize_model
 
 CKPT_RE = re.compile(r"^step_(\d+)$")
 
@@ -93,14 +95,19 @@ def _join_optimizer_state(tensors: dict, meta: list[dict], i: int) -> dict:
 # ----------------------------------------------------------------------------- save / load
 
 
-def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        sd.pop("lm_head.weight", None)  # same tensor as embed_tokens.weight
+def model_state_for_saving(model) -> dict[str, torch.Tensor]:
+    """The model's tensors, a tied weight (an output head sharing the embedding) stored once."""
+    sd, seen = {}, set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        if isinstance(v, nn.Parameter):
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+        sd[k] = v.detach().cpu().contiguous()
     return sd
 
 
-def save_checkpoint(ckpt_root: str | Path, step: int, model: GPT, optimizers=None, state: dict | None = None,
+def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizers=None, state: dict | None = None,
                     keep: int | None = None, files: dict[str, bytes] | None = None) -> Path:
     """Write checkpoints/step_{step}/ atomically; prune to the newest `keep` checkpoints.
     `files` are extra small files stored alongside (the tokenizer, so a checkpoint is self-contained)."""
@@ -114,7 +121,10 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: GPT, optimizers=Non
     for name, data in (files or {}).items():
         (tmp / name).write_bytes(data)
     full_state = {"format": "lmforge-checkpoint", "version": 1, "step": step,
-                  "model_config": model.config.to_dict(), **(state or {})}
+                  "model_family": family_of(model), "model_config": model.config.to_dict()}
+    if callable(getattr(model, "head_record", None)):  # a reward or value head around the language model
+        full_state["head"] = model.head_record()
+    full_state.update(state or {})
     if optimizers:
         tensors, meta = _split_optimizer_state(optimizers)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -162,16 +172,22 @@ def read_checkpoint_state(ckpt_dir: str | Path) -> dict:
     return read_json(Path(ckpt_dir) / "state.json", "checkpoint state", fmt="lmforge-checkpoint", version=1)
 
 
-def checkpoint_model_config(ckpt_dir: Path, state: dict) -> GPTConfig:
-    """The model shape recorded in a checkpoint's state.json, or one clear error saying it is not there."""
+def checkpoint_family(state: dict) -> str:
+    """The model family a checkpoint holds; checkpoints from before families existed hold a transformer."""
+    return state.get("model_family") or "transformer"
+
+
+def checkpoint_model_config(ckpt_dir: Path, state: dict):
+    """The model config recorded in a checkpoint's state.json (of its family's config class), or
+    one clear error saying it is not there."""
     where = Path(ckpt_dir) / "state.json"
     config = state.get("model_config")
     if not isinstance(config, dict):
         raise LmforgeError(f"{where} has no 'model_config' (the model's shape), so the weights cannot be "
                            "loaded; the file is damaged or was not written by lmforge")
     try:
-        return GPTConfig.from_dict(config)
-    except (TypeError, ValueError) as e:
+        return get_family(checkpoint_family(state)).config_from_dict(config)
+    except LmforgeError as e:
         raise LmforgeError(f"{where}: 'model_config' is not a valid model configuration: {e}") from None
 
 
@@ -182,26 +198,46 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise LmforgeError(f"cannot read {path}: {e}") from None
 
 
-def load_model_weights(model: GPT, ckpt_dir: str | Path) -> None:
+def load_model_weights(model, ckpt_dir: str | Path, ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Load a checkpoint's tensors into `model`, leaving out those whose names start with
+    `ignore_prefixes` (a head's, when only the language model under it is wanted)."""
     sd = _load_tensors(Path(ckpt_dir) / "model.safetensors")
-    if model.config.tie_embeddings:
-        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    if ignore_prefixes:
+        sd = {k: v for k, v in sd.items() if not k.startswith(ignore_prefixes)}
     missing, unexpected = model.load_state_dict(sd, strict=False)
+    # A tied weight is stored once: loading the tensor it shares fills it too. (Names as the
+    # model's state_dict gives them, which a model with a head may map.)
+    params = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, nn.Parameter)}
+    loaded = {id(params[k]) for k in sd if k in params}
+    missing = [k for k in missing if not (k in params and id(params[k]) in loaded)]
     if missing or unexpected:
         raise LmforgeError(f"checkpoint {ckpt_dir} does not fit the model: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
 
 
-def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, dict]:
-    """Build the model described by a checkpoint and load its weights. Returns (model, state)."""
+def load_model(path: str | Path, device: str = "cpu") -> tuple:
+    """Build the model a checkpoint describes (its family and config) and load its weights.
+    A checkpoint of a model with a head (state "head": PPO's value head and critic) loads as its
+    language model, the head's tensors left out; one whose head replaced the output layer (a reward
+    model) is refused. Returns (model, state)."""
     ckpt = resolve_checkpoint(path)
     state = read_checkpoint_state(ckpt)
-    model = GPT(checkpoint_model_config(ckpt, state))
+    head = state.get("head")
+    if head is None and state.get("stage") == "ppo":  # written before the "head" record existed
+        head = {"kind": "actor-critic", "prefixes": ["value_head.", "critic."], "loads_as_language_model": True}
+    if head is None and state.get("stage") == "reward":
+        head = {"kind": "reward", "prefixes": ["score_head."], "loads_as_language_model": False}
+    if head is not None and not (isinstance(head, dict) and isinstance(head.get("prefixes"), list)
+                                 and all(isinstance(x, str) for x in head["prefixes"])):
+        raise LmforgeError(f"{ckpt / 'state.json'}: 'head' is not a record of a head's tensor prefixes; "
+                           "the file is damaged or was not written by lmforge")
+    if head is not None and not head.get("loads_as_language_model"):
+        raise LmforgeError(f"{ckpt} holds a {head.get('kind', 'headed')} model, not a language model "
+                           "(its head replaces the output layer)")
+    model = build_model(checkpoint_family(state), checkpoint_model_config(ckpt, state))
     if state.get("quantization"):
-        from lmforge.quantize import prepare_quantized  # empty quantized layers to load into
-
-        prepare_quantized(model, state["quantization"])
-    load_model_weights(model, ckpt)
+        prepare_quantized(model, state["quantization"])  # empty quantized layers to load into
+    load_model_weights(model, ckpt, tuple(head["prefixes"]) if head else ())
     return model.to(device).eval(), state
 
 
@@ -252,4 +288,42 @@ def load_optimizer_states(optimizers, ckpt_dir: str | Path, state: dict) -> None
                            "(was it trained with a different --optimizer?)")
     tensors = _load_tensors(Path(ckpt_dir) / "optimizer.safetensors")
     for i, opt in enumerate(optimizers):
-        opt.load_state_dict(_join_optimizer_state(tensors, meta, i))
+        try:
+            opt.load_state_dict(_join_optimizer_state(tensors, meta, i))
+        except (ValueError, KeyError) as e:  # torch checks group sizes; a changed grouping lands here
+            raise LmforgeError(f"checkpoint {ckpt_dir}: its optimizer state does not fit this run's parameter "
+                               f"groups ({e}); it was written by a version that grouped parameters differently. "
+                               "Start a new run from its weights instead of --resume") from None
+
+
+# ----------------------------------------------------------------------------- quantized checkpoints
+
+
+def save_quantized(model: nn.Module, out_dir: str | Path, *, step: int = 0, state: dict | None = None,
+                   files: dict[str, bytes] | None = None) -> Path:
+    """Write a quantized model as a checkpoint out_dir/step_{step}/ (model.safetensors + state.json with
+    the model config and "quantization"); returns that folder. `state` and `files` are extra state.json
+    entries and files, as for save_checkpoint (e.g. the tokenizer, to stay self-contained)."""
+    qcfg = quantization_config(model)
+    if qcfg is None:
+        raise LmforgeError("model is not quantized; call quantize_model first")
+    return save_checkpoint(out_dir, step, model, state={**(state or {}), "quantization": qcfg}, files=files)
+
+
+_NOT_COPIED = {"model.safetensors", "optimizer.safetensors", "state.json"}
+_STATE_RESET = {"format", "version", "step", "model_config", "optimizer", "quantization"}
+
+
+def quantize_checkpoint(src: str | Path, out_dir: str | Path, bits: int = 8, group_size: int = 32,
+                        include_lm_head: bool = True) -> Path:
+    """Quantize a float checkpoint (any path resolve_checkpoint accepts) into out_dir/step_N/, keeping
+    its step, its state entries (tokenizer fingerprint, ...) and its small files (tokenizer.json)."""
+    ckpt = resolve_checkpoint(src)
+    model, state = load_model(ckpt)
+    if quantization_config(model) is not None:
+        raise LmforgeError(f"{ckpt} is already quantized")
+    quantize_model(model, bits, group_size, include_lm_head)
+    files = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file() and p.name not in _NOT_COPIED}
+    extra = {k: v for k, v in state.items() if k not in _STATE_RESET}
+    extra["quantized_from"] = str(ckpt.resolve())
+    return save_quantized(model, out_dir, step=int(state.get("step", 0)), state=extra, files=files)

@@ -71,7 +71,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 1337
     dtype: str = "auto"  # "auto" | "bf16" | "fp32"
-    compile: str = "auto"  # "auto" (on for CUDA, off on CPU) | "on" | "off"
+    compile: str = "auto"  # "auto" (CUDA; CPU unless the model has dropout) | "on" | "off"
     device: str = "auto"
     progress: bool = True
 
@@ -100,16 +100,21 @@ def autocast_dtype(device: str, dtype: str) -> torch.dtype | None:
     return None
 
 
-def use_compile(setting: str | bool, device: str) -> bool:
-    """Whether to torch.compile. 'auto' compiles on CUDA and CPU: on this project's 2-core CPU the
-    compiled bf16 training step runs ~1.26x faster than eager, which repays the compilation
-    (~35 s cold, ~8 s with inductor's cache) even in a 5-minute run (docs/benchmarks.md)."""
+def use_compile(setting: str | bool, device: str, model: nn.Module | None = None) -> bool:
+    """Whether to torch.compile the training step. 'auto' compiles on CUDA, and on a CPU unless the
+    model trains with dropout. Measured on this project's 2-core CPU (docs/benchmarks.md, the
+    families benchmark): the compiled bf16 step of the `cpu` preset runs 1.47x faster than eager
+    without dropout, which repays a cold compilation (~55-60 s) within minutes; with dropout 0.2
+    only 1.17x (inductor's CPU random masks take most of the gain), and in a 5-minute
+    tinyshakespeare run eager reached 2.175 bits/char against compiled 2.219."""
     if isinstance(setting, bool):
         return setting
     if setting not in ("auto", "on", "off"):
         raise LmforgeError(f"compile must be auto, on or off, got {setting!r}")
     if setting == "auto":
-        return device.split(":")[0] in ("cuda", "cpu")
+        kind = device.split(":")[0]
+        dropout = float(getattr(getattr(model, "config", None), "dropout", 0.0) or 0.0)
+        return kind == "cuda" or (kind == "cpu" and dropout == 0.0)
     return setting == "on"
 
 
@@ -200,7 +205,7 @@ class Trainer:
             if self.is_main and self.log_path.exists():
                 self.log_path.unlink()  # a fresh run starts a fresh log
 
-        self.compiled = use_compile(cfg.compile, self.device)
+        self.compiled = use_compile(cfg.compile, self.device, self.raw_model)
         self.model = self._wrap(self.raw_model, self.compiled)
 
     def _wrap(self, model: nn.Module, compiled: bool) -> nn.Module:
@@ -241,6 +246,10 @@ class Trainer:
             raise LmforgeError(f"--resume: no checkpoint in {self.ckpt_root}")
         path = found[-1]
         state = ckpt_io.read_checkpoint_state(path)
+        family = getattr(self.raw_model, "family", "transformer")
+        if ckpt_io.checkpoint_family(state) != family:
+            raise LmforgeError(f"--resume: checkpoint {path} holds a {ckpt_io.checkpoint_family(state)} model, "
+                               f"this run trains a {family}")
         ours = self.raw_model.config.to_dict()
         theirs = ckpt_io.checkpoint_model_config(path, state).to_dict()
         if theirs != ours:

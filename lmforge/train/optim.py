@@ -3,7 +3,8 @@
 Muon (MomentUm Orthogonalized by Newton-Schulz) updates each hidden 2-D weight matrix with an
 orthogonalised version of its momentum: all singular values of the update are pushed towards 1,
 so every direction in the matrix learns at a similar rate. Embeddings, the output head and all
-1-D parameters (norm gains, biases) keep AdamW, for which Muon is not designed.
+1-D parameters (norm gains, biases) keep AdamW, for which Muon is not designed. Which parameter is
+which is the model's declaration (`param_groups()`), not a guess from names or shapes.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.common import LmforgeError
+from lmforge.models.protocol import trainable_groups
 
 
 def newton_schulz_orthogonalize(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -75,30 +77,25 @@ class Muon(torch.optim.Optimizer):
 def build_optimizers(model: nn.Module, *, name: str, lr: float, weight_decay: float,
                      betas: tuple[float, float], muon_lr: float, muon_momentum: float,
                      fused_ok: bool = False) -> list[torch.optim.Optimizer]:
-    """AdamW alone, or Muon for the hidden matrices plus AdamW for the rest.
+    """AdamW alone, or Muon for the model's hidden matrices plus AdamW for the rest.
 
-    Weight decay applies to matrices only (never to norm gains, biases or embeddings)."""
+    The groups are the model's own declaration (`param_groups()`, see lmforge/models/protocol.py):
+    "matrix" parameters get weight decay (and Muon), "embedding" and "vector" ones never do."""
     if name not in ("adamw", "muon"):
         raise LmforgeError(f"optimizer must be adamw or muon, got {name!r}")
-    seen, hidden, embed, other = set(), [], [], []
-    for pname, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        if "embed_tokens" in pname or "wpe" in pname or "lm_head" in pname:
-            embed.append(p)
-        elif p.ndim == 2:
-            hidden.append(p)
-        else:
-            other.append(p)
+    groups = trainable_groups(model)
+    hidden, embed, other = groups["matrix"], groups["embedding"], groups["vector"]
+    if name == "muon" and any(p.ndim != 2 for p in hidden):
+        raise LmforgeError(f"{type(model).__name__} declares a non-matrix parameter in its 'matrix' group; "
+                           "Muon updates 2-D matrices only")
     kw = dict(lr=lr, betas=betas)
     if fused_ok:
         kw["fused"] = True
     if name == "adamw":
-        groups = [{"params": hidden, "weight_decay": weight_decay},
-                  {"params": embed, "weight_decay": 0.0},
-                  {"params": other, "weight_decay": 0.0}]
-        return [torch.optim.AdamW([g for g in groups if g["params"]], **kw)]
+        adam_groups = [{"params": hidden, "weight_decay": weight_decay},
+                       {"params": embed, "weight_decay": 0.0},
+                       {"params": other, "weight_decay": 0.0}]
+        return [torch.optim.AdamW([g for g in adam_groups if g["params"]], **kw)]
     adam_groups = [{"params": embed, "weight_decay": 0.0}, {"params": other, "weight_decay": 0.0}]
     optimizers = [torch.optim.AdamW([g for g in adam_groups if g["params"]], **kw)]
     if hidden:

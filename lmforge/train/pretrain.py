@@ -1,8 +1,12 @@
-"""Pretraining: next-token prediction on tokenized shards, through the shared Trainer."""
+"""Pretraining: next-token prediction on tokenized shards, through the shared Trainer.
+
+Any model family (lmforge/models/registry.py): a trainable one runs the Trainer; a counted one
+(n-grams) is fitted to the whole train split in one pass, then evaluated and checkpointed the same
+way, so every family's val bits per byte comes from the same code on the same windows."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -11,8 +15,10 @@ import torch.nn as nn
 from lmforge.common import LmforgeError, dist_info
 from lmforge.data.loader import BatchLoader, SplitMissing, TokenSplit, eval_batches
 from lmforge.data.prepare import load_manifest
-from lmforge.model import GPT, get_config
+from lmforge.models.protocol import DEFAULT_SEQ_LEN
+from lmforge.models.registry import build_model, get_family
 from lmforge.tokenizer import Tokenizer
+from lmforge.train import checkpoint as ckpt_io
 from lmforge.train.loop import TrainConfig, Trainer, all_reduce_sum, setup_distributed
 
 
@@ -64,10 +70,11 @@ class NextTokenTask:
 @dataclass
 class PretrainOptions:
     data_dir: str
-    preset: str = "cpu"
+    model: str = "transformer"  # the model family
+    preset: str | None = None  # the family's preset (default: the family's default, "cpu" for the transformer)
     model_overrides: dict | None = None
     batch_size: int = 8  # per rank, per micro-step
-    seq_len: int | None = None  # default: the model's block size
+    seq_len: int | None = None  # default: the model's context window (DEFAULT_SEQ_LEN without one)
     eval_tokens: int = 65536
     resume: bool = False
     peak_flops: float | None = None
@@ -91,10 +98,15 @@ def pretrain(opts: PretrainOptions, train_cfg: TrainConfig) -> dict:
     tok, tok_path = load_data_tokenizer(opts.data_dir)
     overrides = dict(opts.model_overrides or {})
     overrides["vocab_size"] = tok.vocab_size
-    cfg = get_config(opts.preset, **overrides)
-    seq_len = opts.seq_len or cfg.block_size
-    if seq_len > cfg.block_size:
-        raise LmforgeError(f"--seq-len {seq_len} is longer than the model's context window ({cfg.block_size})")
+    family = get_family(opts.model)
+    preset = opts.preset or family.default_preset
+    cfg = family.config(preset, **overrides)
+    torch.manual_seed(train_cfg.seed)  # same initial weights on every rank and every run
+    model = build_model(family.name, cfg)
+    limit = model.context_limit
+    seq_len = opts.seq_len or limit or DEFAULT_SEQ_LEN
+    if limit is not None and seq_len > limit:
+        raise LmforgeError(f"--seq-len {seq_len} is longer than the model's context window ({limit})")
     if opts.batch_size <= 0:
         raise LmforgeError(f"--batch-size must be positive, got {opts.batch_size}")
     train = TokenSplit(opts.data_dir, "train", tokenizer=tok)
@@ -102,8 +114,6 @@ def pretrain(opts: PretrainOptions, train_cfg: TrainConfig) -> dict:
         val = TokenSplit(opts.data_dir, "val", tokenizer=tok)
     except SplitMissing:
         val = None  # no validation split (val_fraction=0); a damaged one raises
-    torch.manual_seed(train_cfg.seed)  # same initial weights on every rank and every run
-    model = GPT(cfg)
     # The task's batches must land on the device the Trainer will use.
     _, _, _, device = setup_distributed(train_cfg.device)
     train_cfg.device = device
@@ -111,19 +121,59 @@ def pretrain(opts: PretrainOptions, train_cfg: TrainConfig) -> dict:
                          batch_size=opts.batch_size, seq_len=seq_len, seed=train_cfg.seed, device=device,
                          eval_tokens=opts.eval_tokens)
     extra = {"tokenizer_fingerprint": tok.fingerprint, "tokenizer_path": str(tok_path),
-             "data_dir": str(Path(opts.data_dir).resolve()), "preset": opts.preset,
+             "data_dir": str(Path(opts.data_dir).resolve()), "model": family.name, "preset": preset,
              "batch_size": opts.batch_size, "seq_len": seq_len}
+    files = {"tokenizer.json": tok_path.read_bytes()}
+    if not model.trainable:
+        result = fit_counted(model, train, task, train_cfg, extra, files)
+    else:
+        result = train_gradient(model, task, train_cfg, extra, files, opts, train, val, seq_len)
+    result["model"] = model
+    result["tokenizer"] = tok
+    return result
+
+
+def train_gradient(model, task, train_cfg, extra, files, opts, train, val, seq_len) -> dict:
     trainer = Trainer(model, task, train_cfg, extra_state=extra, resume=opts.resume, peak_flops=opts.peak_flops,
-                      extra_files={"tokenizer.json": tok_path.read_bytes()})
+                      extra_files=files)
     if trainer.is_main:
         n = model.num_params()
         world = trainer.world
-        print(f"model: {opts.preset} {n / 1e6:.2f}M parameters ({model.num_params(True) / 1e6:.2f}M non-embedding), "
+        print(f"model: {extra['model']} {extra['preset']} {n / 1e6:.2f}M parameters "
+              f"({model.num_params(True) / 1e6:.2f}M non-embedding), "
               f"{model.flops_per_token(seq_len) / 1e6:.1f} MFLOPs/token; "
               f"{opts.batch_size * seq_len * train_cfg.grad_accum * world:,} tokens/step; "
               f"train {train.num_tokens:,} tokens" + (f", val {val.num_tokens:,}" if val else ""))
     result = trainer.fit()
-    result["model"] = model
-    result["tokenizer"] = tok
     result["checkpoint"] = str(trainer.ckpt_root)
     return result
+
+
+def fit_counted(model, train: TokenSplit, task: NextTokenTask, train_cfg: TrainConfig, extra: dict,
+                files: dict) -> dict:
+    """A counted model: one pass over the train split, then the same validation and checkpoint
+    layout as a trained one (step 0, no optimizer state)."""
+    import time
+
+    rank, _, world = dist_info()
+    ckpt_root = Path(train_cfg.out_dir) / "checkpoints"
+    existing = ckpt_io.list_checkpoints(ckpt_root)
+    if existing:
+        raise LmforgeError(f"{train_cfg.out_dir} already holds checkpoints (newest: {existing[-1].name}); "
+                           "choose another --out (a counted model is fitted in one pass, there is nothing to resume)")
+    if world > 1:
+        raise LmforgeError(f"the {model.family} family is fitted in one pass on one process; run it without torchrun")
+    t0 = time.perf_counter()
+    stats = model.fit(train.read(0, train.num_tokens), progress=train_cfg.progress)
+    fit_time = time.perf_counter() - t0
+    model.eval()
+    with torch.no_grad():
+        metrics = task.evaluate(model)
+    state = {"tokens_seen": train.num_tokens, "train_time": fit_time, "train_config": asdict(train_cfg),
+             "last_eval": metrics, "world_size": 1, "fit": stats, **extra}
+    path = ckpt_io.save_checkpoint(ckpt_root, 0, model, None, state, files=files)
+    print(f"model: {extra['model']} {extra['preset']} fitted on {train.num_tokens:,} tokens in {fit_time:.1f} s; "
+          + ", ".join(f"val {k} {v:.4f}" for k, v in metrics.items()))
+    return {"step": 0, "tokens": train.num_tokens, "train_time": fit_time, "checkpoint": str(path.parent),
+            **{f"val_{k}": v for k, v in metrics.items()}, **{f"fit_{k}": v for k, v in stats.items()
+                                                                if isinstance(v, (int, float))}}

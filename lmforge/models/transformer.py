@@ -10,7 +10,7 @@ lm_head) so that weights map one-to-one onto Hugging Face checkpoints.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
+from lmforge.models.protocol import LanguageModel, ModelFamily
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,13 @@ class KVCache:
         self.k = [t.index_select(0, rows) for t in self.k]
         self.v = [t.index_select(0, rows) for t in self.v]
 
+    def extend(self, other: KVCache) -> None:
+        """Append another cache's rows (same length of buffers), e.g. requests joining a running batch."""
+        if other.max_len != self.max_len:
+            raise LmforgeError(f"cannot join caches of {self.max_len} and {other.max_len} slots")
+        self.k = [torch.cat([a, b]) for a, b in zip(self.k, other.k)]
+        self.v = [torch.cat([a, b]) for a, b in zip(self.v, other.v)]
+
 
 class CacheStep(NamedTuple):
     """What every layer needs to know about one cached forward step (computed once per step)."""
@@ -290,7 +298,9 @@ class CacheStep(NamedTuple):
 # ----------------------------------------------------------------------------- the model
 
 
-class GPT(nn.Module):
+class GPT(LanguageModel):
+    family = "transformer"
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
@@ -318,10 +328,35 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
+    @property
+    def context_limit(self) -> int:
+        return self.config.block_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.n_embd
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def output_head_names(self) -> list[str]:
+        return [] if self.config.tie_embeddings else ["lm_head.weight"]
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Token and position tables and the output head (tied or not) are lookups; every other
+        matrix is a hidden weight; norm gains and biases are vectors."""
+        tables = [self.embed_tokens.weight] + ([self.wpe.weight] if self.wpe is not None else [])
+        if not self.config.tie_embeddings:
+            tables.append(self.lm_head.weight)
+        table_ids = {id(p) for p in tables}
+        rest = [p for p in self.parameters() if id(p) not in table_ids]
+        return {"matrix": [p for p in rest if p.ndim == 2], "embedding": tables,
+                "vector": [p for p in rest if p.ndim != 2]}
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
         """idx: (B, T) token ids. Without targets: logits (B, T, vocab) in float32.
         With targets (B, T; -100 = ignore): the cross-entropy loss (`reduction` as in F.cross_entropy)."""
-        logits = self.lm_head(self.hidden_states(idx)).float()  # softmax statistics in fp32 even under bf16 autocast
+        logits = self.logits_from_hidden(self.hidden_states(idx))  # float32 softmax statistics even under bf16
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
@@ -345,8 +380,10 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ cached inference
 
-    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty key/value cache for batch_size rows of up to max_len tokens, on the model's device."""
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty key/value cache for batch_size rows of up to max_len tokens (default: the context
+        window), on the model's device."""
+        max_len = self.config.block_size if max_len is None else max_len
         w = self.embed_tokens.weight
         if dtype is None:
             dtype = w.dtype if w.is_floating_point() else torch.float32
@@ -459,8 +496,9 @@ PRESETS: dict[str, GPTConfig] = {
 }
 
 
+FAMILY = ModelFamily("transformer", GPT, GPTConfig, PRESETS, default_preset="cpu",
+                     description="decoder-only transformer (RoPE/learned positions, GQA, SwiGLU/GELU)")
+
+
 def get_config(preset: str, **overrides) -> GPTConfig:
-    if preset not in PRESETS:
-        raise LmforgeError(f"unknown model preset {preset!r}; choose from {', '.join(PRESETS)}")
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    return replace(PRESETS[preset], **overrides)
+    return FAMILY.config(preset, **overrides)

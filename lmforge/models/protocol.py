@@ -1,0 +1,202 @@
+"""The model protocol: everything the rest of lmforge may assume about a language model.
+
+Every model family (the transformer, the LSTM, counted n-grams, and whatever comes next) is a
+`LanguageModel`. The Trainer, the inference engine, the server's scheduler, the evaluation harness,
+`score`, `sample`, `chat` and `serve` use only what is written here, never a family's internals
+(attribute names such as `embed_tokens`, the shape of its cache, its config fields). A new family
+implements these members and registers a `ModelFamily` (lmforge/models/registry.py).
+
+Shape
+    config            a dataclass with `vocab_size`, `to_dict()` and `from_dict()`; it is what a
+                      checkpoint records (with `family`) to rebuild the model
+    vocab_size        = config.vocab_size
+    context_limit     the longest sequence the model can read, or None (an LSTM or an n-gram has no
+                      window); callers ask `tokens_left(model, used)` and `scoring_window(model)`
+                      instead of special-casing None (and train on DEFAULT_SEQ_LEN-token windows by default)
+    device            where its tensors live
+
+Training
+    forward(idx, targets=None, reduction="mean")
+                      idx (B, T) ids -> float32 logits (B, T, vocab); with targets (B, T, -100 =
+                      ignore) the cross-entropy instead (F.cross_entropy's `reduction`). Scoring a
+                      continuation is this log-softmax gathered at the continuation's ids.
+    trainable         True: gradient training by the shared Trainer, with
+    param_groups()    {"matrix": [...], "embedding": [...], "vector": [...]}: hidden weight matrices
+                      (Muon when --optimizer muon, else AdamW with weight decay), lookup tables and
+                      output heads (AdamW, no decay), gains and biases (AdamW, no decay). Declared by
+                      the model; `check_param_groups` proves every trainable parameter is in exactly
+                      one group.
+    fit(tokens, ...)  trainable False (a counted model): estimate the model from a 1-D array of
+                      training token ids instead
+    hidden_states(idx) (B, T, hidden_size) features a head reads (reward model, PPO value head);
+                      a family without features raises LmforgeError
+    output_head_names()
+                      names (as in `state_dict`) of the parameters only the output layer uses, none
+                      shared with hidden_states (an untied output head; [] when it is tied to the
+                      embedding): a head that reads hidden states alone freezes them and leaves them
+                      out of its checkpoint (an unused trainable parameter breaks DDP)
+    logits_from_hidden(h)
+                      the output layer alone: forward(idx) == logits_from_hidden(hidden_states(idx)),
+                      so PPO's shared critic reads the policy's trunk without a second pass
+
+Generation (a decode state: "cache" for short)
+    new_cache(batch_size, max_len=None, dtype=None)
+                      an empty decode state for batch_size rows of up to max_len tokens (None: the
+                      whole context window; families without a window ignore it). The state has
+                      `batch_size`, `keep(rows)` (keep these rows, in this order, repeats allowed)
+                      and `extend(other)` (append another state's rows).
+    prefill(idx, cache, last=None)
+                      idx (B, T) right-padded prompts; row b's real tokens end at position last[b]
+                      (default T - 1). Fills the state; returns float32 logits (B, vocab) for each
+                      row's next token.
+    decode(idx, cache, positions, step_fn=None)
+                      idx (B, 1): each row's next token, at position positions[b]; advances the state
+                      by that token; returns float32 logits (B, vocab). step_fn: a compiled version
+                      of the family's `decode_step` if it has one (`engine.compiled_decode_step`).
+
+Accounting
+    num_params(non_embedding=False), flops_per_token(seq_len=None)
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Protocol
+
+import torch
+import torch.nn as nn
+
+from lmforge.common import LmforgeError
+
+PARAM_GROUPS = ("matrix", "embedding", "vector")
+
+# The training (and validation) window of a model without a context window, unless one is given.
+DEFAULT_SEQ_LEN = 256
+
+# An unlimited model still scores long texts in windows of this many tokens (a window bounds the
+# logits held in memory, not what the model can see).
+UNLIMITED_SCORING_WINDOW = 1024
+
+
+class DecodeState(Protocol):
+    """What callers may do with a model's decode state (a KV cache, an LSTM's (h, c), an n-gram's
+    last n-1 tokens)."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+    def keep(self, rows: torch.Tensor) -> None: ...
+
+    def extend(self, other: DecodeState) -> None: ...
+
+
+class LanguageModel(nn.Module):
+    """Base class of every family: the defaults of the protocol above."""
+
+    family: ClassVar[str] = ""
+    trainable: ClassVar[bool] = True
+    config: Any
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def context_limit(self) -> int | None:
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        raise NotImplementedError(f"{type(self).__name__} declares no parameter groups")
+
+    def fit(self, tokens, **kwargs) -> dict:
+        raise LmforgeError(f"the {self.family} family is trained by gradient descent, not fitted")
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        raise LmforgeError(f"the {self.family} family has no hidden states for a reward or value head")
+
+    @property
+    def hidden_size(self) -> int:
+        raise LmforgeError(f"the {self.family} family has no hidden states for a reward or value head")
+
+    def output_head_names(self) -> list[str]:
+        return []
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise LmforgeError(f"the {self.family} family has no hidden states for a reward or value head")
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token, 6 per weight of every linear map (forward + backward)."""
+        return 6.0 * sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+
+
+def check_param_groups(model: nn.Module, groups: dict[str, list[nn.Parameter]]) -> None:
+    """Every trainable parameter of `model` in exactly one known group, and nothing else."""
+    unknown = set(groups) - set(PARAM_GROUPS)
+    if unknown:
+        raise LmforgeError(f"unknown parameter groups {sorted(unknown)}; the groups are {', '.join(PARAM_GROUPS)}")
+    names = {id(p): n for n, p in model.named_parameters()}
+    where: dict[int, str] = {}
+    for group, params in groups.items():
+        for p in params:
+            if id(p) not in names:
+                raise LmforgeError(f"parameter group {group!r} holds a tensor that is not a parameter of the model")
+            if id(p) in where:
+                raise LmforgeError(f"parameter {names[id(p)]} is in groups {where[id(p)]!r} and {group!r}")
+            where[id(p)] = group
+    left = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in where]
+    if left:
+        raise LmforgeError(f"parameters in no group: {left[:5]}")
+
+
+def trainable_groups(model) -> dict[str, list[nn.Parameter]]:
+    """The model's declared groups, checked, restricted to parameters that require gradients."""
+    groups = model.param_groups()
+    check_param_groups(model, groups)
+    return {g: [p for p in groups.get(g, []) if p.requires_grad] for g in PARAM_GROUPS}
+
+
+def tokens_left(model, used: int) -> int:
+    """How many more tokens fit after `used` of them: the rest of the context window, or (a model
+    without one) as many as anyone asks for."""
+    limit = model.context_limit
+    return sys.maxsize if limit is None else limit - used
+
+
+def scoring_window(model) -> int:
+    """The window long texts are scored in: the context window, or a fixed size without one."""
+    return model.context_limit or UNLIMITED_SCORING_WINDOW
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    model_class: Callable[[Any], Any]  # config -> model (a LanguageModel)
+    config_class: type  # dataclass with from_dict / to_dict
+    presets: dict[str, Any] = field(default_factory=dict)  # preset name -> config
+    default_preset: str = ""
+    description: str = ""
+
+    def config(self, preset: str | None = None, **overrides):
+        """A preset's config with the given fields replaced (None values are ignored)."""
+        preset = preset or self.default_preset
+        if preset not in self.presets:
+            raise LmforgeError(f"unknown {self.name} preset {preset!r}; choose from {', '.join(self.presets)}")
+        return replace(self.presets[preset], **{k: v for k, v in overrides.items() if v is not None})
+
+    def config_from_dict(self, d: dict):
+        try:
+            return self.config_class.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise LmforgeError(f"not a valid {self.name} configuration: {e}") from None

@@ -1,0 +1,92 @@
+"""The package's import graph has no cycles.
+
+Edges are every `import` of an lmforge module (at the top of a file or inside a function: a lazy
+import still makes the two modules depend on each other) and every string naming an lmforge module
+(loading by name, e.g. the family registry's built-in table, is an import static tools cannot see)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lmforge"
+
+# Known cycles still to be removed, each with its reason; the test fails if one disappears (so the
+# entry gets deleted) or a new one appears.
+KNOWN_CYCLES = {
+    # The stage command modules are loaded by name from lmforge.cli and import its shared option
+    # helpers back (the `cli/` package of the structure issue removes this).
+    frozenset({"lmforge.cli", "lmforge.eval.cli", "lmforge.posttrain.cli", "lmforge.posttrain.align_cli",
+               "lmforge.serve.cli"}),
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {m: set() for m in modules}
+    for m, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names = [node.value]
+            graph[m].update(n for n in names if n in modules and n != m)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(frozenset(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [frozenset("abc")]
+
+
+def test_no_import_cycles():
+    found = set(cycles(import_graph()))
+    assert found <= KNOWN_CYCLES, f"new import cycles: {[sorted(c) for c in found - KNOWN_CYCLES]}"
+    assert found == KNOWN_CYCLES, f"cycles gone (delete them from KNOWN_CYCLES): {KNOWN_CYCLES - found}"
+
+
+def test_the_families_and_the_transforms_import_downward():
+    graph = import_graph()
+    # A family module imports the protocol, never the registry that loads it by name.
+    for family in ("transformer", "lstm", "ngram"):
+        assert "lmforge.models.registry" not in graph[f"lmforge.models.{family}"]
+    # Quantization is a transform of a built model: it knows nothing of checkpoints.
+    assert not {m for m in graph["lmforge.quantize"] if m.startswith("lmforge.train")}
+    assert not {m for m in graph["lmforge.posttrain.lora"] if m.startswith("lmforge.train")}
