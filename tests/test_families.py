@@ -6,7 +6,7 @@ window, its decode state only the last token — goes through everything downstr
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -15,7 +15,14 @@ import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
 from lmforge.engine import Engine
-from lmforge.models.protocol import LanguageModel, ModelFamily, check_param_groups, scoring_window, tokens_left
+from lmforge.models.protocol import (
+    LanguageModel,
+    ModelConfig,
+    ModelFamily,
+    check_param_groups,
+    scoring_window,
+    tokens_left,
+)
 from lmforge.models.registry import build_model, get_family, register
 from lmforge.models.transformer import GPT, get_config
 from lmforge.tokenizer import Tokenizer
@@ -25,16 +32,9 @@ from lmforge.train.checkpoint import load_model, save_checkpoint
 
 
 @dataclass(frozen=True)
-class BigramConfig:
+class BigramConfig(ModelConfig):
     vocab_size: int = 260
     n_embd: int = 16
-
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(**d)
 
 
 class LastToken:  # the whole decode state: each row's last token

@@ -46,7 +46,7 @@ def test_config_round_trip_registry_and_window():
     assert model.context_limit is None
     assert tokens_left(model, 10**9) == sys.maxsize
     assert scoring_window(model) == UNLIMITED_SCORING_WINDOW
-    with pytest.raises(LmforgeError, match="unknown lstm config fields.*block_size"):
+    with pytest.raises(LmforgeError, match="unknown LSTMConfig fields.*block_size"):
         LSTMConfig.from_dict({**cfg.to_dict(), "block_size": 64})
 
 

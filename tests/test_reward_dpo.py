@@ -14,7 +14,7 @@ from conftest import run_cli, save_tiny_checkpoint
 from safetensors.torch import load_file, save_file
 
 from lmforge.common import LmforgeError, atomic_write_json
-from lmforge.models.protocol import LanguageModel, ModelFamily
+from lmforge.models.protocol import LanguageModel, ModelConfig, ModelFamily
 from lmforge.models.registry import register
 from lmforge.models.transformer import GPT, get_config
 from lmforge.posttrain.dpo import DPOTask, dpo_loss, pair_rows
@@ -35,16 +35,9 @@ from lmforge.train.loop import TrainConfig, read_log
 
 
 @dataclass(frozen=True)
-class PrefixMeanConfig:
+class PrefixMeanConfig(ModelConfig):
     vocab_size: int = 260
     n_embd: int = 8
-
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(**d)
 
 
 class PrefixMeanLM(LanguageModel):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from lmforge.common import LmforgeError
-from lmforge.models.protocol import LanguageModel, ModelFamily
+from lmforge.models.protocol import LanguageModel, ModelConfig, ModelFamily
 
 
 @dataclass(frozen=True)
-class LSTMConfig:
+class LSTMConfig(ModelConfig):
     vocab_size: int = 4096
     n_layer: int = 2
     n_embd: int = 256  # token embedding size: the first layer's input
@@ -60,17 +60,6 @@ class LSTMConfig:
                 bad(f"{name} must be positive, got {getattr(self, name)}")
         if not math.isfinite(self.forget_bias):
             bad(f"forget_bias must be a finite number, got {self.forget_bias}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LSTMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise LmforgeError(f"unknown lstm config fields: {sorted(unknown)}")
-        return cls(**d)
 
 
 # ----------------------------------------------------------------------------- decode state

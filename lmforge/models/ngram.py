@@ -49,14 +49,14 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lmforge.common import LmforgeError
-from lmforge.models.protocol import LanguageModel, ModelFamily
+from lmforge.models.protocol import LanguageModel, ModelConfig, ModelFamily
 
 SMOOTHINGS = ("kneser-ney", "add-eps")
 FALLBACK_DISCOUNTS = (0.5, 1.0, 1.5)  # D1, D2, D3+ where an order's estimate is unusable
@@ -64,7 +64,7 @@ DENSE_CHUNK = 1 << 22  # float64 cells of one chunk of dense next-token distribu
 
 
 @dataclass(frozen=True)
-class NgramConfig:
+class NgramConfig(ModelConfig):
     vocab_size: int = 4096
     order: int = 5  # n: a token is predicted from the n-1 before it
     smoothing: str = "kneser-ney"  # "kneser-ney" | "add-eps"
@@ -83,17 +83,6 @@ class NgramConfig:
             bad(f"smoothing must be {' or '.join(SMOOTHINGS)}, got {self.smoothing!r}")
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
             bad(f"eps must be a positive number, got {self.eps!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> NgramConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise LmforgeError(f"unknown n-gram config fields: {sorted(unknown)}")
-        return cls(**d)
 
 
 # ----------------------------------------------------------------------------- small array helpers

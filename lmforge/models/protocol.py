@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -77,6 +77,21 @@ DEFAULT_SEQ_LEN = 256
 # An unlimited model still scores long texts in windows of this many tokens (a window bounds the
 # logits held in memory, not what the model can see).
 UNLIMITED_SCORING_WINDOW = 1024
+
+
+class ModelConfig:
+    """What every family's config dataclass inherits: the dict a checkpoint stores, and back (an
+    unknown field is one clear error, not a TypeError)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise LmforgeError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**d)
 
 
 class DecodeState(Protocol):

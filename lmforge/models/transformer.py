@@ -10,7 +10,7 @@ lm_head) so that weights map one-to-one onto Hugging Face checkpoints.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -18,11 +18,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
-from lmforge.models.protocol import LanguageModel, ModelFamily
+from lmforge.models.protocol import LanguageModel, ModelConfig, ModelFamily
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(ModelConfig):
     vocab_size: int = 4096
     block_size: int = 256  # context window in tokens
     n_layer: int = 4
@@ -80,17 +80,6 @@ class GPTConfig:
             # Two input matrices instead of one: 2/3 of 4*d keeps the parameter count of a 4*d MLP.
             return 64 * math.ceil(8 * self.n_embd / 3 / 64)
         return 4 * self.n_embd
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GPTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise LmforgeError(f"unknown model config fields: {sorted(unknown)}")
-        return cls(**d)
 
 
 # ----------------------------------------------------------------------------- building blocks

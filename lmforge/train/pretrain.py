@@ -6,6 +6,7 @@ way, so every family's val bits per byte comes from the same code on the same wi
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -153,9 +154,7 @@ def fit_counted(model, train: TokenSplit, task: NextTokenTask, train_cfg: TrainC
                 files: dict) -> dict:
     """A counted model: one pass over the train split, then the same validation and checkpoint
     layout as a trained one (step 0, no optimizer state)."""
-    import time
-
-    rank, _, world = dist_info()
+    _, _, world = dist_info()
     ckpt_root = Path(train_cfg.out_dir) / "checkpoints"
     existing = ckpt_io.list_checkpoints(ckpt_root)
     if existing:
