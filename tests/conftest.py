@@ -1,7 +1,14 @@
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.models.protocol import LanguageModel, ModelConfig, ModelFamily
+from lmforge.models.registry import register
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,3 +174,50 @@ def save_tiny_checkpoint(root: Path, block_size: int = 96) -> Path:
     save_checkpoint(root / "checkpoints", 0, model, None, {"tokenizer_fingerprint": tok.fingerprint},
                     files={"tokenizer.json": (root / "tokenizer.json").read_bytes()})
     return root
+
+
+# ----------------------------------------------------------------------------- a model family that is not a transformer
+# (tests/test_reward_dpo.py and tests/test_rl.py wrap it in the reward and PPO heads)
+
+
+@dataclass(frozen=True)
+class PrefixMeanConfig(ModelConfig):
+    vocab_size: int = 260
+    n_embd: int = 8
+
+
+class PrefixMeanLM(LanguageModel):
+    """The hidden state at t is the mean of the embeddings of tokens 0..t; a linear output layer.
+    What the heads may rely on is the protocol alone."""
+
+    family = "test-prefix-mean"
+
+    def __init__(self, cfg: PrefixMeanConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.out = nn.Linear(cfg.n_embd, cfg.vocab_size)
+
+    hidden_size = property(lambda self: self.config.n_embd)
+
+    def hidden_states(self, idx):
+        return self.embed(idx).cumsum(1) / torch.arange(1, idx.size(1) + 1, device=idx.device)[:, None]
+
+    def logits_from_hidden(self, h):
+        return self.out(h).float()
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        logits = self.logits_from_hidden(self.hidden_states(idx))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
+
+    def param_groups(self):
+        return {"embedding": [self.embed.weight, self.out.weight], "vector": [self.out.bias]}
+
+    def output_head_names(self):
+        return ["out.weight", "out.bias"]
+
+
+register(ModelFamily("test-prefix-mean", PrefixMeanLM, PrefixMeanConfig, {"tiny": PrefixMeanConfig()},
+                     default_preset="tiny"))

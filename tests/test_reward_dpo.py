@@ -4,18 +4,16 @@ end-to-end runs of `lmforge reward train|score` and `lmforge dpo`."""
 import json
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import run_cli, save_tiny_checkpoint
+from conftest import PrefixMeanConfig, PrefixMeanLM, run_cli, save_tiny_checkpoint
 from safetensors.torch import load_file, save_file
 
 from lmforge.common import LmforgeError, atomic_write_json
-from lmforge.models.protocol import LanguageModel, ModelConfig, ModelFamily
-from lmforge.models.registry import register
 from lmforge.models.transformer import GPT, get_config
 from lmforge.posttrain.dpo import DPOTask, dpo_loss, pair_rows
 from lmforge.posttrain.preference import MetricsTrainer, encode_pairs, pack, record_to_pair, sequence_logprob
@@ -30,51 +28,6 @@ from lmforge.posttrain.reward import (
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import list_checkpoints, load_model, save_checkpoint
 from lmforge.train.loop import TrainConfig, read_log
-
-# ----------------------------------------------------------------------------- a family that is not a transformer
-
-
-@dataclass(frozen=True)
-class PrefixMeanConfig(ModelConfig):
-    vocab_size: int = 260
-    n_embd: int = 8
-
-
-class PrefixMeanLM(LanguageModel):
-    """The hidden state at t is the mean of the embeddings of tokens 0..t; a linear output layer.
-    What the heads may rely on is the protocol alone (tests/test_rl.py wraps it in PPO's heads)."""
-
-    family = "test-prefix-mean"
-
-    def __init__(self, cfg: PrefixMeanConfig):
-        super().__init__()
-        self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.out = nn.Linear(cfg.n_embd, cfg.vocab_size)
-
-    hidden_size = property(lambda self: self.config.n_embd)
-
-    def hidden_states(self, idx):
-        return self.embed(idx).cumsum(1) / torch.arange(1, idx.size(1) + 1, device=idx.device)[:, None]
-
-    def logits_from_hidden(self, h):
-        return self.out(h).float()
-
-    def forward(self, idx, targets=None, reduction="mean"):
-        logits = self.logits_from_hidden(self.hidden_states(idx))
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
-
-    def param_groups(self):
-        return {"embedding": [self.embed.weight, self.out.weight], "vector": [self.out.bias]}
-
-    def output_head_names(self):
-        return ["out.weight", "out.bias"]
-
-
-register(ModelFamily("test-prefix-mean", PrefixMeanLM, PrefixMeanConfig, {"tiny": PrefixMeanConfig()},
-                     default_preset="tiny"))
 
 
 @pytest.fixture(scope="module")

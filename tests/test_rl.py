@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import run_cli, save_tiny_checkpoint
+from conftest import PrefixMeanConfig, PrefixMeanLM, run_cli, save_tiny_checkpoint
 from safetensors.torch import load_file
-from test_reward_dpo import PrefixMeanConfig, PrefixMeanLM  # a family that is not a transformer
 
 from lmforge.common import LmforgeError, atomic_write_json, read_json
 from lmforge.models.protocol import trainable_groups
