@@ -39,10 +39,10 @@ TASKS = ("hellaswag", "arc_easy", "arc_challenge")
 def trained_model(work: Path, budget: float) -> Path:
     """A cpu-preset model pretrained on tinyshakespeare for `budget` seconds (reused if present)."""
     from lmforge.data.prepare import prepare_shards
+    from lmforge.stages.pretrain import PretrainOptions, pretrain
     from lmforge.tokenizer import Tokenizer
     from lmforge.train.checkpoint import list_checkpoints
     from lmforge.train.loop import TrainConfig
-    from lmforge.train.pretrain import PretrainOptions, pretrain
 
     run = work / "run"
     if list_checkpoints(run / "checkpoints"):

@@ -26,8 +26,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lmforge.engine import Engine  # noqa: E402
 from lmforge.hf import export_hf  # noqa: E402
+from lmforge.inference.engine import Engine  # noqa: E402
 from lmforge.models.transformer import GPT, get_config  # noqa: E402
 from lmforge.quantize import model_memory_bytes, quantize_model  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
@@ -158,7 +158,7 @@ def load_copy(model):
 def quant_quality(checkpoint: str, data_dir: str) -> dict:
     """Validation bits per byte of a trained checkpoint in fp32, int8 and int4."""
     from lmforge.data.loader import TokenSplit
-    from lmforge.train.pretrain import NextTokenTask
+    from lmforge.stages.pretrain import NextTokenTask
 
     model, state = load_model(checkpoint)
     tok = Tokenizer.load(Path(state["tokenizer_path"])) if Path(state.get("tokenizer_path", "")).is_file() else None

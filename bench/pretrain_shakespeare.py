@@ -29,10 +29,11 @@ sys.path.insert(0, str(REPO))
 
 from lmforge.data.prepare import prepare_shards  # noqa: E402
 from lmforge.models.transformer import GPT, get_config  # noqa: E402
+from lmforge.stages.pretrain import PretrainOptions, pretrain  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
-from lmforge.train.loop import TrainConfig, autocast_dtype  # noqa: E402
+from lmforge.train.loop import TrainConfig  # noqa: E402
 from lmforge.train.optim import build_optimizers  # noqa: E402
-from lmforge.train.pretrain import PretrainOptions, pretrain  # noqa: E402
+from lmforge.train.precision import autocast_dtype  # noqa: E402
 
 
 def shakespeare() -> Path:

@@ -50,7 +50,7 @@ def train_cfg(args, name: str, **kw) -> TrainConfig:
 
 
 def run_rl(args, algorithm: str) -> dict:
-    from lmforge.posttrain.rl import RLOptions, train_rl
+    from lmforge.stages.rl import RLOptions, train_rl
 
     opts = RLOptions(checkpoint=args.checkpoint, algorithm=algorithm, tasks=[args.task], tools=args.tools,
                      prompts_per_step=args.prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
@@ -70,7 +70,7 @@ def run_rl(args, algorithm: str) -> dict:
 
 
 def run_rm(args) -> dict:
-    from lmforge.posttrain.reward import PairOptions, train_reward_model
+    from lmforge.stages.reward import PairOptions, train_reward_model
 
     opts = PairOptions(checkpoint=args.checkpoint, data=[f"synthetic:{args.task}:{args.pairs}"], val_fraction=0.1,
                        batch_size=16)
@@ -83,8 +83,8 @@ def run_rm(args) -> dict:
 
 
 def run_dpo(args) -> dict:
-    from lmforge.posttrain.dpo import DPOOptions, dpo
-    from lmforge.posttrain.rl import evaluate_policy
+    from lmforge.stages.dpo import DPOOptions, dpo
+    from lmforge.stages.rl import evaluate_policy
     from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
 
     opts = DPOOptions(checkpoint=args.checkpoint, data=[f"synthetic:{args.task}:{args.pairs}"], val_fraction=0.1,

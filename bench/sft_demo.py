@@ -29,7 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lmforge.posttrain.sft import SFTOptions, evaluate_tasks, safety_eval, sft  # noqa: E402
+from lmforge.stages.sft import SFTOptions, evaluate_tasks, safety_eval, sft  # noqa: E402
 from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model  # noqa: E402
 from lmforge.train.loop import TrainConfig  # noqa: E402
 

@@ -19,7 +19,7 @@ the answer that uses it is a new assistant turn:
     <|assistant_end|><|tool_result_start|>84<|tool_result_end|><|assistant_start|>12*7 = 84.<|assistant_end|>
 
 To ask the model for a reply, the rendering ends with `<|assistant_start|>`; generation stops at
-`<|assistant_end|>` (or at `<|tool_call_end|>` in a tool-using loop, see lmforge/posttrain/tools.py).
+`<|assistant_end|>` (or at `<|tool_call_end|>` in a tool-using loop, see lmforge/inference/tools.py).
 Special tokens are inserted as ids, so text inside a message can never forge a turn boundary.
 
 For supervised fine-tuning, `render_for_training` also returns a loss mask that is 1 exactly on the

@@ -6,7 +6,18 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from dataclasses import field
 from pathlib import Path
+
+
+def setting(default, help: str, *, check: str | None = None, choices: tuple | None = None,
+            flag: str | None = None):
+    """A configuration field declared once, with its default and help; the command-line option is
+    derived from it (lmforge.cli.common.add_options), and so is the argv that re-enters the command
+    line under torchrun. `check` names the rule a value must meet: "positive", "nonneg", "fraction"
+    (in [0, 1)) or "seed" (fits in 64 bits). `flag` replaces the option's derived name."""
+    return field(default=default, metadata={"help": help, "check": check, "choices": choices, "flag": flag})
 
 
 class LmforgeError(Exception):
@@ -56,6 +67,17 @@ def read_json(path: str | os.PathLike, what: str = "file", *, fmt: str | None = 
             raise LmforgeError(f"{path}: {what} format version {obj.get('version')!r} is not supported "
                                f"(this lmforge reads version {version}){hint}")
     return obj
+
+
+def json_lines(lines, path) -> Iterator[tuple[int, object]]:
+    """(line number, record) of each non-blank JSON line; a bad line is an error naming path:line."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{path}:{lineno} is not valid JSON: {e}") from None
 
 
 def sha256_bytes(data: bytes) -> str:

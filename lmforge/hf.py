@@ -100,7 +100,8 @@ def hf_config(cfg: GPTConfig, family: str, token_ids: dict, dtype: str = "float3
                 "n_head": cfg.n_head, "n_inner": cfg.hidden_dim, "activation_function": "gelu_new",
                 "layer_norm_epsilon": cfg.norm_eps, "scale_attn_weights": True,
                 # lmforge drops out exactly where GPT-2 does: embeddings, residual branches, attention
-                "embd_pdrop": cfg.dropout, "resid_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
+                "embd_pdrop": cfg.dropout, "resid_pdrop": cfg.dropout,
+                "attn_pdrop": cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout}
     d = {**common, "hidden_size": cfg.n_embd, "intermediate_size": cfg.hidden_dim,
          "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
          "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",

@@ -6,9 +6,10 @@ preset with more devices or smaller micro-batches gets the same optimisation by 
 gradients: total_batch_tokens = batch_size * seq_len * grad_accum * nproc, exactly.
 
 After pretraining, every preset runs the same post-training and evaluation stages (functions
-below, called in order by `lmforge speedrun`): chat SFT on a mixture of tool-using synthetic tasks,
-identity and safety data; GRPO with tool use on a task with a checkable answer; the multiple-choice
-benchmarks on the base and the final model; and a report card with one metric per stage. Each
+below, called in order by `lmforge speedrun` in lmforge/cli/speedrun.py): chat SFT on a mixture of
+tool-using synthetic tasks, identity and safety data; GRPO with tool use on a task with a
+checkable answer; the multiple-choice benchmarks on the base and the final model; and a report
+card with one metric per stage. Each
 stage writes OUT/<stage>/stage.json when it finishes; a re-run with the same settings and input
 skips it, and a stage that was interrupted resumes from its newest checkpoint.
 
@@ -200,14 +201,14 @@ def start_stage(out: Path, stage: str, origin: dict, log=print) -> bool:
 # ----------------------------------------------------------------------------- post-training stages
 
 
-def _train_config(out_dir: Path, *, steps: int, budget: float | None, lr: float, seed: int, device: str,
-                  dtype: str, progress: bool, ckpt_every: int, warmup: int = 10, schedule: str = "cosine"):
+def _train_config(defaults: dict, out_dir: Path, **given):
+    """A post-training stage's config: the stage's own TRAIN_DEFAULTS (those of its command), then
+    what the speedrun sets: the preset's budget and learning rate, no evaluation during training
+    (each stage evaluates once at its end), and eager mode (sequences of every length)."""
     from lmforge.train.loop import TrainConfig
 
-    return TrainConfig(out_dir=str(out_dir), max_steps=steps, time_budget=budget, optimizer="adamw", lr=lr,
-                       warmup_steps=warmup, schedule=schedule, min_lr_frac=0.1, eval_every=0,
-                       ckpt_every=ckpt_every, log_every=10, seed=seed, dtype=dtype, compile="off", device=device,
-                       progress=progress)
+    return TrainConfig(**{**defaults, "out_dir": str(out_dir), "eval_every": 0, "log_every": 10, "compile": "off",
+                          **given})
 
 
 def sft_stage(p: SpeedrunPreset, base: str, out_dir: Path, *, resume: bool, seed: int, device: str, dtype: str,
@@ -215,13 +216,15 @@ def sft_stage(p: SpeedrunPreset, base: str, out_dir: Path, *, resume: bool, seed
     """Chat SFT from the pretrained checkpoint, then greedy evaluation on held-out synthetic problems
     (tools run) and the safety prompts. Resumes an interrupted run. Without the python tool, the
     tasks that need it are left out (PYTHON_TASKS)."""
-    from lmforge.posttrain.sft import SFTOptions, evaluate_tasks, safety_eval, sft
+    from lmforge.stages.sft import SFTOptions, evaluate_tasks, safety_eval, sft
 
     def keep(spec: str) -> bool:
         return python_tool or not any(spec.startswith(f"synthetic:{t}") for t in PYTHON_TASKS)
 
-    cfg = _train_config(out_dir, steps=p.sft_steps, budget=p.sft_time_budget, lr=p.sft_lr, seed=seed, device=device,
-                        dtype=dtype, progress=progress, ckpt_every=50)
+    from lmforge.stages.sft import TRAIN_DEFAULTS
+
+    cfg = _train_config(TRAIN_DEFAULTS, out_dir, max_steps=p.sft_steps, time_budget=p.sft_time_budget, lr=p.sft_lr,
+                        seed=seed, device=device, dtype=dtype, progress=progress, ckpt_every=50)
     r = sft(SFTOptions(checkpoint=base, data=[s for s in SFT_MIXTURE if keep(s)], batch_size=p.sft_batch_size,
                        resume=resume), cfg, log=lambda m: log("      " + m))
     t0 = time.perf_counter()
@@ -238,15 +241,17 @@ def sft_stage(p: SpeedrunPreset, base: str, out_dir: Path, *, resume: bool, seed
 def rl_stage(p: SpeedrunPreset, sft_checkpoint: str, out_dir: Path, *, resume: bool, seed: int, device: str,
              dtype: str, progress: bool, python_tool: bool = True) -> dict:
     """GRPO with tool use on the preset's verifiable task; held-out accuracy before and after."""
-    from lmforge.posttrain.rl import RLOptions, train_rl
+    from lmforge.stages.rl import RLOptions, train_rl
 
     opts = RLOptions(checkpoint=sft_checkpoint, algorithm="grpo", tasks=[p.rl_task], tools=True,
                      tool_names=None if python_tool else WITHOUT_PYTHON,
                      prompts_per_step=p.rl_prompts, group_size=p.rl_group, max_new_tokens=96, kl_beta=0.02,
                      temperature=p.rl_temperature,
                      eval_n=p.task_eval_n, resume=resume)
-    cfg = _train_config(out_dir, steps=p.rl_steps, budget=p.rl_time_budget, lr=p.rl_lr, seed=seed, device=device,
-                        dtype=dtype, progress=progress, ckpt_every=25, warmup=5, schedule="constant")
+    from lmforge.stages.rl import TRAIN_DEFAULTS
+
+    cfg = _train_config(TRAIN_DEFAULTS, out_dir, max_steps=p.rl_steps, time_budget=p.rl_time_budget, lr=p.rl_lr,
+                        seed=seed, device=device, dtype=dtype, progress=progress, ckpt_every=25)
     r = train_rl(opts, cfg)
     start = r.get("start_val_accuracy")
     if start is None:  # resumed: the starting accuracy was measured by the interrupted run
@@ -256,7 +261,7 @@ def rl_stage(p: SpeedrunPreset, sft_checkpoint: str, out_dir: Path, *, resume: b
 
 
 def _first_eval(log_path: Path) -> float | None:
-    from lmforge.train.loop import read_log
+    from lmforge.train.logs import read_log
 
     for rec in read_log(log_path):
         if "val_accuracy" in rec:
@@ -312,7 +317,7 @@ def write_report(out: Path, preset: SpeedrunPreset, stages: dict[str, dict], tot
 
     from lmforge.common import read_json
     from lmforge.eval.report import centred_scores, plot_task_bars, primary_metric
-    from lmforge.train.loop import plot_loss_curve
+    from lmforge.train.logs import plot_loss_curve
 
     rep = Path(out) / "report"
     rep.mkdir(parents=True, exist_ok=True)

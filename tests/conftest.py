@@ -59,7 +59,7 @@ FIXTURES = REPO / "tests" / "fixtures"
 def sandbox():
     """The python tool's OS sandbox works here, or the test skips (fails under LMFORGE_REQUIRE_ALL=1):
     machines without user namespaces (some container and AppArmor policies) refuse to run the tool."""
-    from lmforge.posttrain.sandbox import sandbox_problem
+    from lmforge.inference.sandbox import sandbox_problem
 
     problem = sandbox_problem()
     if problem:

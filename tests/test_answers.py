@@ -34,8 +34,8 @@ TRICKY = [
 @pytest.mark.parametrize("reply,expected,right", TRICKY)
 def test_reward_check_and_metric_agree(reply, expected, right, tmp_path):
     from lmforge.eval.generative import score_gsm8k_reply
-    from lmforge.posttrain.rl import prompt_source
     from lmforge.posttrain.synthetic import get_task
+    from lmforge.posttrain.verifiable import prompt_source
 
     gsm = tmp_path / "gsm.jsonl"
     gsm.write_text(json.dumps({"question": "How many?", "answer": f"Work.\n#### {expected}"}) + "\n")

@@ -47,7 +47,7 @@ def test_corrupt_val_shard_is_an_error_not_missing_validation(tiny_data, tmp_pat
     with pytest.raises(LmforgeError, match="corrupt") as e:
         TokenSplit(data, "val")
     assert not isinstance(e.value, SplitMissing)
-    code, _, err = run_cli("pretrain", "--data-dir", data, "--out", tmp_path / "run", "--preset", "tiny",
+    code, _, err = run_cli("pretrain", "--data-dir", data, "--out", tmp_path / "run", "--model", "tiny",
                            "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32",
                            "--batch-size", "2", "--max-steps", "1", "--no-progress", "--compile", "off",
                            "--device", "cpu")
@@ -133,7 +133,7 @@ def test_data_without_validation_still_pretrains(tmp_path, corpus_text):
                    workers=1, show_progress=False)
     with pytest.raises(SplitMissing):
         TokenSplit(tmp_path / "data", "val")
-    code, out, err = run_cli("pretrain", "--data-dir", tmp_path / "data", "--out", tmp_path / "run", "--preset", "tiny",
+    code, out, err = run_cli("pretrain", "--data-dir", tmp_path / "data", "--out", tmp_path / "run", "--model", "tiny",
                              "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32",
                              "--batch-size", "2", "--max-steps", "2", "--no-progress", "--compile", "off",
                              "--device", "cpu")

@@ -42,7 +42,7 @@ def test_footprint_arithmetic():
 def test_dry_run_prints_the_estimate_without_training(tiny_data, tmp_path, capsys):
     from lmforge.cli import main
 
-    assert main(["pretrain", "--data-dir", str(tiny_data), "--out", str(tmp_path / "run"), "--preset", "tiny",
+    assert main(["pretrain", "--data-dir", str(tiny_data), "--out", str(tmp_path / "run"), "--model", "tiny",
                  "--batch-size", "4", "--grad-accum", "2", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "4 sequences x 64 tokens x 2 accumulation steps x 1 processes = 512 tokens per step" in out

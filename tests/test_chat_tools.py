@@ -23,7 +23,7 @@ from test_serve import TOOLS, ServerThread, is_openai_error, say, scripted_model
 from test_serve_browser import CHROMIUM
 
 from lmforge.chat import render_messages
-from lmforge.engine import Engine
+from lmforge.inference.engine import Engine
 from lmforge.serve.app import ServeConfig, create_app
 from lmforge.serve.protocol import ToolDef, tools_system_text
 from lmforge.tokenizer import Tokenizer
@@ -94,7 +94,7 @@ def test_trained_with_tools_follows_the_record(tmp_path, tok, scripted):
 
 def test_sft_records_whether_its_data_used_tools(tmp_path, corpus_text):
     """The record `lmforge chat` reads is written by SFT itself."""
-    from lmforge.posttrain.sft import SFTOptions, sft
+    from lmforge.stages.sft import SFTOptions, sft
     from lmforge.train.checkpoint import read_checkpoint_state, resolve_checkpoint
     from lmforge.train.loop import TrainConfig
 
@@ -141,7 +141,7 @@ def test_chat_tools_follow_the_checkpoint_or_the_flag(tmp_path, tok, scripted, m
 def test_chat_passes_min_p_and_repetition_penalty(tmp_path, monkeypatch):
     """Both options reach the sampler (they were silently dropped): the reply is exactly the engine's
     with them, and differs from the reply without them."""
-    from lmforge.posttrain.tools import generate_with_tools
+    from lmforge.inference.tools import generate_with_tools
 
     run = save_tiny_checkpoint(tmp_path / "run")
     model, _ = load_model(run)
@@ -274,7 +274,7 @@ def test_chat_page_shows_server_tool_calls_as_they_happen(builtin_server, tmp_pa
     call and the result back as history."""
     import threading
 
-    import lmforge.posttrain.tools as tools
+    import lmforge.inference.tools as tools
 
     release, real_run_tool = threading.Event(), tools.run_tool
 
@@ -325,7 +325,7 @@ def test_streamed_call_reaches_the_client_before_the_tool_runs(builtin_server, m
     before the tool blocks the stream (it used to wait in the buffer until the tool returned)."""
     import threading
 
-    import lmforge.posttrain.tools as tools
+    import lmforge.inference.tools as tools
 
     release, real_run_tool = threading.Event(), tools.run_tool
 

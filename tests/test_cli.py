@@ -19,14 +19,14 @@ import torch
 
 from lmforge.cli import main
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.loop import read_log
+from lmforge.train.logs import read_log
 
 # Model/training flags shared by every pretrain run here: a 1-layer model that trains in well
 # under a second per run, with learning rates high enough that 6 steps visibly learn.
-TINY = ["--preset", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32",
+TINY = ["--model", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32",
         "--batch-size", "4", "--no-progress", "--compile", "off", "--lr", "0.03", "--muon-lr", "0.1",
         "--warmup-steps", "1"]
-SPEEDRUN_TINY = ["--model", "tiny", *TINY[2:], "--grad-accum", "1"]  # speedrun's --preset names a speedrun preset
+SPEEDRUN_TINY = [*TINY, "--grad-accum", "1"]  # the speedrun's --preset names a speedrun preset
 CORPUS_CHARS = 50_000
 
 
@@ -180,7 +180,7 @@ def test_pretrain(pipe):
 
 
 def test_sample_is_reproducible_with_a_seed(pipe, capsys):
-    from lmforge.sampling import generate
+    from lmforge.inference.sampling import generate
     from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
 
     args = ["sample", "--checkpoint", pipe.run, "--prompt", "ROMEO:", "--max-new-tokens", 10]
@@ -233,7 +233,7 @@ def test_score_ranks_texts(pipe, capsys):
 
 
 def test_score_json(pipe, capsys):
-    from lmforge.sampling import score_text
+    from lmforge.inference.sampling import score_text
     from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
 
     texts = ["the king is dead", "zq xv kj wq"]
@@ -446,9 +446,9 @@ def test_score_empty_text(capsys, pipe):
     (["tokenizer", "train", "--vocab-size", "100", "--data", "CORPUS", "--out", "OUT/t.json"], "at least 268"),
     (["data", "prepare", "--tokenizer", "TOK", "--out", "OUT/d", "--val-fraction", "1.5"], "--val-fraction"),
     (["pretrain", "--data-dir", "DATA", "--out", "OUT/r", "--batch-size", "0"], "--batch-size"),
-    (["pretrain", "--data-dir", "DATA", "--out", "OUT/r", "--preset", "huge"], "--preset"),
-    (["pretrain", "--data-dir", "DATA", "--out", "OUT/r", "--preset", "tiny", "--n-embd", "30"], "divisible"),
-    (["pretrain", "--data-dir", "DATA", "--out", "OUT/r", "--preset", "tiny", "--set", "mlp=magic"], "mlp"),
+    (["pretrain", "--data-dir", "DATA", "--out", "OUT/r", "--model", "huge"], "--model"),
+    (["pretrain", "--data-dir", "DATA", "--out", "OUT/r", "--model", "tiny", "--n-embd", "30"], "divisible"),
+    (["pretrain", "--data-dir", "DATA", "--out", "OUT/r", "--model", "tiny", "--set", "mlp=magic"], "mlp"),
     (["speedrun", "--out", "OUT/s", "--batch-size", "0"], "--batch-size"),
     (["speedrun", "--out", "OUT/s", "--val-fraction", "1.5"], "--val-fraction"),
 ])
@@ -513,7 +513,7 @@ def test_main_with_empty_argv_shows_help(capsys, monkeypatch):
 
 
 def test_generate_prints_only_the_completion(pipe, capsys):
-    from lmforge.engine import Engine
+    from lmforge.inference.engine import Engine
     from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
 
     out = ok(cli(capsys, "generate", "--checkpoint", pipe.run, "ROMEO:", "--max-new-tokens", 12,
@@ -535,7 +535,7 @@ def test_generate_prints_only_the_completion(pipe, capsys):
 
 def test_chat_session_from_stdin(pipe, capsys):
     from lmforge.chat import render_messages
-    from lmforge.engine import Engine
+    from lmforge.inference.engine import Engine
     from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
 
     script = "hello there\n/temperature 0\n/temperature -3\n/bogus\nhow are you\n/reset\n/quit\nnever read\n"
@@ -556,7 +556,7 @@ def test_chat_session_from_stdin(pipe, capsys):
 
 def test_chat_history_is_trimmed_to_the_window(pipe):
     from lmforge.chat import render_messages
-    from lmforge.cli import fit_history
+    from lmforge.cli.generate import fit_history
     from lmforge.train.checkpoint import load_checkpoint_tokenizer
 
     tok = load_checkpoint_tokenizer(pipe.run)

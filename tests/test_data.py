@@ -147,13 +147,13 @@ def test_folder_and_glob(tmp_path):
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"text": "ok"}\n\n{"text": broken\n')
-    with pytest.raises(LmforgeError, match=r"bad\.jsonl: line 3"):
+    with pytest.raises(LmforgeError, match=r"bad\.jsonl:3 is not valid JSON"):
         docs_of(p)
     p.write_text('{"text": "ok"}\n{"body": "x"}\n')
-    with pytest.raises(LmforgeError, match=r"line 2: no 'text' field"):
+    with pytest.raises(LmforgeError, match=r"bad\.jsonl:2: no 'text' field"):
         docs_of(p)
     p.write_text('{"text": 5}\n')
-    with pytest.raises(LmforgeError, match="line 1"):
+    with pytest.raises(LmforgeError, match=r"bad\.jsonl:1: field .text. is a int"):
         docs_of(p)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli, save_tiny_checkpoint
 
-from lmforge.train.loop import read_log
+from lmforge.train.logs import read_log
 
 TESTS = Path(__file__).resolve().parent
 TRAIN = ["--max-steps", "3", "--log-every", "1", "--eval-every", "0", "--ckpt-every", "0", "--warmup-steps", "1",
@@ -34,9 +34,9 @@ DRIVER = f"""
 import sys
 sys.path.insert(0, {str(TESTS)!r})
 if sys.argv[1] in ("grpo", "ppo"):
-    from lmforge.posttrain import rl
+    from lmforge.posttrain import verifiable
     from test_distributed_posttrain import scripted_replies
-    rl.generate_replies = scripted_replies
+    verifiable.generate_replies = scripted_replies
 from lmforge.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -47,7 +47,7 @@ def scripted_replies(engine, prompts, max_new_tokens, *, tools, **sampling):
     depend only on the question and on the reply's place j in its group: reply j of "a + b" is right
     when j < a % 3 (so a group is all wrong when a % 3 == 0: uniform, dropped by GRPO), and
     carries a % 4 words of preamble (so the processes hold different numbers of tokens)."""
-    from lmforge.posttrain.rl import Reply
+    from lmforge.posttrain.verifiable import Reply
 
     tok = engine.tokenizer
     end = tok.special_id("<|assistant_end|>")
@@ -82,19 +82,21 @@ def torchrun(tmp_path, argv):
 
 def one_process(monkeypatch, argv):
     if argv[0] in ("grpo", "ppo"):
-        from lmforge.posttrain import rl
+        from lmforge.posttrain import verifiable
 
-        monkeypatch.setattr(rl, "generate_replies", scripted_replies)
+        monkeypatch.setattr(verifiable, "generate_replies", scripted_replies)
     code, stdout, err = run_cli(*argv)
     assert code == 0, err
     return json.loads(stdout[stdout.index("{"):])
 
 
 def compare(tmp_path, monkeypatch, argv, per_process: int, logged: tuple[str, ...] = ()):
-    """Run argv with --batch-size 2·per_process on one process and per_process on each of two;
-    return both results after checking the logged loss and `logged` metrics of every step."""
-    one = one_process(monkeypatch, [*argv, "--batch-size", 2 * per_process, "--out", tmp_path / "one"])
-    two = torchrun(tmp_path, [*argv, "--batch-size", per_process, "--out", tmp_path / "two"])
+    """Run argv with a batch (--batch-size; prompts per step for RL) of 2·per_process on one process
+    and per_process on each of two; return both results after checking the logged loss and `logged`
+    metrics of every step."""
+    batch = "--prompts-per-step" if argv[0] in ("grpo", "ppo") else "--batch-size"
+    one = one_process(monkeypatch, [*argv, batch, 2 * per_process, "--out", tmp_path / "one"])
+    two = torchrun(tmp_path, [*argv, batch, per_process, "--out", tmp_path / "two"])
     steps = {n: [r for r in read_log(tmp_path / n / "log.jsonl") if "loss" in r] for n in ("one", "two")}
     assert len(steps["one"]) == len(steps["two"]) == 3
     for a, b in zip(steps["one"], steps["two"]):

@@ -1,4 +1,4 @@
-"""Tests for lmforge.engine: the KV-cached, batched engine must reproduce the plain loop exactly."""
+"""Tests for lmforge.inference.engine: the KV-cached, batched engine must reproduce the plain loop exactly."""
 from __future__ import annotations
 
 import functools
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lmforge.common import LmforgeError
-from lmforge.engine import Completion, Engine
+from lmforge.inference.engine import Completion, Engine
+from lmforge.inference.sampling import apply_repetition_penalty, generate, sample_next
 from lmforge.models.transformer import GPT, GPTConfig, get_config
-from lmforge.sampling import apply_repetition_penalty, generate, sample_next
 from lmforge.tokenizer import Tokenizer
 
 VOCAB = 97

@@ -490,7 +490,7 @@ def test_fewshot_is_fixed_by_seed_and_excludes_the_item():
 
 def test_bits_per_byte_equals_score_text_and_windows_score_each_token_once(bpe):
     from lmforge.eval.lm import evaluate_text, text_windows
-    from lmforge.sampling import score_text
+    from lmforge.inference.sampling import score_text
 
     lm = tiny_lm(bpe, block_size=64, seed=2)
     text = "To be, or not to be, that is the question."
@@ -672,8 +672,8 @@ def test_endpoint_judge_against_a_local_openai_compatible_server():
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_data, tmp_path_factory):
+    from lmforge.stages.pretrain import PretrainOptions, pretrain
     from lmforge.train.loop import TrainConfig
-    from lmforge.train.pretrain import PretrainOptions, pretrain
 
     out = tmp_path_factory.mktemp("run")
     pretrain(PretrainOptions(data_dir=str(tiny_data), preset="tiny", batch_size=4, eval_tokens=1024),

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
-from lmforge.engine import Engine
+from lmforge.inference.engine import Engine
 from lmforge.models.protocol import (
     LanguageModel,
     ModelConfig,
@@ -117,7 +117,7 @@ def test_engine_cached_equals_recomputed_for_a_non_transformer(bigram, tok):
 
 
 def test_scheduler_serves_a_non_transformer(bigram, tok):
-    from lmforge.serve.scheduler import SamplingParams, Scheduler
+    from lmforge.inference.scheduler import SamplingParams, Scheduler
 
     sched = Scheduler(bigram, tok, max_batch=4)
     events = []
@@ -134,7 +134,7 @@ def test_scheduler_serves_a_non_transformer(bigram, tok):
 
 def test_harness_and_scoring_through_the_protocol(bigram, tok):
     from lmforge.eval.harness import LmforgeModel
-    from lmforge.sampling import score_text
+    from lmforge.inference.sampling import score_text
 
     lm = LmforgeModel(bigram, tok)
     assert lm.max_length == scoring_window(bigram) and bigram.context_limit is None
@@ -219,7 +219,7 @@ def test_output_layer_alone_matches_forward(family, preset):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--arch", "lstm", "--preset", "kn5"], "--preset kn5: not a lstm preset; choose from tiny, cpu"),
+    (["--arch", "lstm", "--model", "kn5"], "--model kn5: not a lstm preset; choose from tiny, cpu"),
     (["--arch", "ngram", "--n-head", "4"], "--n-head does not apply to the ngram family"),
     (["--arch", "ngram", "--set", "mlp=gelu"], "unknown model field 'mlp'"),
     (["--arch", "rwkv"], "invalid choice: 'rwkv'"),

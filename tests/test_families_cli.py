@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import run_cli
 
-FAMILIES = {"ngram": ["--preset", "kn3"], "lstm": ["--preset", "tiny", "--max-steps", "30", "--batch-size", "8",
+FAMILIES = {"ngram": ["--model", "kn3"], "lstm": ["--model", "tiny", "--max-steps", "30", "--batch-size", "8",
                                                    "--compile", "off"]}
 
 
@@ -77,7 +77,7 @@ def test_chat_session(trained, monkeypatch):
 def test_served_through_the_openai_api(trained):
     from fastapi.testclient import TestClient
 
-    from lmforge.engine import Engine
+    from lmforge.inference.engine import Engine
     from lmforge.serve.app import ServeConfig, create_app
     from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
 

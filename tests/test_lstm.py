@@ -16,10 +16,11 @@ from lmforge.common import LmforgeError
 from lmforge.models.lstm import FAMILY, LSTMLM, LSTMConfig, LSTMState
 from lmforge.models.protocol import UNLIMITED_SCORING_WINDOW, check_param_groups, scoring_window, tokens_left
 from lmforge.models.registry import build_model, get_family
+from lmforge.stages.pretrain import NextTokenTask, PretrainOptions, pretrain
 from lmforge.train import checkpoint as ckpt_io
-from lmforge.train.loop import TrainConfig, read_log
+from lmforge.train.logs import read_log
+from lmforge.train.loop import TrainConfig
 from lmforge.train.optim import Muon, build_optimizers
-from lmforge.train.pretrain import NextTokenTask, PretrainOptions, pretrain
 
 VOCAB = 268  # the byte-level tokenizer of the tiny_data fixture
 
@@ -64,7 +65,7 @@ def test_invalid_configs_raise_one_clear_error(kw, msg):
 
 
 def test_cli_refuses_transformer_only_flags(tiny_data, tmp_path):
-    code, _, err = run_cli("pretrain", "--arch", "lstm", "--preset", "tiny", "--data-dir", tiny_data,
+    code, _, err = run_cli("pretrain", "--arch", "lstm", "--model", "tiny", "--data-dir", tiny_data,
                            "--out", tmp_path / "r", "--block-size", "64")
     assert code == 2 and "--block-size does not apply to the lstm family" in err
     assert "Traceback" not in err
@@ -237,7 +238,7 @@ def test_bf16_decode_state():
 
 
 def test_engine_greedy_generation_with_and_without_the_cache_agree():
-    from lmforge.engine import Engine
+    from lmforge.inference.engine import Engine
     from lmforge.tokenizer import Tokenizer
 
     model = tiny_model()
@@ -262,7 +263,7 @@ def test_engine_greedy_generation_with_and_without_the_cache_agree():
 def test_pretrain_cli_trains_an_lstm_and_checkpoints_it(tiny_data, tmp_path):
     out = tmp_path / "r"
     code, stdout, err = run_cli(
-        "pretrain", "--arch", "lstm", "--preset", "tiny", "--data-dir", tiny_data, "--out", out,
+        "pretrain", "--arch", "lstm", "--model", "tiny", "--data-dir", tiny_data, "--out", out,
         "--max-steps", "150", "--seq-len", "32", "--batch-size", "8", "--eval-every", "0", "--ckpt-every", "0",
         "--eval-tokens", "4096", "--log-every", "1", "--warmup-steps", "5", "--dtype", "fp32", "--compile", "off",
         "--no-progress")
@@ -321,7 +322,7 @@ def test_ddp_two_processes_train_like_one(tiny_data, tmp_path):
     iteration amplifies that rounding in near-null directions of a gradient (measured: after 4 steps
     weight_hh_l0 differed by 5% of its movement, the losses by < 1e-4), which would hide a real
     difference. Muon itself needs nothing from DDP: it runs on the already all-reduced gradients."""
-    argv = ["pretrain", "--arch", "lstm", "--preset", "tiny", "--data-dir", str(tiny_data), "--seq-len", "24",
+    argv = ["pretrain", "--arch", "lstm", "--model", "tiny", "--data-dir", str(tiny_data), "--seq-len", "24",
             "--max-steps", "4", "--eval-every", "0", "--ckpt-every", "0", "--eval-tokens", "1024", "--log-every", "1",
             "--warmup-steps", "1", "--optimizer", "adamw", "--dtype", "fp32", "--compile", "off", "--device", "cpu",
             "--no-progress"]

@@ -111,3 +111,33 @@ def test_bf16_autocast_close_to_fp32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = m(x, x)
     assert abs(ref.item() - low.item()) < 0.05
+
+
+def test_attention_dropout_is_its_own_knob():
+    """attn_dropout=0 with dropout>0 drops out the residual branches but never the attention weights;
+    None keeps nanoGPT's single knob. Checked by what SDPA receives, and by its effect: with residual
+    dropout alone two training passes differ, with both knobs at 0 they agree."""
+    import torch.nn.functional as F
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*a, dropout_p=0.0, **kw):
+        seen.append(dropout_p)
+        return real(*a, dropout_p=dropout_p, **kw)
+
+    x = torch.randint(0, 97, (2, 16))
+    for cfg, want in ((tiny(dropout=0.2), 0.2), (tiny(dropout=0.2, attn_dropout=0.0), 0.0),
+                      (tiny(dropout=0.0, attn_dropout=0.3), 0.3)):
+        seen.clear()
+        model = GPT(cfg).train()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(F, "scaled_dot_product_attention", spy)
+            model(x)
+        assert seen and all(p == want for p in seen), (cfg, seen)
+    model = GPT(tiny(dropout=0.2, attn_dropout=0.0)).train()
+    assert not torch.equal(model(x), model(x))  # the residual dropout is on
+    model = GPT(tiny(dropout=0.0, attn_dropout=0.0)).train()
+    assert torch.equal(model(x), model(x))
+    with pytest.raises(LmforgeError, match="attn_dropout"):
+        tiny(attn_dropout=1.0)

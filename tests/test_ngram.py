@@ -317,9 +317,9 @@ def test_checkpoint_round_trip(kn4, held_out, tmp_path):
 
 
 def test_pretrain_fits_evaluates_and_checkpoints(tiny_data, tmp_path):
+    from lmforge.stages.pretrain import PretrainOptions, pretrain
     from lmforge.train.checkpoint import load_model
     from lmforge.train.loop import TrainConfig
-    from lmforge.train.pretrain import PretrainOptions, pretrain
 
     result = pretrain(PretrainOptions(str(tiny_data), model="ngram", preset="kn3"),
                       TrainConfig(out_dir=str(tmp_path / "run"), device="cpu", progress=False))

@@ -10,12 +10,12 @@ from conftest import FIXTURES, shared_file
 from lmforge.answers import extract_number
 from lmforge.chat import render_messages
 from lmforge.common import LmforgeError
+from lmforge.posttrain.batches import pack
 from lmforge.posttrain.preference import (
     PreferencePair,
     encode_pairs,
     fit_window,
     load_preferences,
-    pack,
     parse_hh_transcript,
     record_to_pair,
     synthetic_pairs,

@@ -192,9 +192,9 @@ def test_save_load_round_trip(tmp_path, bits, group_size):
 def test_trained_model_bits_per_byte(tiny_data, tmp_path):
     """Validation bits per byte through training's own evaluation code: fp32 vs int8 vs int4."""
     from lmforge.data.loader import TokenSplit
+    from lmforge.stages.pretrain import NextTokenTask, PretrainOptions, load_data_tokenizer, pretrain
     from lmforge.train.checkpoint import quantize_checkpoint
     from lmforge.train.loop import TrainConfig
-    from lmforge.train.pretrain import NextTokenTask, PretrainOptions, load_data_tokenizer, pretrain
 
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=100, eval_every=0, log_every=50, warmup_steps=5,
                       dtype="fp32", progress=False, lr=3e-3, compile="off")

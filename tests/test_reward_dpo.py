@@ -15,9 +15,10 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.common import LmforgeError, atomic_write_json
 from lmforge.models.transformer import GPT, get_config
-from lmforge.posttrain.dpo import DPOTask, dpo_loss, pair_rows
-from lmforge.posttrain.preference import MetricsTrainer, encode_pairs, pack, record_to_pair, sequence_logprob
-from lmforge.posttrain.reward import (
+from lmforge.posttrain.batches import pack, sequence_logprob
+from lmforge.posttrain.preference import encode_pairs, record_to_pair
+from lmforge.stages.dpo import DPOTask, dpo_loss, pair_rows
+from lmforge.stages.reward import (
     RewardModel,
     RewardTask,
     bradley_terry_loss,
@@ -27,7 +28,8 @@ from lmforge.posttrain.reward import (
 )
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import list_checkpoints, load_model, save_checkpoint
-from lmforge.train.loop import TrainConfig, read_log
+from lmforge.train.logs import read_log
+from lmforge.train.loop import TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +126,7 @@ def test_reward_model_on_another_family_trains_saves_loads_and_resumes(tok, tmp_
         cfg = TrainConfig(out_dir=str(tmp_path / "rm"), max_steps=max_steps, optimizer="muon", lr=0.05,
                           warmup_steps=0, eval_every=0, ckpt_every=1, log_every=1, compile="off", dtype="fp32",
                           device="cpu", progress=False)
-        return MetricsTrainer(rm, task, cfg, extra_state={"stage": "reward", "head": rm.head_record()},
-                              resume=resume)
+        return Trainer(rm, task, cfg, extra_state={"stage": "reward", "head": rm.head_record()}, resume=resume)
 
     t = trainer(2)
     optimized = {id(p) for opt in t.optimizers for g in opt.param_groups for p in g["params"]}

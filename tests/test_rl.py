@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from lmforge.common import LmforgeError, atomic_write_json, read_json
 from lmforge.models.protocol import trainable_groups
 from lmforge.models.transformer import GPT, get_config
-from lmforge.posttrain.preference import pack, token_logprobs
-from lmforge.posttrain.rl import (
+from lmforge.posttrain.batches import pack, token_logprobs
+from lmforge.stages.rl import (
     ActorCritic,
     RLOptions,
     RLTask,
@@ -25,7 +25,7 @@ from lmforge.posttrain.rl import (
 )
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import list_checkpoints, load_model, load_model_weights, save_checkpoint
-from lmforge.train.loop import read_log
+from lmforge.train.logs import read_log
 from lmforge.train.optim import build_optimizers
 
 
@@ -233,7 +233,7 @@ def test_ppo_heads_on_another_family_train_and_round_trip(tok, tmp_path):
 def test_tool_rollouts_credit_only_the_policys_own_tokens(tok, monkeypatch):
     """With tools, a reply holds tokens the loop inserted (the tool's result): they are in the packed
     sequence, so the policy reads them, but not in the mask of actions."""
-    from lmforge.posttrain import rl
+    from lmforge.posttrain import verifiable
 
     torch.manual_seed(0)
     lm = GPT(get_config("tiny", vocab_size=tok.vocab_size, block_size=128))
@@ -245,11 +245,11 @@ def test_tool_rollouts_credit_only_the_policys_own_tokens(tok, monkeypatch):
         right = tok.encode("call") + tok.encode("=7") + tok.encode("so 7") + [end]
         actions = [1] * 4 + [0] * 2 + [1] * 5
         wrong = tok.encode("8") + [end]
-        return [rl.Reply(right, actions, "so 7", True) if i == 0 else rl.Reply(wrong, [1, 1], "8", True)
+        return [verifiable.Reply(right, actions, "so 7", True) if i == 0 else verifiable.Reply(wrong, [1, 1], "8", True)
                 for i in range(len(prompts))]
 
-    monkeypatch.setattr(rl, "generate_replies", scripted)
-    monkeypatch.setattr(rl.SyntheticSource, "sample", lambda self, rng: ("What is 3 + 4?", "7"))
+    monkeypatch.setattr(verifiable, "generate_replies", scripted)
+    monkeypatch.setattr(verifiable.SyntheticSource, "sample", lambda self, rng: ("What is 3 + 4?", "7"))
     task = RLTask(RLOptions(checkpoint="-", tools=True, prompts_per_step=2, group_size=2), tok, lm, seed=0,
                   device="cpu")
     task.policy = lm
@@ -271,14 +271,14 @@ def test_grpo_rollout_without_an_informative_group_adds_nothing(tok, monkeypatch
     """Every reply wrong: no group carries a signal. One group still goes through the model (under
     DDP every process must take part in the step) but with no action in its mask: zero loss, zero
     gradient — not a step towards the reference alone."""
-    from lmforge.posttrain import rl
+    from lmforge.posttrain import verifiable
 
     torch.manual_seed(0)
     lm = GPT(get_config("tiny", vocab_size=tok.vocab_size, block_size=128))
     end = tok.special_id("<|assistant_end|>")
-    monkeypatch.setattr(rl, "generate_replies", lambda engine, prompts, n, **kw: [
-        rl.Reply(tok.encode("8") + [end], [1, 1], "8", True) for _ in prompts])
-    monkeypatch.setattr(rl.SyntheticSource, "sample", lambda self, rng: ("What is 3 + 4?", "7"))
+    monkeypatch.setattr(verifiable, "generate_replies", lambda engine, prompts, n, **kw: [
+        verifiable.Reply(tok.encode("8") + [end], [1, 1], "8", True) for _ in prompts])
+    monkeypatch.setattr(verifiable.SyntheticSource, "sample", lambda self, rng: ("What is 3 + 4?", "7"))
     ref = GPT(lm.config)
     ref.load_state_dict(lm.state_dict())
     task = RLTask(RLOptions(checkpoint="-", prompts_per_step=2, group_size=2, kl_beta=0.5), tok, ref, seed=0,
@@ -306,8 +306,8 @@ def test_rl_options_are_checked(tok):
 # ----------------------------------------------------------------------------- the commands
 
 
-RL_ARGS = ["--group-size", "3", "--batch-size", "2", "--max-new-tokens", "6", "--eval-n", "4", "--eval-every", "2",
-           "--no-progress", "--device", "cpu", "--dtype", "fp32", "--lr", "1e-3"]
+RL_ARGS = ["--group-size", "3", "--prompts-per-step", "2", "--max-new-tokens", "6", "--eval-n", "4",
+           "--eval-every", "2", "--no-progress", "--device", "cpu", "--dtype", "fp32", "--lr", "1e-3"]
 
 
 def test_cli_grpo_logs_reward_accuracy_kl_length_and_resumes(base, tmp_path):
@@ -380,7 +380,7 @@ def last_token_reward_model(root, tok):
     """A reward model whose score depends only on the reply's last token: its blocks write nothing
     into the residual stream (zero output projections), so the head reads the normed embedding of
     that token. Returns (run folder, score of every token)."""
-    from lmforge.posttrain.reward import RewardModel
+    from lmforge.stages.reward import RewardModel
 
     torch.manual_seed(1)
     lm = GPT(get_config("tiny", vocab_size=tok.vocab_size, block_size=96))
@@ -408,7 +408,7 @@ def test_cli_rl_raises_the_expected_reward(base, tok, tmp_path, algorithm):
     out = tmp_path / algorithm
     code, _, err = run_cli(algorithm, "--checkpoint", base, "--reward-model", rm, "--task", "arithmetic",
                                 "--out", out, "--max-steps", "8", "--max-new-tokens", "1", "--group-size", "8",
-                                "--batch-size", "2", "--lr", "1e-2", "--warmup-steps", "1", "--eval-every", "0",
+                                "--prompts-per-step", "2", "--lr", "1e-2", "--warmup-steps", "1", "--eval-every", "0",
                                 "--eval-n", "2", "--no-progress", "--device", "cpu", "--dtype", "fp32")
     assert code == 0, err
     prompts = [render_messages(tok, [{"role": "user", "content": f"What is {a} {op} {b}?"}])
@@ -436,7 +436,7 @@ def test_cli_rl_errors(base, tmp_path):
 def test_gsm8k_prompts_and_answer_checking(tmp_path):
     import random
 
-    from lmforge.posttrain.rl import prompt_source
+    from lmforge.posttrain.verifiable import prompt_source
 
     p = tmp_path / "gsm.jsonl"
     p.write_text(json.dumps({"question": "Tom has 3 apples and buys 1,200 more. How many?",
@@ -454,7 +454,7 @@ def test_arithmetic_difficulty_spec():
     import random
     import re
 
-    from lmforge.posttrain.rl import prompt_source
+    from lmforge.posttrain.verifiable import prompt_source
 
     src = prompt_source("arithmetic:1:+", "train")
     rng = random.Random(0)

@@ -1,4 +1,4 @@
-"""Tests for lmforge.sampling: the next-token sampler, the plain generation loop and text scoring."""
+"""Tests for lmforge.inference.sampling: the next-token sampler, the plain generation loop and text scoring."""
 from __future__ import annotations
 
 import math
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
+from lmforge.inference.sampling import generate, rank_texts, sample_next, score_text
 from lmforge.models.transformer import GPT, GPTConfig
-from lmforge.sampling import generate, rank_texts, sample_next, score_text
 from lmforge.tokenizer import Tokenizer
 
 PROBS = [0.5, 0.3, 0.15, 0.05]
@@ -326,8 +326,8 @@ def test_trained_model_prefers_fluent_text(tmp_path):
 
     from lmforge.data.loader import TokenSplit
     from lmforge.data.prepare import prepare_shards
+    from lmforge.stages.pretrain import PretrainOptions, pretrain
     from lmforge.train.loop import TrainConfig
-    from lmforge.train.pretrain import PretrainOptions, pretrain
 
     (tmp_path / "prose.txt").write_text(stdlib_prose(120_000))
     Tokenizer.byte_level().save(tmp_path / "tokenizer.json")

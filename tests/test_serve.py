@@ -30,11 +30,11 @@ import torch
 import uvicorn
 
 from lmforge.chat import render_messages
-from lmforge.engine import Engine
+from lmforge.inference.engine import Engine
+from lmforge.inference.scheduler import SamplingParams, Scheduler
 from lmforge.models.transformer import GPT, GPTConfig, get_config
 from lmforge.serve.app import ServeConfig, create_app, load_served_model
 from lmforge.serve.protocol import ToolDef, tools_system_text
-from lmforge.serve.scheduler import SamplingParams, Scheduler
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import save_checkpoint
 
@@ -335,7 +335,7 @@ def test_openai_completions_seed_n_and_stop(rand_server, tok):
 
 
 def test_tool_call_round_trip(tool_server):
-    from lmforge.posttrain.tools import calculator
+    from lmforge.inference.tools import calculator
 
     c = client(tool_server, key="unused")  # no key configured: any key is fine
     resp = c.chat.completions.create(model="scripted", messages=[QUESTION], tools=TOOLS, temperature=0,
@@ -802,7 +802,7 @@ def test_a_failed_submit_cancels_the_choices_already_queued(tok, monkeypatch):
 def test_top_p_near_zero_keeps_the_most_likely_token(rand_server, tok):
     """Found by the schema fuzz: top_p = 5e-324 dropped every token (rounding left a tiny positive
     probability mass before the first one) and the batch failed with NaN probabilities (500)."""
-    from lmforge.sampling import sample_next
+    from lmforge.inference.sampling import sample_next
 
     logits = torch.randn(8, tok.vocab_size, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sample_next(logits, 1.0, None, 5e-324, None), logits.argmax(-1))

@@ -8,12 +8,16 @@ from conftest import FIXTURES, run_cli, shared_file
 
 from lmforge.chat import render_for_training
 from lmforge.common import LmforgeError
+from lmforge.data.rows import MixtureSampler, split_heldout
 from lmforge.models.transformer import GPT, get_config
 from lmforge.posttrain.conversations import load_file, load_hf, load_source, parse_mixture, write_jsonl
-from lmforge.posttrain.sft import MixtureSampler, SFTOptions, collate, sft, split_heldout, tokenize_conversations
+from lmforge.stages.sft import SFTOptions, collate, sft, tokenize_conversations
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import list_checkpoints, load_model, save_checkpoint
-from lmforge.train.loop import TrainConfig, read_log
+from lmforge.train.logs import read_log
+
+# ----------------------------------------------------------------------------- loading
+from lmforge.train.loop import TrainConfig
 
 # ----------------------------------------------------------------------------- loading
 

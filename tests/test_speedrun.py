@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 from test_eval import build_data_root, offline_hub, unreachable_hub  # noqa: F401 (the last two: fixtures)
 
-from lmforge.cli import build_parser, main, pretrain_argv
+from lmforge.cli import main
 from lmforge.common import LmforgeError
 from lmforge.speedrun import EVAL_TASKS, SPEEDRUN_PRESETS, check_preset, get_speedrun_preset
 
@@ -44,17 +44,6 @@ def test_check_preset_names_the_problem():
         check_preset(replace(gpu8, seq_len=4096))
     with pytest.raises(LmforgeError, match="unknown speedrun preset"):
         get_speedrun_preset("tpu")
-
-
-def test_pretrain_argv_reproduces_the_stage_settings():
-    args = build_parser().parse_args(["speedrun", "--preset", "gpu-8", "--model", "d12", "--batch-size", "4",
-                                      "--grad-accum", "16", "--max-steps", "7", "--set", "qk_norm=false",
-                                      "--no-progress"])
-    args.seq_len, args.time_budget, args.preset = 2048, None, "d12"
-    argv = pretrain_argv(args, "data", "run", resume=True)
-    back = build_parser().parse_args(argv)
-    assert (back.preset, back.batch_size, back.grad_accum, back.max_steps, back.seq_len) == ("d12", 4, 16, 7, 2048)
-    assert back.set == ["qk_norm=false"] and back.resume and back.no_progress and back.data_dir == "data"
 
 
 def test_multi_process_preset_pretrains_under_torchrun(monkeypatch, tmp_path, corpus_text, capsys):
@@ -235,8 +224,8 @@ def test_without_a_sandbox_the_speedrun_leaves_the_python_tool_out(tmp_path, cor
     saying so — and model-written Python is never run."""
     import json
 
-    import lmforge.posttrain.sandbox as sandbox
-    import lmforge.posttrain.tools as tools
+    import lmforge.inference.sandbox as sandbox
+    import lmforge.inference.tools as tools
 
     def never(code, *args, **kwargs):
         raise AssertionError(f"the python tool ran without a sandbox: {code!r}")

@@ -7,9 +7,9 @@ import pytest
 from lmforge.answers import extract_number, is_correct_number
 from lmforge.chat import render_for_training
 from lmforge.common import LmforgeError
+from lmforge.inference.tools import calculator, run_tool
 from lmforge.posttrain.conversations import record_to_messages
 from lmforge.posttrain.synthetic import TASKS, WORDS, generate_conversations, get_task
-from lmforge.posttrain.tools import calculator, run_tool
 from lmforge.tokenizer import Tokenizer
 
 

@@ -10,8 +10,8 @@ from conftest import REPO
 
 from lmforge.chat import render_messages
 from lmforge.common import LmforgeError
-from lmforge.engine import Completion
-from lmforge.posttrain.tools import PythonLimits, calculator, generate_with_tools, run_python, run_tool
+from lmforge.inference.engine import Completion
+from lmforge.inference.tools import PythonLimits, calculator, generate_with_tools, run_python, run_tool
 from lmforge.tokenizer import Tokenizer
 
 
@@ -402,8 +402,8 @@ def test_python_tool_is_fast_enough_for_rollouts(sandbox):
 
 def test_python_tool_refuses_where_there_is_no_sandbox(monkeypatch):
     """No sandbox, no run: one clear error (the CLI prints it as `error: ...`), never the snippet."""
-    from lmforge.posttrain import sandbox, sandbox_child
-    from lmforge.posttrain.sandbox import SandboxUnavailable
+    from lmforge.inference import sandbox, sandbox_child
+    from lmforge.inference.sandbox import SandboxUnavailable
 
     assert sandbox.READY == sandbox_child.READY  # the handshake both sides rely on
     monkeypatch.setattr(sys, "platform", "darwin")
@@ -424,13 +424,13 @@ def test_python_tool_refuses_when_the_kernel_denies_a_layer(sandbox, tmp_path, d
     import platform
     import subprocess
 
-    from lmforge.posttrain import sandbox_child as child
+    from lmforge.inference import sandbox_child as child
 
     table = child.SYSCALLS[platform.machine()]
     marker = tmp_path / "ran"
     script = f"""
 import ctypes, struct, sys
-from lmforge.posttrain import sandbox_child as c
+from lmforge.inference import sandbox_child as c
 prog = [(c.LD_ABS, 0, 0, 4), (c.JEQ, 1, 0, {table['audit_arch']}), (c.RET, 0, 0, c.RET_ALLOW),
         (c.LD_ABS, 0, 0, 0), (c.JEQ, 0, 1, {table['deny'][denied]}), (c.RET, 0, 0, c.RET_ERRNO | c.EPERM),
         (c.RET, 0, 0, c.RET_ALLOW)]
@@ -525,7 +525,7 @@ def test_tool_loop_reports_malformed_calls_to_the_model():
 def test_tool_loop_with_a_real_engine_stops_at_its_budget():
     import torch
 
-    from lmforge.engine import Engine
+    from lmforge.inference.engine import Engine
     from lmforge.models.transformer import GPT, get_config
 
     tok = Tokenizer.byte_level()
@@ -560,8 +560,8 @@ class ScriptedBatchEngine:
 
 
 def test_batched_tool_loop_matches_one_at_a_time_and_marks_inserted_tokens():
+    from lmforge.inference.tools import generate_with_tools_batch
     from lmforge.models.transformer import get_config
-    from lmforge.posttrain.tools import generate_with_tools_batch
 
     tok = Tokenizer.byte_level()
     cfg = get_config("tiny", vocab_size=tok.vocab_size, block_size=512)
@@ -598,7 +598,7 @@ def test_batched_tool_loop_matches_one_at_a_time_and_marks_inserted_tokens():
 
 
 def test_a_tool_subset_answers_other_calls_as_unknown_without_running_them(monkeypatch):
-    import lmforge.posttrain.tools as tools
+    import lmforge.inference.tools as tools
 
     monkeypatch.setattr(tools, "run_python", lambda code, *a, **k: pytest.fail("python ran"))
     only_calculator = tools.select_tools(["calculator"])

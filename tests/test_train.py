@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from lmforge.common import LmforgeError
+from lmforge.stages.pretrain import PretrainOptions, pretrain
 from lmforge.train import checkpoint as ckpt_io
-from lmforge.train.loop import TrainConfig, Trainer, TrainingDiverged, read_log
+from lmforge.train.logs import read_log
+from lmforge.train.loop import TrainConfig, Trainer, TrainingDiverged
 from lmforge.train.optim import lr_multiplier, newton_schulz_orthogonalize
-from lmforge.train.pretrain import PretrainOptions, pretrain
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
 
@@ -64,7 +65,7 @@ def test_training_lowers_validation_loss(tiny_data, tmp_path, optimizer):
 
 
 def test_resume_reproduces_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
-    from lmforge.train.pretrain import NextTokenTask
+    from lmforge.stages.pretrain import NextTokenTask
 
     full = tmp_path / "full"
     run(tiny_data, full, steps=12, ckpt_every=6, dropout=0.1)  # dropout: the RNG must resume too
@@ -141,7 +142,7 @@ class NaNTask:
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_data, tmp_path):
     from lmforge.data.loader import TokenSplit
     from lmforge.models.transformer import GPT, get_config
-    from lmforge.train.pretrain import NextTokenTask
+    from lmforge.stages.pretrain import NextTokenTask
 
     out = tmp_path / "r"
     split = TokenSplit(tiny_data, "train")
@@ -166,7 +167,7 @@ def test_grad_accumulation_matches_big_batch(tiny_data, tmp_path):
 
 def test_ddp_two_processes_match_one_process(tiny_data, tmp_path):
     """torchrun --nproc_per_node=2 (gloo) with batch 4 per rank == 1 process with batch 8."""
-    common = ["pretrain", "--data-dir", str(tiny_data), "--preset", "tiny", "--n-layer", "2", "--n-head", "2",
+    common = ["pretrain", "--data-dir", str(tiny_data), "--model", "tiny", "--n-layer", "2", "--n-head", "2",
               "--n-embd", "32", "--block-size", "32", "--max-steps", "5", "--eval-every", "0", "--ckpt-every", "0",
               "--dtype", "fp32", "--no-progress", "--optimizer", "adamw", "--warmup-steps", "1", "--log-every", "1",
               "--compile", "off"]
@@ -219,7 +220,7 @@ def test_nan_gradient_with_finite_loss_stops_before_the_step(tiny_data, tmp_path
     checkpoint, with the weights as they were before the step."""
     from lmforge.data.loader import TokenSplit
     from lmforge.models.transformer import GPT, get_config
-    from lmforge.train.pretrain import NextTokenTask
+    from lmforge.stages.pretrain import NextTokenTask
 
     class NaNGradientTask(NaNTask):
         def loss(self, model, batch):
@@ -252,9 +253,14 @@ def test_nan_gradient_with_finite_loss_stops_before_the_step(tiny_data, tmp_path
 
 def test_compile_auto_follows_the_device_and_dropout():
     from lmforge.models.transformer import GPT, get_config
-    from lmforge.train.loop import use_compile
+    from lmforge.train.precision import use_compile
 
     plain, dropped = GPT(get_config("tiny")), GPT(get_config("tiny", dropout=0.2))
     assert use_compile("auto", "cpu", plain) and not use_compile("auto", "cpu", dropped)
     assert use_compile("auto", "cuda:0", dropped) and not use_compile("auto", "mps", plain)
     assert use_compile("on", "cpu", dropped) and not use_compile("off", "cuda", plain)
+    # Only dropout on the attention weights keeps a CPU model eager (it takes SDPA off its fused
+    # kernel); residual dropout alone compiles, as the cpu preset's does.
+    assert use_compile("auto", "cpu", GPT(get_config("tiny", dropout=0.2, attn_dropout=0.0)))
+    assert not use_compile("auto", "cpu", GPT(get_config("tiny", attn_dropout=0.1)))
+    assert use_compile("auto", "cpu", GPT(get_config("cpu", dropout=0.2, n_layer=1, vocab_size=64)))

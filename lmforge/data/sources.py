@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.common import LmforgeError
+from lmforge.common import LmforgeError, json_lines
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json", ".parquet")
 STDLIB_SPEC = "stdlib"
@@ -257,14 +257,8 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LmforgeError(f"{path}: line {lineno} is not valid JSON: {e}") from None
-                yield _doc_from_record(record, text_field, f"{path}: line {lineno}")
+            for lineno, record in json_lines(f, path):
+                yield _doc_from_record(record, text_field, f"{path}:{lineno}")
     except UnicodeDecodeError as e:
         raise LmforgeError(f"{path} is not valid UTF-8: {e}") from None
     except (OSError, EOFError) as e:  # includes gzip.BadGzipFile and truncated .gz files

@@ -151,7 +151,7 @@ class LmforgeModel:
         of turn. Prompts longer than the window keep their last tokens. chat=True sends each prompt
         as a user turn of the chat template."""
         from lmforge.chat import render_messages
-        from lmforge.engine import Engine
+        from lmforge.inference.engine import Engine
 
         room = self.max_length - max_new_tokens
         if room < 2:

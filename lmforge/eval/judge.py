@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lmforge.common import LmforgeError
+from lmforge.common import LmforgeError, json_lines
 
 VERDICTS = ("A", "B", "tie")
 
@@ -195,7 +195,6 @@ def load_mt_bench_questions(root, limit: int | None = None) -> list[str]:
 def load_questions_file(path, limit: int | None = None) -> list[str]:
     """Questions from a JSON-lines file: one {"question": "..."} object (or a bare JSON string)
     per line. A line that is neither is one error naming the file and line."""
-    import json
     from pathlib import Path
 
     from lmforge.eval.tasks import iter_limit
@@ -204,16 +203,10 @@ def load_questions_file(path, limit: int | None = None) -> list[str]:
     if not path.is_file():
         raise LmforgeError(f"questions file not found: {path}")
     questions = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{path}:{n} is not valid JSON: {e}") from None
+    for n, row in json_lines(path.read_text(encoding="utf-8").splitlines(), path):
         q = row.get("question") if isinstance(row, dict) else row
         if not isinstance(q, str) or not q.strip():
-            raise LmforgeError(f'{path}:{n}: expected {{"question": "..."}} or a JSON string, got {line.strip()[:80]}')
+            raise LmforgeError(f'{path}:{n}: expected {{"question": "..."}} or a JSON string, got {str(row)[:80]}')
         questions.append(q)
     if not questions:
         raise LmforgeError(f"{path} holds no questions")

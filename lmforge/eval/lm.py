@@ -84,7 +84,7 @@ def evaluate_shards(model, tokenizer, data_dir: str | Path, split: str = "val", 
     exactly as pretraining's validation does (`NextTokenTask.evaluate`)."""
     from lmforge.data.loader import TokenSplit
     from lmforge.models.protocol import DEFAULT_SEQ_LEN
-    from lmforge.train.pretrain import NextTokenTask
+    from lmforge.stages.pretrain import NextTokenTask
 
     seq_len = seq_len or model.context_limit or DEFAULT_SEQ_LEN  # pretraining's validation windows
     data = TokenSplit(data_dir, split, tokenizer=tokenizer)

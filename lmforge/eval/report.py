@@ -43,21 +43,10 @@ def _run_facts(run_dir: Path | None) -> dict:
     """Model size, tokens seen and training compute from a run's newest checkpoint."""
     if run_dir is None:
         return {}
-    import torch
+    from lmforge.train.checkpoint import checkpoint_shapes
 
-    from lmforge.models.registry import build_model
-    from lmforge.train.checkpoint import (
-        checkpoint_family,
-        checkpoint_model_config,
-        read_checkpoint_state,
-        resolve_checkpoint,
-    )
-
-    ckpt = resolve_checkpoint(run_dir)
-    state = read_checkpoint_state(ckpt)
-    cfg = checkpoint_model_config(ckpt, state)
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        model = build_model(checkpoint_family(state), cfg)
+    ckpt, state, model = checkpoint_shapes(run_dir)
+    cfg = model.config
     tokens = int(state.get("tokens_seen", 0))
     seq_len = state.get("seq_len") or model.context_limit
     fpt = model.flops_per_token(seq_len)
@@ -93,7 +82,7 @@ def plot_task_bars(scores: dict[str, float], png: Path) -> Path | None:
 
 def write_report_card(run_dir: str | Path | None, results: str | Path | dict, out_dir: str | Path) -> Path:
     """Write out_dir/report.md (+ loss.png from run_dir/log.jsonl, tasks.png); returns report.md."""
-    from lmforge.train.loop import plot_loss_curve
+    from lmforge.train.logs import plot_loss_curve
 
     res = results if isinstance(results, dict) else read_json(results, "eval results")
     if not isinstance(res, dict) or "tasks" not in res:

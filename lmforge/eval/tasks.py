@@ -1,5 +1,8 @@
 """Benchmark data: where each set comes from and how an item becomes text.
 
+This file is long because it is the one table of every benchmark: each task's local and hub
+loaders and its item builder, side by side so the formats can be compared.
+
 Every multiple-choice item becomes an `MCItem`: per choice a context and a continuation; the
 model's log-likelihood of each continuation after its context ranks the choices. The prompt
 formats are those of lm-evaluation-harness's task definitions (each item builder's docstring says
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import bz2
 import functools
-import json
 import os
 import re
 import socket
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from lmforge.common import LmforgeError
+from lmforge.common import LmforgeError, json_lines
 
 REPO = Path(__file__).resolve().parents[2]
 HUB_MIRROR_ENV = "LMFORGE_HUB_MIRROR"
@@ -78,15 +80,8 @@ class MCItem:
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise LmforgeError(f"data file not found: {path} (set LMFORGE_SHARED_DATA or --data-root)")
-    rows = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise LmforgeError(f"{path}:{n} is not valid JSON: {e}") from None
-    return rows
+        return [row for _, row in json_lines(f, path)]
 
 
 def _parse_each(rows, parse: Callable[[dict], object], where: Callable[[int], str]) -> list:

@@ -1,5 +1,8 @@
 """Counted n-gram language models: add-eps (Lidstone/Laplace) and interpolated modified Kneser-Ney.
 
+This file is long because a family is one module (lmforge/models/README.md): counting, the two
+smoothing methods, scoring, the decode state and the ARPA export all work on the same count tables.
+
 A counted model is not trained by gradient descent: `fit(tokens)` counts every k-gram (k = 1..n) of
 one long stream of token ids and the probabilities follow from the counts in closed form. The ids
 come from any lmforge tokenizer (the byte-level one with no merges makes a classic character model).

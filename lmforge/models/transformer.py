@@ -38,7 +38,8 @@ class GPTConfig(ModelConfig):
     tie_embeddings: bool = False
     bias: bool = False  # biases in linear layers and LayerNorm (GPT-2 had them)
     norm_eps: float = 1e-5
-    dropout: float = 0.0
+    dropout: float = 0.0  # on the embeddings and each residual branch's output
+    attn_dropout: float | None = None  # on the attention weights; None = dropout (nanoGPT's single knob)
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -63,6 +64,8 @@ class GPTConfig(ModelConfig):
             bad(f"rotary embeddings need an even head size, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             bad(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attn_dropout is not None and not 0.0 <= self.attn_dropout < 1.0:
+            bad(f"attn_dropout must be in [0, 1), got {self.attn_dropout}")
 
     @property
     def kv_heads(self) -> int:
@@ -142,7 +145,7 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
-        self.dropout = cfg.dropout
+        self.dropout = cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout
 
     def forward(self, x, rotary: Rotary | None, positions: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None, step: CacheStep | None = None):
@@ -470,9 +473,11 @@ PRESETS: dict[str, GPTConfig] = {
     # Tiny shapes for tests and smoke runs.
     "tiny": GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64),
     # The default: a modern small model that trains in minutes on a laptop CPU
-    # (RoPE, RMSNorm, SwiGLU, GQA, QK-norm, untied head).
+    # (RoPE, RMSNorm, SwiGLU, GQA, QK-norm, untied head). Its dropout (off unless set) never touches
+    # the attention weights: on a CPU that takes SDPA off its fused kernel (a step 1.4x slower) and
+    # did not generalise better in 5-minute runs (docs/benchmarks.md).
     "cpu": GPTConfig(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
-                     qk_norm=True),
+                     qk_norm=True, attn_dropout=0.0),
     # The classic GPT-2 / nanoGPT shape, kept as the baseline: learned positions, LayerNorm with
     # biases, GELU, tied embeddings. Size of GPT-2 small (124M) by default.
     "gpt2-classic": GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768,

@@ -120,18 +120,27 @@ def _records_from_file(path: Path):
         yield f"{path}:{lineno}", rec
 
 
-def load_records(records, source: str, *, skip_invalid: bool = False) -> tuple[list[list[dict]], LoadReport]:
-    """Convert (where, record) pairs; raise on the first bad one, or skip and count them."""
-    report, out = LoadReport(source), []
+def convert_each(records, convert, *, skip_invalid: bool) -> tuple[list, list[tuple[str, str]]]:
+    """(converted, skipped [(where, why)]) from (where, record) pairs: the first bad record (or a
+    reading error passed along as a record) is an error naming its place, unless skip_invalid,
+    when it is counted instead. Conversations and preference pairs both load through this."""
+    out, skipped = [], []
     for where, rec in records:
         try:
             if isinstance(rec, LmforgeError):
                 raise rec
-            out.append(record_to_messages(rec))
+            out.append(convert(rec))
         except LmforgeError as e:
             if not skip_invalid:
                 raise LmforgeError(f"{where}: {e} (pass --skip-invalid to skip and count such records)") from None
-            report.skipped.append((where, str(e)))
+            skipped.append((where, str(e)))
+    return out, skipped
+
+
+def load_records(records, source: str, *, skip_invalid: bool = False) -> tuple[list[list[dict]], LoadReport]:
+    """Convert (where, record) pairs; raise on the first bad one, or skip and count them."""
+    report = LoadReport(source)
+    out, report.skipped = convert_each(records, record_to_messages, skip_invalid=skip_invalid)
     report.loaded = len(out)
     if not out:
         raise LmforgeError(f"{source}: no usable conversations" +

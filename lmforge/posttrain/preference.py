@@ -1,4 +1,4 @@
-"""Preference data, and the pieces the preference and RL stages share.
+"""Preference data: reading, converting and tokenising preference pairs.
 
 A preference pair is a prompt (a conversation that ends with the user's turn) and two assistant
 replies, one preferred (`chosen`) over the other (`rejected`). Loaders convert the common shapes
@@ -15,10 +15,8 @@ A source spec (`load_preferences`) is a local .jsonl / .jsonl.gz / .json file,
 `synthetic:TASK[:N]`: N pairs from a synthetic task (lmforge.posttrain.synthetic) whose chosen reply
 gives the right answer and whose rejected reply is the same text with a wrong number.
 
-Shared pieces: tokenising pairs (`encode_pair`), padded prompt+response batches (`pack`), summed or
-per-token log-probabilities of the response tokens (`token_logprobs`), and `MetricsTrainer`, the
-shared Trainer with the task's running training metrics (reward, accuracy, KL...) added to each
-log line.
+Pairs are tokenised by `encode_pairs`; their padded batches and log-probabilities come from
+batches.py.
 """
 from __future__ import annotations
 
@@ -29,12 +27,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from lmforge.chat import render_messages, validate_messages
 from lmforge.common import LmforgeError
-from lmforge.train.loop import Trainer, all_reduce_sum
 
 
 @dataclass
@@ -146,16 +140,9 @@ def _records(path: Path):
 def convert_records(records, source: str, *, skip_invalid: bool = False) -> tuple[list[PreferencePair], list]:
     """(pairs, skipped [(where, why)]) from (where, record) pairs; the first bad record is an error
     unless skip_invalid, when it is counted instead."""
-    out, skipped = [], []
-    for where, rec in records:
-        try:
-            if isinstance(rec, LmforgeError):
-                raise rec
-            out.append(record_to_pair(rec))
-        except LmforgeError as e:
-            if not skip_invalid:
-                raise LmforgeError(f"{where}: {e} (pass --skip-invalid to skip and count such records)") from None
-            skipped.append((where, str(e)))
+    from lmforge.posttrain.conversations import convert_each
+
+    out, skipped = convert_each(records, record_to_pair, skip_invalid=skip_invalid)
     if not out:
         raise LmforgeError(f"{source}: no usable preference pairs" +
                            (f" ({len(skipped)} skipped, first: {skipped[0][1]})" if skipped else ""))
@@ -252,70 +239,8 @@ def encode_pairs(tok, pairs: list[PreferencePair], max_len: int) -> tuple[list[E
     return out, cut
 
 
-def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-         device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded sequences prompt + response (B, T) and the mask (B, T - 1) of target positions
-    that predict a response token (position t predicts token t + 1)."""
-    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    x = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width - 1)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        x[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        mask[i, len(p) - 1:len(p) + len(r) - 1] = 1.0
-    return x.to(device), mask.to(device)
-
-
-def token_logprobs(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """log p(x[t+1] | x[:t+1]) for t = 0..T-2, (B, T - 1), in float32."""
-    logits = logits[:, :-1].float()
-    return -F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
-
-
-def sequence_logprob(model, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability of each row's masked (response) tokens under the model, (B,)."""
-    return (token_logprobs(model(x), x) * mask).sum(1)
-
-
-# ----------------------------------------------------------------------------- training metrics
-
-
-class RunningMetrics:
-    """Sums of named training metrics since the last log line (means reported)."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.count = 0
-
-    def add(self, **values: float) -> None:
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-        self.count += 1
-
-    def pop(self) -> dict[str, float]:
-        out = {k: round(v / self.count, 6) for k, v in self.sums.items()} if self.count else {}
-        self.sums, self.count = {}, 0
-        return out
-
-
-class MetricsTrainer(Trainer):
-    """The shared Trainer; each training log line also carries the task's `metrics.pop()` (the means
-    since the previous line), so reward, accuracy, KL or margins are logged per step with the loss.
-    Under DDP they are averaged over the processes (every process logs the same names), so the line
-    describes the whole step, not rank 0's share of it."""
-
-    def _log(self, record: dict):
-        if "loss" in record and hasattr(self.task, "metrics"):
-            metrics = self.task.metrics.pop()
-            if self.world > 1:
-                names = sorted(metrics)
-                metrics = {k: round(v / self.world, 6)
-                           for k, v in zip(names, all_reduce_sum([metrics[k] for k in names], self.device))}
-            record = {**record, **metrics}
-        super()._log(record)
-
-
 def split_pairs(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
-    from lmforge.posttrain.sft import split_heldout
+    from lmforge.data.rows import split_heldout
 
     return split_heldout(pairs, fraction, seed)
 

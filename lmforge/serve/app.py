@@ -1,5 +1,9 @@
 """The HTTP server: OpenAI-compatible routes and the chat page, over the continuous-batching scheduler.
 
+This file is long because it holds the whole HTTP layer in reading order: the configuration, the
+`Server` object the routes share (request checks, a request's event stream with the server-run
+tool loop, collection and streaming), `create_app` with the routes, and the OpenAPI description.
+
     POST /v1/chat/completions   messages -> reply (tool calls included), JSON or server-sent events
     POST /v1/completions        prompt -> continuation, JSON or server-sent events
     GET  /v1/models             the one model served
@@ -38,6 +42,7 @@ from starlette.requests import ClientDisconnect
 
 from lmforge.chat import render_messages
 from lmforge.common import LmforgeError
+from lmforge.inference.scheduler import Event, SamplingParams, Scheduler
 from lmforge.models.protocol import tokens_left
 from lmforge.serve.protocol import (
     APIError,
@@ -54,7 +59,6 @@ from lmforge.serve.protocol import (
     tools_system_text,
     usage,
 )
-from lmforge.serve.scheduler import Event, SamplingParams, Scheduler
 
 log = logging.getLogger("lmforge.serve")
 
@@ -87,14 +91,247 @@ def chat_page() -> str:
     return page.read_text(encoding="utf-8")
 
 
+class Server:
+    """What the routes share: the configuration and the scheduler, the request checks, and the
+    stream of a request's events (the tool loop included). One per app (`create_app`)."""
+
+    def __init__(self, model, tokenizer, cfg: ServeConfig):
+        self.cfg, self.tokenizer, self.sid = cfg, tokenizer, tokenizer.special_id
+        self.sched = Scheduler(model, tokenizer, max_batch=cfg.max_batch, dtype=cfg.dtype, compile=cfg.compile)
+        self.window = model.context_limit  # None: no window (an LSTM, an n-gram)
+        room = tokens_left(model, 1)  # at least one token for the reply
+        self.max_prompt = min(cfg.max_prompt_tokens or room, room)
+
+    def check_key(self, request: Request) -> None:
+        if not self.cfg.api_key:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, key = auth.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+        if not hmac.compare_digest(key.strip().encode(), self.cfg.api_key.encode()):
+            raise APIError(401, "incorrect API key", code="invalid_api_key")
+
+    async def read_json(self, request: Request):
+        self.check_key(request)
+        limit = self.cfg.max_request_bytes
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise APIError(413, f"request body of {int(length)} bytes is larger than the limit of {limit} bytes",
+                           code="request_too_large")
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"request body is larger than the limit of {limit} bytes",
+                                   code="request_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise APIError(499, "client closed the request while sending it") from None
+
+        def no_constants(name):
+            raise ValueError(f"{name} is not valid JSON")
+
+        try:
+            return json.loads(b"".join(chunks), parse_constant=no_constants)
+        except (ValueError, RecursionError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+
+    def check_common(self, req, default_tokens: int | None) -> int:
+        if req.model != self.cfg.model_name:
+            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{self.cfg.model_name}'",
+                           param="model", code="model_not_found")
+        if req.n > self.cfg.max_n:
+            raise APIError(400, f"n is {req.n}; this server allows at most {self.cfg.max_n}", param="n")
+        max_tokens = getattr(req, "max_completion_tokens", None)
+        max_tokens = req.max_tokens if max_tokens is None else max_tokens
+        if max_tokens is None:
+            max_tokens = self.cfg.max_tokens if default_tokens is None else min(default_tokens, self.cfg.max_tokens)
+        if max_tokens > self.cfg.max_tokens:
+            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {self.cfg.max_tokens}",
+                           param="max_tokens", code="max_tokens_too_large")
+        return max_tokens
+
+    def check_prompt(self, ids: list[int], param: str) -> None:
+        if len(ids) > self.max_prompt:
+            raise APIError(400, f"the prompt is {len(ids)} tokens; this model's limit is {self.max_prompt} "
+                                f"(context window {self.window} tokens, at least one for the reply)",
+                           param=param, code="context_length_exceeded")
+
+    def params_for(self, req, max_tokens: int, i: int, **extra) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+                              top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                              # n choices differ; wrapped so the last of n still fits in 64 bits
+                              seed=None if req.seed is None else (req.seed + i) % 2**64,
+                              stop=req.stops(), **extra)
+
+    def submit_all(self, jobs: list[tuple[list[int], SamplingParams]]):
+        """Queue every sequence of a request; returns (queue, sequences in choice order, the emit
+        callback that feeds the queue)."""
+        if self.sched.waiting + len(jobs) > self.cfg.max_waiting:
+            raise APIError(429, "the server is busy (too many queued requests); retry shortly",
+                           type="rate_limit_error", code="server_busy")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(event: Event):
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        seqs = []
+        try:
+            for ids, params in jobs:
+                seqs.append(self.sched.submit(ids, params, emit))
+        except Exception as e:  # all or nothing: the choices already queued must not run for no one
+            for s in seqs:
+                self.sched.cancel(s)
+            if isinstance(e, LmforgeError):
+                raise APIError(400, str(e)) from None
+            raise
+        return queue, seqs, emit
+
+    async def events(self, queue, seqs, server_tools=None) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) until every choice is done.
+
+        server_tools = (emit, max_tokens): the server runs the calls. A choice whose model calls a
+        tool reports a "tool_run" event (tool_call = the call in OpenAI's shape), runs the tool off
+        the event loop, reports a "tool_result" event (text = the result), and continues in a new
+        sequence (seqs[i] is replaced, so a disconnect cancels the current one) whose prompt is
+        everything so far plus the result, as lmforge.inference.tools.generate_with_tools does.
+        Its last "done" counts the model's tokens over all rounds against max_tokens."""
+        index = {s.id: i for i, s in enumerate(seqs)}
+        remaining = len(seqs)
+        earlier = [0] * len(seqs)  # completion tokens of a choice's finished rounds
+        runs: list[list[tuple[dict, dict]]] = [[] for _ in seqs]  # (parsed call, OpenAI-shaped call)
+        while remaining:
+            ev = await queue.get()
+            i = index[ev.seq_id]
+            if server_tools is not None and ev.kind == "tool_call":
+                shown = tool_call_obj(ev.tool_call)
+                runs[i].append((ev.tool_call, shown))
+                yield i, Event("tool_run", ev.seq_id, tool_call=shown)
+                continue
+            if server_tools is not None and ev.kind == "done" and ev.finish_reason == "tool_calls":
+                earlier[i] += ev.completion_tokens
+                call, shown = runs[i][-1]
+                nxt = None
+                if len(runs[i]) > self.cfg.max_tool_calls:
+                    result, reason = f"error: not run: at most {self.cfg.max_tool_calls} tool calls per reply", "length"
+                else:
+                    result = await asyncio.to_thread(self.run_builtin_tool, call)
+                    nxt, reason = self.continue_after_tool(seqs[i], result, server_tools, earlier[i], len(runs[i]))
+                yield i, Event("tool_result", ev.seq_id, text=result, tool_call=shown)
+                if isinstance(nxt, str):  # the continuation could not be queued
+                    remaining -= 1
+                    yield i, Event("error", ev.seq_id, text=nxt)
+                elif nxt is not None:
+                    seqs[i] = nxt
+                    index[nxt.id] = i
+                else:
+                    remaining -= 1
+                    yield i, Event("done", ev.seq_id, finish_reason=reason, completion_tokens=earlier[i])
+                continue
+            if ev.kind == "done" and earlier[i]:
+                ev = Event("done", ev.seq_id, finish_reason=ev.finish_reason, prompt_tokens=ev.prompt_tokens,
+                           completion_tokens=ev.completion_tokens + earlier[i])
+            if ev.kind in ("done", "error"):
+                remaining -= 1
+            yield i, ev
+
+    def run_builtin_tool(self, call: dict) -> str:
+        from lmforge.inference.tools import run_tool
+
+        return run_tool(call)
+
+    def continue_after_tool(self, seq, result: str, server_tools, used: int, round_: int):
+        """(the sequence that continues the reply after a tool's result, None) or (None, finish reason)
+        when there is no room left, or (message, None) when it could not be queued."""
+        emit, max_tokens = server_tools
+        ids = (seq.prompt + seq.tokens + [self.sid("<|assistant_end|>"), self.sid("<|tool_result_start|>")]
+               + self.tokenizer.encode(result) + [self.sid("<|tool_result_end|>"), self.sid("<|assistant_start|>")])
+        if used >= max_tokens or len(ids) > self.max_prompt:
+            return None, "length"
+        p = seq.params
+        params = replace(p, max_tokens=max_tokens - used,
+                         seed=None if p.seed is None else (p.seed + round_) % 2**64)  # fresh draws each round
+        try:
+            return self.sched.submit(ids, params, emit), None
+        except LmforgeError as e:
+            return f"continuing after the tool result failed: {e}", None
+
+    async def collect(self, request: Request, queue, seqs, server_tools=None) -> list[dict]:
+        """Wait for every sequence (cancelling them if the client disconnects); per choice:
+        text, tool_calls, finish_reason, token counts."""
+        out = [{"text": "", "tool_calls": [], "tool_runs": [], "finish_reason": None, "prompt": 0, "completion": 0}
+               for _ in seqs]
+
+        async def gather():
+            async for i, ev in self.events(queue, seqs, server_tools):
+                if ev.kind == "text":
+                    out[i]["text"] += ev.text
+                elif ev.kind == "tool_call":
+                    out[i]["tool_calls"].append(tool_call_obj(ev.tool_call))
+                elif ev.kind == "tool_run":
+                    out[i]["tool_runs"].append({**ev.tool_call, "result": None})
+                elif ev.kind == "tool_result":
+                    out[i]["tool_runs"][-1]["result"] = ev.text
+                elif ev.kind == "done":
+                    out[i].update(finish_reason=ev.finish_reason, prompt=ev.prompt_tokens,
+                                  completion=ev.completion_tokens)
+                else:
+                    raise APIError(500, ev.text, type="server_error")
+
+        async def disconnected():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        work, gone = asyncio.create_task(gather()), asyncio.create_task(disconnected())
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+                for s in seqs:
+                    self.sched.cancel(s)
+        if work.cancelled():
+            raise APIError(499, "client closed the request")
+        work.result()  # re-raise a generation error
+        return out
+
+    def total_usage(self, results, prompt_counts) -> dict:
+        return usage(sum(prompt_counts), sum(r["completion"] for r in results))
+
+    def streaming(self, body: AsyncIterator[str | None], queue, seqs) -> StreamingResponse:
+        async def guarded():
+            try:
+                # Events that piled up while this client was being served go out in one write;
+                # None from the body means "send now" (a server-run tool is about to block it).
+                pending = []
+                async for chunk in body:
+                    if chunk is not None:
+                        pending.append(chunk)
+                    if pending and (chunk is None or queue.empty()):
+                        yield "".join(pending)
+                        pending = []
+                if pending:
+                    yield "".join(pending)
+            finally:  # finished, or the client went away (the task is cancelled): free the rows
+                for s in seqs:
+                    if not s.done:
+                        self.sched.cancel(s)
+
+        return StreamingResponse(guarded(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     cfg = config or ServeConfig()
     if cfg.tools not in ("none", "builtin"):
         raise LmforgeError(f"tools must be 'none' or 'builtin', got {cfg.tools!r}")
-    sched = Scheduler(model, tokenizer, max_batch=cfg.max_batch, dtype=cfg.dtype, compile=cfg.compile)
-    window = model.context_limit  # None: no window (an LSTM, an n-gram)
-    room = tokens_left(model, 1)  # at least one token for the reply
-    max_prompt = min(cfg.max_prompt_tokens or room, room)
+    srv = Server(model, tokenizer, cfg)
+    sched, window = srv.sched, srv.window
     page = chat_page()
 
     @asynccontextmanager
@@ -131,233 +368,6 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         body = APIError(500, f"internal error: {type(e).__name__}", type="server_error").body()
         return JSONResponse(body, status_code=500)
 
-    # ------------------------------------------------------------------ helpers
-
-    def check_key(request: Request) -> None:
-        if not cfg.api_key:
-            return
-        auth = request.headers.get("authorization", "")
-        scheme, _, key = auth.partition(" ")
-        if scheme.lower() != "bearer" or not key:
-            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-        if not hmac.compare_digest(key.strip().encode(), cfg.api_key.encode()):
-            raise APIError(401, "incorrect API key", code="invalid_api_key")
-
-    async def read_json(request: Request):
-        check_key(request)
-        limit = cfg.max_request_bytes
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            raise APIError(413, f"request body of {int(length)} bytes is larger than the limit of {limit} bytes",
-                           code="request_too_large")
-        chunks, size = [], 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise APIError(413, f"request body is larger than the limit of {limit} bytes",
-                                   code="request_too_large")
-                chunks.append(chunk)
-        except ClientDisconnect:
-            raise APIError(499, "client closed the request while sending it") from None
-
-        def no_constants(name):
-            raise ValueError(f"{name} is not valid JSON")
-
-        try:
-            return json.loads(b"".join(chunks), parse_constant=no_constants)
-        except (ValueError, RecursionError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-
-    def check_common(req, default_tokens: int | None) -> int:
-        if req.model != cfg.model_name:
-            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{cfg.model_name}'",
-                           param="model", code="model_not_found")
-        if req.n > cfg.max_n:
-            raise APIError(400, f"n is {req.n}; this server allows at most {cfg.max_n}", param="n")
-        max_tokens = getattr(req, "max_completion_tokens", None)
-        max_tokens = req.max_tokens if max_tokens is None else max_tokens
-        if max_tokens is None:
-            max_tokens = cfg.max_tokens if default_tokens is None else min(default_tokens, cfg.max_tokens)
-        if max_tokens > cfg.max_tokens:
-            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {cfg.max_tokens}",
-                           param="max_tokens", code="max_tokens_too_large")
-        return max_tokens
-
-    def check_prompt(ids: list[int], param: str) -> None:
-        if len(ids) > max_prompt:
-            raise APIError(400, f"the prompt is {len(ids)} tokens; this model's limit is {max_prompt} "
-                                f"(context window {window} tokens, at least one for the reply)",
-                           param=param, code="context_length_exceeded")
-
-    def params_for(req, max_tokens: int, i: int, **extra) -> SamplingParams:
-        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-                              top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                              # n choices differ; wrapped so the last of n still fits in 64 bits
-                              seed=None if req.seed is None else (req.seed + i) % 2**64,
-                              stop=req.stops(), **extra)
-
-    def submit_all(jobs: list[tuple[list[int], SamplingParams]]):
-        """Queue every sequence of a request; returns (queue, sequences in choice order, the emit
-        callback that feeds the queue)."""
-        if sched.waiting + len(jobs) > cfg.max_waiting:
-            raise APIError(429, "the server is busy (too many queued requests); retry shortly",
-                           type="rate_limit_error", code="server_busy")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-
-        def emit(event: Event):
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-
-        seqs = []
-        try:
-            for ids, params in jobs:
-                seqs.append(sched.submit(ids, params, emit))
-        except Exception as e:  # all or nothing: the choices already queued must not run for no one
-            for s in seqs:
-                sched.cancel(s)
-            if isinstance(e, LmforgeError):
-                raise APIError(400, str(e)) from None
-            raise
-        return queue, seqs, emit
-
-    sid = tokenizer.special_id
-
-    async def events(queue, seqs, server_tools=None) -> AsyncIterator[tuple[int, Event]]:
-        """(choice index, event) until every choice is done.
-
-        server_tools = (emit, max_tokens): the server runs the calls. A choice whose model calls a
-        tool reports a "tool_run" event (tool_call = the call in OpenAI's shape), runs the tool off
-        the event loop, reports a "tool_result" event (text = the result), and continues in a new
-        sequence (seqs[i] is replaced, so a disconnect cancels the current one) whose prompt is
-        everything so far plus the result, as lmforge.posttrain.tools.generate_with_tools does.
-        Its last "done" counts the model's tokens over all rounds against max_tokens."""
-        index = {s.id: i for i, s in enumerate(seqs)}
-        remaining = len(seqs)
-        earlier = [0] * len(seqs)  # completion tokens of a choice's finished rounds
-        runs: list[list[tuple[dict, dict]]] = [[] for _ in seqs]  # (parsed call, OpenAI-shaped call)
-        while remaining:
-            ev = await queue.get()
-            i = index[ev.seq_id]
-            if server_tools is not None and ev.kind == "tool_call":
-                shown = tool_call_obj(ev.tool_call)
-                runs[i].append((ev.tool_call, shown))
-                yield i, Event("tool_run", ev.seq_id, tool_call=shown)
-                continue
-            if server_tools is not None and ev.kind == "done" and ev.finish_reason == "tool_calls":
-                earlier[i] += ev.completion_tokens
-                call, shown = runs[i][-1]
-                nxt = None
-                if len(runs[i]) > cfg.max_tool_calls:
-                    result, reason = f"error: not run: at most {cfg.max_tool_calls} tool calls per reply", "length"
-                else:
-                    result = await asyncio.to_thread(run_builtin_tool, call)
-                    nxt, reason = continue_after_tool(seqs[i], result, server_tools, earlier[i], len(runs[i]))
-                yield i, Event("tool_result", ev.seq_id, text=result, tool_call=shown)
-                if isinstance(nxt, str):  # the continuation could not be queued
-                    remaining -= 1
-                    yield i, Event("error", ev.seq_id, text=nxt)
-                elif nxt is not None:
-                    seqs[i] = nxt
-                    index[nxt.id] = i
-                else:
-                    remaining -= 1
-                    yield i, Event("done", ev.seq_id, finish_reason=reason, completion_tokens=earlier[i])
-                continue
-            if ev.kind == "done" and earlier[i]:
-                ev = Event("done", ev.seq_id, finish_reason=ev.finish_reason, prompt_tokens=ev.prompt_tokens,
-                           completion_tokens=ev.completion_tokens + earlier[i])
-            if ev.kind in ("done", "error"):
-                remaining -= 1
-            yield i, ev
-
-    def run_builtin_tool(call: dict) -> str:
-        from lmforge.posttrain.tools import run_tool
-
-        return run_tool(call)
-
-    def continue_after_tool(seq, result: str, server_tools, used: int, round_: int):
-        """(the sequence that continues the reply after a tool's result, None) or (None, finish reason)
-        when there is no room left, or (message, None) when it could not be queued."""
-        emit, max_tokens = server_tools
-        ids = (seq.prompt + seq.tokens + [sid("<|assistant_end|>"), sid("<|tool_result_start|>")]
-               + tokenizer.encode(result) + [sid("<|tool_result_end|>"), sid("<|assistant_start|>")])
-        if used >= max_tokens or len(ids) > max_prompt:
-            return None, "length"
-        p = seq.params
-        params = replace(p, max_tokens=max_tokens - used,
-                         seed=None if p.seed is None else (p.seed + round_) % 2**64)  # fresh draws each round
-        try:
-            return sched.submit(ids, params, emit), None
-        except LmforgeError as e:
-            return f"continuing after the tool result failed: {e}", None
-
-    async def collect(request: Request, queue, seqs, server_tools=None) -> list[dict]:
-        """Wait for every sequence (cancelling them if the client disconnects); per choice:
-        text, tool_calls, finish_reason, token counts."""
-        out = [{"text": "", "tool_calls": [], "tool_runs": [], "finish_reason": None, "prompt": 0, "completion": 0}
-               for _ in seqs]
-
-        async def gather():
-            async for i, ev in events(queue, seqs, server_tools):
-                if ev.kind == "text":
-                    out[i]["text"] += ev.text
-                elif ev.kind == "tool_call":
-                    out[i]["tool_calls"].append(tool_call_obj(ev.tool_call))
-                elif ev.kind == "tool_run":
-                    out[i]["tool_runs"].append({**ev.tool_call, "result": None})
-                elif ev.kind == "tool_result":
-                    out[i]["tool_runs"][-1]["result"] = ev.text
-                elif ev.kind == "done":
-                    out[i].update(finish_reason=ev.finish_reason, prompt=ev.prompt_tokens,
-                                  completion=ev.completion_tokens)
-                else:
-                    raise APIError(500, ev.text, type="server_error")
-
-        async def disconnected():
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-
-        work, gone = asyncio.create_task(gather()), asyncio.create_task(disconnected())
-        try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not work.done():
-                work.cancel()
-                for s in seqs:
-                    sched.cancel(s)
-        if work.cancelled():
-            raise APIError(499, "client closed the request")
-        work.result()  # re-raise a generation error
-        return out
-
-    def total_usage(results, prompt_counts) -> dict:
-        return usage(sum(prompt_counts), sum(r["completion"] for r in results))
-
-    def streaming(body: AsyncIterator[str | None], queue, seqs) -> StreamingResponse:
-        async def guarded():
-            try:
-                # Events that piled up while this client was being served go out in one write;
-                # None from the body means "send now" (a server-run tool is about to block it).
-                pending = []
-                async for chunk in body:
-                    if chunk is not None:
-                        pending.append(chunk)
-                    if pending and (chunk is None or queue.empty()):
-                        yield "".join(pending)
-                        pending = []
-                if pending:
-                    yield "".join(pending)
-            finally:  # finished, or the client went away (the task is cancelled): free the rows
-                for s in seqs:
-                    if not s.done:
-                        sched.cancel(s)
-
-        return StreamingResponse(guarded(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
     # ------------------------------------------------------------------ routes
 
     @app.get("/", response_class=HTMLResponse)
@@ -376,20 +386,20 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request):
-        check_key(request)
+        srv.check_key(request)
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{name}")
     async def model_info(name: str, request: Request):
-        check_key(request)
+        srv.check_key(request)
         if name != cfg.model_name:
             raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
         return model_card()
 
     @app.post("/v1/chat/completions", openapi_extra=request_body_schema(ChatRequest, documented_fields(cfg)))
     async def chat_completions(request: Request):
-        req = parse_request(ChatRequest, await read_json(request))
-        max_tokens = check_common(req, cfg.chat_completion_default_tokens)
+        req = parse_request(ChatRequest, await srv.read_json(request))
+        max_tokens = srv.check_common(req, cfg.chat_completion_default_tokens)
         if req.top_logprobs:
             raise APIError(400, "'top_logprobs' is not supported by lmforge", param="top_logprobs")
         mode, forced = tool_choice_mode(req.tool_choice, req.tools)
@@ -411,11 +421,11 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         if mode == "required":  # force a call: the reply starts inside one (with the name, if chosen)
             prefix = "" if forced is None else '{"name": ' + json.dumps(forced) + ', "arguments": '
             ids = ids + [tokenizer.special_id("<|tool_call_start|>")] + tokenizer.encode(prefix)
-        check_prompt(ids, "messages")
-        jobs = [(ids, params_for(req, max_tokens, i, tools=mode != "none" or run_tools,
+        srv.check_prompt(ids, "messages")
+        jobs = [(ids, srv.params_for(req, max_tokens, i, tools=mode != "none" or run_tools,
                                       ban_tool_tokens=mode == "none" and not run_tools, tool_prefix=prefix))
                 for i in range(req.n)]
-        queue, seqs, emit = submit_all(jobs)
+        queue, seqs, emit = srv.submit_all(jobs)
         server_tools = (emit, max_tokens) if run_tools else None
         rid, created = new_id("chatcmpl"), now()
 
@@ -431,7 +441,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                     yield sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                       "logprobs": None, "finish_reason": None}]))
                 completion = 0
-                async for i, ev in events(queue, seqs, server_tools):
+                async for i, ev in srv.events(queue, seqs, server_tools):
                     if ev.kind == "text":
                         delta = {"content": ev.text}
                     elif ev.kind == "tool_call":
@@ -455,9 +465,9 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                     yield sse(chunk([], usage=usage(len(ids) * len(seqs), completion)))
                 yield sse("[DONE]")
 
-            return streaming(body(), queue, seqs)
+            return srv.streaming(body(), queue, seqs)
 
-        results = await collect(request, queue, seqs, server_tools)
+        results = await srv.collect(request, queue, seqs, server_tools)
         choices = []
         for i, r in enumerate(results):
             msg = {"role": "assistant", "content": r["text"] if r["text"] or not r["tool_calls"] else None}
@@ -468,12 +478,12 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
             choices.append({"index": i, "message": msg, "logprobs": None, "finish_reason": r["finish_reason"]})
         return {"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_name,
                 "system_fingerprint": None, "choices": choices,
-                "usage": total_usage(results, [len(ids)] * len(seqs))}
+                "usage": srv.total_usage(results, [len(ids)] * len(seqs))}
 
     @app.post("/v1/completions", openapi_extra=request_body_schema(CompletionRequest, documented_fields(cfg)))
     async def completions(request: Request):
-        req = parse_request(CompletionRequest, await read_json(request))
-        max_tokens = check_common(req, cfg.completion_default_tokens)
+        req = parse_request(CompletionRequest, await srv.read_json(request))
+        max_tokens = srv.check_common(req, cfg.completion_default_tokens)
         if req.echo:
             raise APIError(400, "'echo' is not supported by lmforge", param="echo")
         if req.suffix:
@@ -483,14 +493,14 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         prompts = []
         for p in completion_prompts(req.prompt):
             ids = [tokenizer.bos_id] + tokenizer.encode(p) if isinstance(p, str) else list(p)
-            check_prompt(ids, "prompt")
+            srv.check_prompt(ids, "prompt")
             prompts.append(ids)
         if len(prompts) * req.n > cfg.max_n * 4:
             raise APIError(400, f"{len(prompts)} prompts x n={req.n} is more than {cfg.max_n * 4} completions",
                            param="prompt")
         # Choice index = prompt index * n + j, as in OpenAI's API.
-        jobs = [(ids, params_for(req, max_tokens, j)) for ids in prompts for j in range(req.n)]
-        queue, seqs, _ = submit_all(jobs)
+        jobs = [(ids, srv.params_for(req, max_tokens, j)) for ids in prompts for j in range(req.n)]
+        queue, seqs, _ = srv.submit_all(jobs)
         prompt_counts = [len(ids) for ids, _ in jobs]
         rid, created = new_id("cmpl"), now()
 
@@ -503,7 +513,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
             async def body():
                 completion = 0
-                async for i, ev in events(queue, seqs):
+                async for i, ev in srv.events(queue, seqs):
                     if ev.kind == "text":
                         yield sse(chunk([{"index": i, "text": ev.text, "logprobs": None, "finish_reason": None}]))
                     elif ev.kind == "done":
@@ -516,13 +526,13 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                     yield sse(chunk([], usage=usage(sum(prompt_counts), completion)))
                 yield sse("[DONE]")
 
-            return streaming(body(), queue, seqs)
+            return srv.streaming(body(), queue, seqs)
 
-        results = await collect(request, queue, seqs)
+        results = await srv.collect(request, queue, seqs)
         choices = [{"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
                    for i, r in enumerate(results)]
         return {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
-                "system_fingerprint": None, "choices": choices, "usage": total_usage(results, prompt_counts)}
+                "system_fingerprint": None, "choices": choices, "usage": srv.total_usage(results, prompt_counts)}
 
     return app
 

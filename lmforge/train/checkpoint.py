@@ -168,6 +168,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
                        "model.safetensors and state.json)")
 
 
+def checkpoint_shapes(path: str | Path) -> tuple[Path, dict, nn.Module]:
+    """(resolved checkpoint, its state, its model built on the meta device): sizes and FLOPs of a
+    run's newest checkpoint without reading or allocating its weights."""
+    ckpt = resolve_checkpoint(path)
+    state = read_checkpoint_state(ckpt)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = build_model(checkpoint_family(state), checkpoint_model_config(ckpt, state))
+    return ckpt, state, model
+
+
 def read_checkpoint_state(ckpt_dir: str | Path) -> dict:
     return read_json(Path(ckpt_dir) / "state.json", "checkpoint state", fmt="lmforge-checkpoint", version=1)
 

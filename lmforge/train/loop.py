@@ -21,9 +21,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from lmforge.common import LmforgeError, default_device, dist_info
+from lmforge.common import LmforgeError, setting
 from lmforge.train import checkpoint as ckpt_io
+from lmforge.train.distributed import all_reduce_max, all_reduce_mean, all_reduce_sum, setup_distributed
+from lmforge.train.logs import plot_loss_curve
 from lmforge.train.optim import build_optimizers, lr_multiplier
+from lmforge.train.precision import autocast_dtype, use_compile
 
 
 class Task(Protocol):
@@ -42,6 +45,29 @@ class Task(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
+    # Optional: `train_metrics() -> dict[str, float]`, the task's own numbers since the previous log
+    # line (reward, accuracy, KL, margins; see RunningMetrics). The Trainer adds them to each training
+    # log line, averaged over the processes, so the line describes the whole step.
+
+
+class RunningMetrics:
+    """Sums of named training metrics since the last log line (means reported): what a Task's
+    `train_metrics` usually returns."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, **values: float) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count += 1
+
+    def pop(self) -> dict[str, float]:
+        out = {k: round(v / self.count, 6) for k, v in self.sums.items()} if self.count else {}
+        self.sums, self.count = {}, 0
+        return out
+
 
 class TrainingDiverged(LmforgeError):
     pass
@@ -49,111 +75,48 @@ class TrainingDiverged(LmforgeError):
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/default"
-    max_steps: int = 1000
-    time_budget: float | None = None  # seconds of training; when set, the schedule follows the clock
-    grad_accum: int = 1
-    optimizer: str = "muon"  # "muon" (hidden matrices) + AdamW (rest), or "adamw"
-    lr: float = 3e-3  # AdamW learning rate (embeddings, head, norms; or everything with adamw)
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables
-    warmup_steps: int = 20
-    schedule: str = "wsd"  # "wsd" | "cosine" | "constant"
-    min_lr_frac: float = 0.0
-    decay_frac: float = 0.4
-    eval_every: int = 250  # 0 = only at the end
-    ckpt_every: int = 500  # 0 = only at the end
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    seed: int = 1337
-    dtype: str = "auto"  # "auto" | "bf16" | "fp32"
-    compile: str = "auto"  # "auto" (CUDA; CPU unless the model has dropout) | "on" | "off"
-    device: str = "auto"
-    progress: bool = True
+    """Every setting of the training loop, declared once: the command-line options of every training
+    command and the speedrun's torchrun re-entry are derived from these fields (lmforge.cli.common).
+    A stage changes defaults through its TRAIN_DEFAULTS, never by restating a field."""
+
+    out_dir: str = setting("runs/default", "run folder (checkpoints, log.jsonl, loss.png)", flag="--out")
+    max_steps: int = setting(1000, "optimizer steps (with --time-budget: whichever ends first)", check="positive")
+    time_budget: float | None = setting(None, "seconds of training; the LR schedule follows the clock",
+                                        check="positive")
+    grad_accum: int = setting(1, "micro-batches accumulated per optimizer step", check="positive")
+    optimizer: str = setting("muon", "muon: Muon for hidden matrices + AdamW for the rest; adamw: AdamW for all",
+                             choices=("muon", "adamw"))
+    lr: float = setting(3e-3, "AdamW learning rate (embeddings, head, norms; everything with adamw)",
+                        check="positive")
+    muon_lr: float = setting(0.02, "Muon learning rate (hidden matrices)", check="positive")
+    muon_momentum: float = setting(0.95, "Muon's Nesterov momentum", check="fraction")
+    weight_decay: float = setting(0.0, "decoupled weight decay (hidden matrices)", check="nonneg")
+    beta1: float = setting(0.9, "AdamW beta1", check="fraction")
+    beta2: float = setting(0.95, "AdamW beta2", check="fraction")
+    grad_clip: float = setting(1.0, "clip the total gradient norm to this (0 disables)", check="nonneg")
+    warmup_steps: int = setting(20, "linear learning-rate warm-up steps", check="nonneg")
+    schedule: str = setting("wsd", "learning-rate schedule: warmup-stable-decay, cosine or constant",
+                            choices=("wsd", "cosine", "constant"))
+    min_lr_frac: float = setting(0.0, "final learning rate as a fraction of the peak", check="fraction")
+    decay_frac: float = setting(0.4, "wsd: fraction of the run spent decaying", check="fraction")
+    eval_every: int = setting(250, "steps between evaluations (0 = only at the end)", check="nonneg")
+    ckpt_every: int = setting(500, "steps between checkpoints (0 = only at the end)", check="nonneg")
+    keep_checkpoints: int = setting(2, "checkpoints kept in the run folder (older ones are deleted)",
+                                    check="positive")
+    log_every: int = setting(10, "steps between log lines", check="positive")
+    seed: int = setting(1337, "random seed (initialisation, data order, dropout)", check="seed")
+    dtype: str = setting("auto", "auto: bf16 autocast where it is faster (CUDA with bf16, CPU); or bf16, fp32",
+                         choices=("auto", "bf16", "fp32"))
+    compile: str = setting("auto", "torch.compile the training step; auto = on CUDA, and on CPU unless the model "
+                           "has dropout (falls back to eager with a warning if compiling fails; "
+                           "see docs/benchmarks.md)", choices=("auto", "on", "off"))
+    device: str = setting("auto", "cpu, cuda, cuda:N or auto")
+    progress: bool = setting(True, "progress bar")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def autocast_dtype(device: str, dtype: str) -> torch.dtype | None:
-    """The autocast dtype for a device, or None for plain fp32.
-
-    'auto' picks bf16 where matmuls run faster in it (CUDA with bf16 support, and CPUs: measured
-    here at ~2x fp32 matmul throughput with AVX-512 BF16, see docs/benchmarks.md). fp16 is never
-    chosen: it needs loss scaling and is extremely slow on CPU."""
-    if dtype == "fp32":
-        return None
-    if dtype == "bf16":
-        return torch.bfloat16
-    if dtype != "auto":
-        raise LmforgeError(f"dtype must be auto, bf16 or fp32, got {dtype!r}")
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device == "cpu":
-        return torch.bfloat16
-    return None
-
-
-def use_compile(setting: str | bool, device: str, model: nn.Module | None = None) -> bool:
-    """Whether to torch.compile the training step. 'auto' compiles on CUDA, and on a CPU unless the
-    model trains with dropout. Measured on this project's 2-core CPU (docs/benchmarks.md, the
-    families benchmark): the compiled bf16 step of the `cpu` preset runs 1.47x faster than eager
-    without dropout, which repays a cold compilation (~55-60 s) within minutes; with dropout 0.2
-    only 1.17x (inductor's CPU random masks take most of the gain), and in a 5-minute
-    tinyshakespeare run eager reached 2.175 bits/char against compiled 2.219."""
-    if isinstance(setting, bool):
-        return setting
-    if setting not in ("auto", "on", "off"):
-        raise LmforgeError(f"compile must be auto, on or off, got {setting!r}")
-    if setting == "auto":
-        kind = device.split(":")[0]
-        dropout = float(getattr(getattr(model, "config", None), "dropout", 0.0) or 0.0)
-        return kind == "cuda" or (kind == "cpu" and dropout == 0.0)
-    return setting == "on"
-
-
-def setup_distributed(device: str) -> tuple[int, int, int, str]:
-    """Initialise torch.distributed when launched by torchrun. Returns (rank, local_rank, world, device)."""
-    rank, local_rank, world = dist_info()
-    if device == "auto":
-        device = default_device()
-    if world > 1:
-        if device == "cuda":
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return rank, local_rank, world, device
-
-
-def all_reduce_mean(value: float, device: str) -> float:
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
-def all_reduce_max(value: float, device: str) -> float:
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
-
-def all_reduce_sum(values: list[float], device: str) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 class Trainer:
@@ -384,6 +347,17 @@ class Trainer:
         self.current_lr_mult = mult
         return loss_mean
 
+    def _task_metrics(self) -> dict[str, float]:
+        """The task's train_metrics(), averaged over the processes (each reports the same names)."""
+        if not hasattr(self.task, "train_metrics"):
+            return {}
+        metrics = self.task.train_metrics()
+        if self.world > 1:
+            names = sorted(metrics)
+            metrics = {k: round(v / self.world, 6)
+                       for k, v in zip(names, all_reduce_sum([metrics[k] for k in names], self.device))}
+        return metrics
+
     def _diverged(self, what: str):
         """Stop without stepping: nothing of this step reaches the weights or a checkpoint."""
         for opt in self.optimizers:
@@ -422,7 +396,7 @@ class Trainer:
                        "tok_per_s": round(tok_s, 1), "time": round(self.train_time, 3)}
                 if flops_per_token and self.peak_flops:
                     rec["mfu"] = round(flops_per_token * tok_s / self.peak_flops, 4)
-                self._log(rec)
+                self._log({**rec, **self._task_metrics()})
                 bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:,.0f}")
                 window_t, window_tok = 0.0, 0
             if cfg.eval_every and self.step % cfg.eval_every == 0 and not self.done():
@@ -438,39 +412,3 @@ class Trainer:
                 "train_loss": last_loss, **{f"val_{k}": v for k, v in metrics.items()}}
 
 
-def read_log(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
-def plot_loss_curve(log_path: str | Path, png_path: str | Path) -> Path | None:
-    """Training loss (and validation loss / bits per byte when logged) against tokens seen."""
-    records = read_log(log_path)
-    train = [r for r in records if "loss" in r]
-    val = [r for r in records if "val_loss" in r]
-    if not train:
-        return None
-    from lmforge.common import new_figure, save_figure
-
-    fig, ax = new_figure()
-    xs, ys = [r["tokens"] for r in train], [r["loss"] for r in train]
-    ax.plot(xs, ys, lw=0.8, alpha=0.35, color="C0")
-    smooth, ema = [], 0.0
-    for i, y in enumerate(ys, 1):  # bias-corrected moving average: the trend under batch noise
-        ema = 0.9 * ema + 0.1 * y
-        smooth.append(ema / (1 - 0.9**i))
-    ax.plot(xs, smooth, lw=1.6, color="C0", label="train loss (smoothed)")
-    if val:
-        ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", color="C1", label="val loss")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    if val and "val_bpb" in val[-1]:
-        ax.set_title(f"final val: {val[-1]['val_loss']:.3f} nats/token, {val[-1]['val_bpb']:.3f} bits/byte")
-    return save_figure(fig, png_path)
-
-
-def cleanup_distributed():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""`lmforge` subcommands of this stage (see lmforge.cli.STAGE_COMMANDS).
+"""Supervised fine-tuning and its tools.
 
     lmforge sft --checkpoint BASE --data SOURCE[*WEIGHT] ... --out RUN [--lora-rank R ...]
     lmforge lora merge --adapter RUN_OR_ADAPTER_DIR --out MERGED [--checkpoint BASE]
@@ -10,33 +10,33 @@ from __future__ import annotations
 
 import json
 
+from lmforge.cli.common import (
+    add_lora_args,
+    add_options,
+    add_train_args,
+    lora_config,
+    main_log,
+    nonneg_int,
+    options_from_args,
+    positive_int,
+    print_result,
+    train_config,
+)
+
 
 def cmd_sft(args):
-    from lmforge.cli import train_config
     from lmforge.common import is_main_process
-    from lmforge.posttrain.sft import SFTOptions, sft
-    from lmforge.train.loop import cleanup_distributed
+    from lmforge.stages.sft import SFTOptions, sft
+    from lmforge.train.distributed import cleanup_distributed
 
-    lora = None
-    if args.lora_rank:
-        from lmforge.posttrain.lora import LoRAConfig
-
-        lora = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank,
-                          targets=args.lora_targets, dropout=args.lora_dropout)
-    elif args.lora_alpha is not None or args.lora_targets != "q_proj,v_proj":
-        from lmforge.common import LmforgeError
-
-        raise LmforgeError("--lora-alpha / --lora-targets need --lora-rank")
-    opts = SFTOptions(checkpoint=args.checkpoint, data=args.data, val_data=args.val_data or [],
-                      val_fraction=args.val_fraction, max_val=args.max_val, batch_size=args.batch_size,
-                      seq_len=args.seq_len,
-                      skip_invalid=args.skip_invalid, tools=not args.no_tools, lora=lora, resume=args.resume)
-    result = sft(opts, train_config(args, args.out), log=print if is_main_process() else (lambda *a: None))
-    if is_main_process():
-        print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}, indent=2))
-        if lora is not None:
-            print(f"adapter: {result['adapter']}\n"
-                  f"merge it: lmforge lora merge --adapter {args.out} --out {args.out}-merged")
+    lora = lora_config(args)
+    opts = options_from_args(SFTOptions, args, checkpoint=args.checkpoint, data=args.data,
+                             val_data=args.val_data or [], lora=lora)
+    result = sft(opts, train_config(args), log=main_log())
+    print_result(result)
+    if is_main_process() and lora is not None:
+        print(f"adapter: {result['adapter']}\n"
+              f"merge it: lmforge lora merge --adapter {args.out_dir} --out {args.out_dir}-merged")
     cleanup_distributed()
 
 
@@ -83,7 +83,7 @@ def cmd_synthetic_generate(args):
 
 
 def cmd_synthetic_eval(args):
-    from lmforge.posttrain.sft import evaluate_tasks, safety_eval
+    from lmforge.stages.sft import evaluate_tasks, safety_eval
     from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
 
     model, _ = load_model(args.checkpoint, device=args.device)
@@ -97,15 +97,14 @@ def cmd_synthetic_eval(args):
 
 
 def cmd_tool(args):
-    from lmforge.posttrain.tools import TOOLS
+    from lmforge.inference.tools import TOOLS
 
     arg = {"calculator": "expression", "python": "code"}[args.name]
     print(TOOLS[args.name]({arg: args.input}))
 
 
 def add_commands(sub) -> None:
-    """Add this stage's subcommands to the `lmforge` parser's subparsers."""
-    from lmforge.cli import add_train_args, fraction, nonneg_int, positive_float, positive_int
+    from lmforge.stages.sft import TRAIN_DEFAULTS, SFTOptions
 
     s = sub.add_parser("sft", help="supervised fine-tuning on chat conversations (full or LoRA)")
     s.add_argument("--checkpoint", required=True, help="pretrained run or checkpoint folder to start from")
@@ -115,20 +114,10 @@ def add_commands(sub) -> None:
                         "safety; repeat to mix, weight = relative sampling rate")
     s.add_argument("--val-data", action="append", metavar="SOURCE", help="held-out conversations (default: "
                    "--val-fraction of each --data source)")
-    s.add_argument("--val-fraction", type=fraction, default=0.05)
-    s.add_argument("--max-val", type=positive_int, default=512, help="held-out conversations used per evaluation")
-    s.add_argument("--out", required=True, help="run folder (checkpoints, log.jsonl, loss.png, adapter/)")
-    s.add_argument("--skip-invalid", action="store_true", help="skip malformed records (counted and reported)")
-    s.add_argument("--no-tools", action="store_true", help="synthetic sources answer without tool calls")
-    g = s.add_argument_group("LoRA")
-    g.add_argument("--lora-rank", type=positive_int, help="train rank-R adapters instead of all weights")
-    g.add_argument("--lora-alpha", type=positive_float, help="adapter scale alpha/R (default alpha = 2R)")
-    g.add_argument("--lora-targets", default="q_proj,v_proj",
-                   help="comma-separated linear layer names, or 'all' (q,k,v,o,gate,up,down)")
-    g.add_argument("--lora-dropout", type=fraction, default=0.0)
-    add_train_args(s, max_steps=500)
-    s.set_defaults(func=cmd_sft, optimizer="adamw", lr=1e-3, warmup_steps=10, eval_every=100, ckpt_every=250,
-                   schedule="cosine", min_lr_frac=0.1)
+    add_lora_args(s)
+    g = add_train_args(s, defaults=TRAIN_DEFAULTS)
+    add_options(g, SFTOptions)
+    s.set_defaults(func=cmd_sft)
 
     lo = sub.add_parser("lora", help="LoRA adapters")
     losub = lo.add_subparsers(dest="lora_command", metavar="ACTION")

@@ -1,6 +1,6 @@
 """Run model-written Python inside an operating-system sandbox (Linux namespaces + seccomp + rlimits).
 
-`run_sandboxed(code, limits)` starts lmforge/posttrain/sandbox_child.py with the base interpreter
+`run_sandboxed(code, limits)` starts lmforge/inference/sandbox_child.py with the base interpreter
 (not the project's virtual environment) in its own session, feeds it the snippet, reads its
 stdout and stderr in chunks up to a byte cap, and kills the whole process group when the cap or
 the wall-clock timeout is passed. The child builds the sandbox around itself before the snippet

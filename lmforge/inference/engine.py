@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.common import LmforgeError
+from lmforge.inference.sampling import check_sampling_args, sample_next
 from lmforge.models.protocol import tokens_left
-from lmforge.sampling import check_sampling_args, sample_next
 
 # A reply ends at the end of the assistant's turn; any text ends at end-of-text (bos doubles as it).
 DEFAULT_STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")

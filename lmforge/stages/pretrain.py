@@ -13,14 +13,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lmforge.common import LmforgeError, dist_info
+from lmforge.common import LmforgeError, dist_info, setting
 from lmforge.data.loader import BatchLoader, SplitMissing, TokenSplit, eval_batches
 from lmforge.data.prepare import load_manifest
 from lmforge.models.protocol import DEFAULT_SEQ_LEN
 from lmforge.models.registry import build_model, get_family
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint as ckpt_io
-from lmforge.train.loop import TrainConfig, Trainer, all_reduce_sum, setup_distributed
+from lmforge.train.distributed import all_reduce_sum
+from lmforge.train.loop import TrainConfig
+from lmforge.train.stage import run_stage, stage_device
 
 
 class NextTokenTask:
@@ -74,10 +76,11 @@ class PretrainOptions:
     model: str = "transformer"  # the model family
     preset: str | None = None  # the family's preset (default: the family's default, "cpu" for the transformer)
     model_overrides: dict | None = None
-    batch_size: int = 8  # per rank, per micro-step
-    seq_len: int | None = None  # default: the model's context window (DEFAULT_SEQ_LEN without one)
-    eval_tokens: int = 65536
-    resume: bool = False
+    batch_size: int = setting(8, "sequences per micro-batch per process", check="positive")
+    seq_len: int | None = setting(None, "training sequence length (default: the model's context window; "
+                                  "256 for a model without one)", check="positive")
+    eval_tokens: int = setting(65536, "validation tokens per evaluation", check="positive")
+    resume: bool = setting(False, "continue from the newest checkpoint in --out")
     peak_flops: float | None = None
 
 
@@ -115,38 +118,29 @@ def pretrain(opts: PretrainOptions, train_cfg: TrainConfig) -> dict:
         val = TokenSplit(opts.data_dir, "val", tokenizer=tok)
     except SplitMissing:
         val = None  # no validation split (val_fraction=0); a damaged one raises
-    # The task's batches must land on the device the Trainer will use.
-    _, _, _, device = setup_distributed(train_cfg.device)
-    train_cfg.device = device
+    device = stage_device(train_cfg)  # where the task's batches land: the Trainer's device
     task = NextTokenTask(train, val, torch.tensor(tok.token_byte_lengths(), dtype=torch.long),
                          batch_size=opts.batch_size, seq_len=seq_len, seed=train_cfg.seed, device=device,
                          eval_tokens=opts.eval_tokens)
     extra = {"tokenizer_fingerprint": tok.fingerprint, "tokenizer_path": str(tok_path),
              "data_dir": str(Path(opts.data_dir).resolve()), "model": family.name, "preset": preset,
              "batch_size": opts.batch_size, "seq_len": seq_len}
-    files = {"tokenizer.json": tok_path.read_bytes()}
     if not model.trainable:
-        result = fit_counted(model, train, task, train_cfg, extra, files)
+        result = fit_counted(model, train, task, train_cfg, extra, {"tokenizer.json": tok_path.read_bytes()})
     else:
-        result = train_gradient(model, task, train_cfg, extra, files, opts, train, val, seq_len)
+        def describe(trainer):
+            if trainer.is_main:
+                n = model.num_params()
+                print(f"model: {family.name} {preset} {n / 1e6:.2f}M parameters "
+                      f"({model.num_params(True) / 1e6:.2f}M non-embedding), "
+                      f"{model.flops_per_token(seq_len) / 1e6:.1f} MFLOPs/token; "
+                      f"{opts.batch_size * seq_len * train_cfg.grad_accum * trainer.world:,} tokens/step; "
+                      f"train {train.num_tokens:,} tokens" + (f", val {val.num_tokens:,}" if val else ""))
+
+        result = run_stage("pretrain", model, task, train_cfg, extra=extra, resume=opts.resume,
+                           tokenizer_file=tok_path.read_bytes(), peak_flops=opts.peak_flops, before_fit=describe)
     result["model"] = model
     result["tokenizer"] = tok
-    return result
-
-
-def train_gradient(model, task, train_cfg, extra, files, opts, train, val, seq_len) -> dict:
-    trainer = Trainer(model, task, train_cfg, extra_state=extra, resume=opts.resume, peak_flops=opts.peak_flops,
-                      extra_files=files)
-    if trainer.is_main:
-        n = model.num_params()
-        world = trainer.world
-        print(f"model: {extra['model']} {extra['preset']} {n / 1e6:.2f}M parameters "
-              f"({model.num_params(True) / 1e6:.2f}M non-embedding), "
-              f"{model.flops_per_token(seq_len) / 1e6:.1f} MFLOPs/token; "
-              f"{opts.batch_size * seq_len * train_cfg.grad_accum * world:,} tokens/step; "
-              f"train {train.num_tokens:,} tokens" + (f", val {val.num_tokens:,}" if val else ""))
-    result = trainer.fit()
-    result["checkpoint"] = str(trainer.ckpt_root)
     return result
 
 

@@ -16,17 +16,18 @@ assistant tokens.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from lmforge.chat import render_for_training
-from lmforge.common import LmforgeError, dist_info
+from lmforge.common import LmforgeError, setting
+from lmforge.data.rows import MixtureSampler, ProcessShare, split_heldout
 from lmforge.models.protocol import DEFAULT_SEQ_LEN, tokens_left
-from lmforge.train.loop import TrainConfig, Trainer, all_reduce_sum, setup_distributed
+from lmforge.train.distributed import all_reduce_sum
+from lmforge.train.loop import TrainConfig
+from lmforge.train.stage import FineTuneOptions, add_lora, load_start, run_stage, stage_device
 
 
 @dataclass
@@ -64,70 +65,31 @@ def collate(examples: list[Example], pad_id: int, device) -> tuple[torch.Tensor,
     return x.to(device), y.to(device)
 
 
-class MixtureSampler:
-    """Which (source, index) each row uses: source drawn by weight, index from a per-pass permutation."""
-
-    def __init__(self, sizes: list[int], weights: list[float], seed: int):
-        if len(sizes) != len(weights) or not sizes or min(sizes) <= 0:
-            raise LmforgeError("every SFT source needs at least one training conversation")
-        self.sizes, self.seed = sizes, seed
-        w = np.asarray(weights, dtype=np.float64)
-        self.cum = np.cumsum(w / w.sum())
-        self.drawn, self.pos, self.epoch = 0, [0] * len(sizes), [0] * len(sizes)
-        self._perms: dict[int, tuple[int, np.ndarray]] = {}
-
-    def _perm(self, d: int) -> np.ndarray:
-        if self._perms.get(d, (None,))[0] != self.epoch[d]:
-            rng = np.random.default_rng([self.seed, d, self.epoch[d]])
-            self._perms[d] = (self.epoch[d], rng.permutation(self.sizes[d]))
-        return self._perms[d][1]
-
-    def next(self) -> tuple[int, int]:
-        u = np.random.default_rng([self.seed, 1 << 30, self.drawn]).random()
-        d = min(int(np.searchsorted(self.cum, u, side="right")), len(self.sizes) - 1)
-        i = int(self._perm(d)[self.pos[d]])
-        self.drawn += 1
-        self.pos[d] += 1
-        if self.pos[d] == self.sizes[d]:
-            self.pos[d], self.epoch[d] = 0, self.epoch[d] + 1
-        return d, i
-
-    def state_dict(self) -> dict:
-        return {"drawn": self.drawn, "pos": list(self.pos), "epoch": list(self.epoch)}
-
-    def load_state_dict(self, s: dict) -> None:
-        if len(s["pos"]) != len(self.sizes):
-            raise LmforgeError("--resume: the run was started with a different number of --data sources")
-        self.drawn, self.pos, self.epoch = s["drawn"], list(s["pos"]), list(s["epoch"])
-
-
 class SFTTask:
     """The Task for the Trainer: padded conversation batches, masked next-token loss."""
 
     def __init__(self, sources: list[list[Example]], weights: list[float], val: list[Example], *, pad_id: int,
                  batch_size: int, seed: int, device: str, max_val: int = 512):
-        self.rank, _, self.world = dist_info()
+        self.share = ProcessShare()
         self.sources, self.val = sources, val[:max_val]
         self.sampler = MixtureSampler([len(s) for s in sources], weights, seed)
         self.pad_id, self.batch_size, self.device = pad_id, batch_size, device
 
     def next_batch(self):
-        # Every rank walks the same global stream of rows and keeps its own slice of each batch.
-        rows = [self.sampler.next() for _ in range(self.batch_size * self.world)]
-        mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        mine, rows = self.share.batch(self.sampler.next, self.batch_size)
         # The loss is the mean over the assistant tokens of the whole global batch, as on one
         # process. Rows differ in how many tokens they teach, so each rank divides its sum by
         # (global tokens / ranks): DDP's average of the ranks' gradients is then that mean's gradient.
         global_targets = sum(sum(self.sources[d][i].mask[1:]) for d, i in rows)
         x, y = collate([self.sources[d][i] for d, i in mine], self.pad_id, self.device)
-        return x, y, max(global_targets, 1) / self.world
+        return x, y, max(global_targets, 1) / self.share.world
 
     def loss(self, model: nn.Module, batch):
         x, y, denominator = batch
         return model(x, y, reduction="sum") / denominator, int((y != -100).sum().item())
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        mine = self.val[self.rank::self.world]
+        mine = self.share.items(self.val)
         nll, ntok = 0.0, 0
         for k in range(0, len(mine), self.batch_size):
             x, y = collate(mine[k:k + self.batch_size], self.pad_id, self.device)
@@ -143,41 +105,26 @@ class SFTTask:
         self.sampler.load_state_dict(state)
 
 
+# This stage's training defaults where they differ from TrainConfig's (the `lmforge sft` options and
+# the speedrun's SFT stage both start from them).
+TRAIN_DEFAULTS = dict(max_steps=500, optimizer="adamw", lr=1e-3, warmup_steps=10, eval_every=100, ckpt_every=250,
+                      schedule="cosine", min_lr_frac=0.1)
+
+
 @dataclass
-class SFTOptions:
-    checkpoint: str  # the pretrained model to start from
-    data: list[str]  # source specs, each optionally "*WEIGHT"
-    val_data: list[str] = field(default_factory=list)
-    val_fraction: float = 0.05
-    max_val: int = 512
-    batch_size: int = 8
-    seq_len: int | None = None
-    skip_invalid: bool = False
-    tools: bool = True  # synthetic sources: worked examples call tools
+class SFTOptions(FineTuneOptions):
+    """data: conversation source specs, each optionally "*WEIGHT"."""
+
+    tools: bool = setting(True, "worked examples of synthetic sources call tools")
     lora: object | None = None  # a LoRAConfig
-    resume: bool = False
-
-
-def split_heldout(convs: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, held out): a seeded random fraction of the conversations, at least one if fraction > 0
-    and there are at least two."""
-    if fraction <= 0 or len(convs) < 2:
-        return convs, []
-    order = list(range(len(convs)))
-    random.Random(seed).shuffle(order)
-    k = max(1, int(round(len(convs) * fraction)))
-    held = set(order[:k])
-    return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
 
 
 def sft(opts: SFTOptions, train_cfg: TrainConfig, log=print) -> dict:
     """Fine-tune opts.checkpoint on the conversation mixture; returns the Trainer's final metrics."""
     from lmforge.posttrain.conversations import load_source, parse_mixture
-    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model, resolve_checkpoint
 
-    base = resolve_checkpoint(opts.checkpoint)
-    model, base_state = load_model(base)
-    tok = load_checkpoint_tokenizer(base)
+    start = load_start(opts.checkpoint)
+    model, tok = start.model, start.tokenizer
     seq_len = opts.seq_len or model.context_limit or DEFAULT_SEQ_LEN
     if tokens_left(model, seq_len) < 0:
         raise LmforgeError(f"--seq-len {seq_len} is longer than the model's context window ({model.context_limit})")
@@ -209,41 +156,20 @@ def sft(opts: SFTOptions, train_cfg: TrainConfig, log=print) -> dict:
         log(f"data: {stats['truncated']} conversations cut to {seq_len + 1} tokens, "
             f"{stats['dropped_no_target']} dropped (no assistant token left after cutting)")
 
-    lora_info = None
-    if opts.lora is not None and train_cfg.optimizer != "adamw":
-        # Muon orthogonalises whole weight matrices; for rank-r adapters plain AdamW is the usual choice.
-        raise LmforgeError("LoRA fine-tuning uses AdamW: pass --optimizer adamw")
-    if opts.lora is not None:
-        from lmforge.posttrain.lora import apply_lora
-
-        torch.manual_seed(train_cfg.seed)  # the adapters' initial A matrices
-        apply_lora(model, opts.lora)
-        lora_info = asdict(opts.lora)
-        lora_info["targets"] = list(opts.lora.targets)
+    lora = add_lora(model, opts.lora, train_cfg)
     from lmforge.posttrain.lora import trainable_summary
 
     counts = trainable_summary(model)
     log(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['trainable'] / 1e6:.3f}M trainable "
         f"({100 * counts['fraction']:.2f}%)"
-        + (f", LoRA r={opts.lora.rank} on {','.join(opts.lora.targets)}" if lora_info else ""))
-    _, _, _, device = setup_distributed(train_cfg.device)
-    train_cfg.device = device
+        + (f", LoRA r={opts.lora.rank} on {','.join(opts.lora.targets)}" if lora else ""))
+    device = stage_device(train_cfg)
     task = SFTTask(sources, weights, val, pad_id=tok.pad_id, batch_size=opts.batch_size, seed=train_cfg.seed,
                    device=device, max_val=opts.max_val)
-    extra = {"stage": "sft", "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(base.resolve()),
-             "data": [f"{s}*{w:g}" for s, w in mixture], "batch_size": opts.batch_size, "seq_len": seq_len,
-             "lora": lora_info, "tool_conversations": tool_conversations}
-    trainer = Trainer(model, task, train_cfg, extra_state=extra, resume=opts.resume,
-                      extra_files={"tokenizer.json": (base / "tokenizer.json").read_bytes()})
-    result = trainer.fit()
-    result.update({"trainable_params": counts["trainable"], "total_params": counts["total"],
-                   "checkpoint": str(trainer.ckpt_root)})
-    if lora_info and trainer.is_main:
-        from lmforge.posttrain.lora import save_adapter
-
-        path = save_adapter(model, Path(train_cfg.out_dir) / "adapter",
-                            extra={"base_checkpoint": str(base.resolve()), "tokenizer_fingerprint": tok.fingerprint})
-        result["adapter"] = str(path)
+    extra = {"data": [f"{s}*{w:g}" for s, w in mixture], "batch_size": opts.batch_size, "seq_len": seq_len,
+             "lora": lora, "tool_conversations": tool_conversations}
+    result = run_stage("sft", model, task, train_cfg, start=start, extra=extra, resume=opts.resume, lora=lora)
+    result.update({"trainable_params": counts["trainable"], "total_params": counts["total"]})
     result["model"], result["tokenizer"] = model, tok
     return result
 
@@ -258,9 +184,9 @@ def evaluate_tasks(model, tok, tasks: list[str], n: int, *, seed: int = 0, tools
     replies that ended their turn with <|assistant_end|> ("well-formed") instead of running out of
     tokens."""
     from lmforge.chat import render_messages
-    from lmforge.engine import Engine
+    from lmforge.inference.engine import Engine
+    from lmforge.inference.tools import generate_with_tools_batch, select_tools
     from lmforge.posttrain.synthetic import get_task, heldout_problems
-    from lmforge.posttrain.tools import generate_with_tools_batch, select_tools
 
     engine = Engine(model, tok)
     out, correct_all, formed_all, total = {"tasks": {}}, 0, 0, 0
@@ -293,7 +219,7 @@ def evaluate_tasks(model, tok, tasks: list[str], n: int, *, seed: int = 0, tools
 def safety_eval(model, tok, max_new_tokens: int = 64) -> dict:
     """Refusal rate on the held-out harmful prompts and over-refusal on their benign look-alikes."""
     from lmforge.chat import render_messages
-    from lmforge.engine import Engine
+    from lmforge.inference.engine import Engine
     from lmforge.posttrain.safety import refusal_eval
 
     engine = Engine(model, tok)

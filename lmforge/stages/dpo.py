@@ -16,18 +16,19 @@ reply the higher log-probability (meaningful from the first step).
 """
 from __future__ import annotations
 
-import copy
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from lmforge.common import LmforgeError, dist_info
+from lmforge.common import LmforgeError, setting
 from lmforge.models.protocol import DEFAULT_SEQ_LEN
-from lmforge.posttrain.preference import EncodedPair, MetricsTrainer, RunningMetrics, pack, sequence_logprob
-from lmforge.posttrain.reward import PairOptions, load_start, prepare_pairs
-from lmforge.train.loop import TrainConfig, all_reduce_sum, setup_distributed
+from lmforge.posttrain.batches import pack, sequence_logprob
+from lmforge.posttrain.preference import EncodedPair
+from lmforge.stages.reward import PairOptions, PairTask, prepare_pairs
+from lmforge.train.distributed import all_reduce_sum
+from lmforge.train.loop import TrainConfig
+from lmforge.train.stage import add_lora, frozen_copy, load_start, run_stage, stage_device
 
 
 def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -44,25 +45,17 @@ def pair_rows(pairs: list[EncodedPair], pad_id: int, device):
     return pack([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, device)
 
 
-class DPOTask:
-    def __init__(self, train: list[EncodedPair], val: list[EncodedPair], ref_model, *, beta: float, pad_id: int,
-                 batch_size: int, seed: int, device: str, max_val: int = 512):
-        from lmforge.posttrain.sft import MixtureSampler
+class DPOTask(PairTask):
+    """The DPO loss against a frozen reference; held-out loss, accuracy, margins and implicit rewards."""
 
+    batch_of = pair_rows
+
+    def __init__(self, train: list[EncodedPair], val: list[EncodedPair], ref_model, *, beta: float, **kw):
         if not beta > 0:
             raise LmforgeError(f"--beta must be positive, got {beta}")
-        self.rank, _, self.world = dist_info()
-        self.train, self.val = train, val[:max_val]
-        self.ref = ref_model
-        self.beta, self.pad_id, self.batch_size, self.device = beta, pad_id, batch_size, device
-        self.sampler = MixtureSampler([len(train)], [1.0], seed)
-        self.metrics = RunningMetrics()
+        super().__init__(train, val, **kw)
+        self.ref, self.beta = ref_model, beta
         self._val_ref: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the reference never changes
-
-    def next_batch(self):
-        rows = [self.sampler.next()[1] for _ in range(self.batch_size * self.world)]
-        mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return pair_rows([self.train[i] for i in mine], self.pad_id, self.device)
 
     def _ref_logps(self, x, mask):
         with torch.no_grad():
@@ -78,9 +71,7 @@ class DPOTask:
         return loss, int(mask.sum().item())
 
     def evaluate(self, model) -> dict[str, float]:
-        mine = self.val[self.rank::self.world]
-        batches = [pair_rows(mine[k:k + self.batch_size], self.pad_id, self.device)
-                   for k in range(0, len(mine), self.batch_size)]
+        mine, batches = self.val_batches()
         if self._val_ref is None:
             self._val_ref = [self._ref_logps(x, m) for x, m in batches]
         sums = [0.0] * 6
@@ -95,56 +86,31 @@ class DPOTask:
         names = ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected", "logp_accuracy")
         return {k: v / n for k, v in zip(names, sums)}
 
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
+# Training defaults of `lmforge dpo` where they differ from TrainConfig's (no compilation: see reward.py).
+TRAIN_DEFAULTS = dict(max_steps=200, optimizer="adamw", lr=5e-5, warmup_steps=10, eval_every=50, ckpt_every=250,
+                      schedule="cosine", min_lr_frac=0.1, compile="off")
 
 
 @dataclass
 class DPOOptions(PairOptions):
-    beta: float = 0.1
+    beta: float = setting(0.1, "strength of the pull towards the reference", check="positive")
     lora: object | None = None  # a LoRAConfig
 
 
 def dpo(opts: DPOOptions, train_cfg: TrainConfig, log=print) -> dict:
     """DPO from opts.checkpoint on preference pairs; returns the Trainer's final metrics plus the
     held-out metrics before training (start_val_*)."""
-    model, tok, base = load_start(opts.checkpoint)
+    start = load_start(opts.checkpoint)
+    model, tok = start.model, start.tokenizer
     train, val, seq_len = prepare_pairs(opts, tok, model.context_limit or DEFAULT_SEQ_LEN, train_cfg.seed, log)
-    _, _, _, device = setup_distributed(train_cfg.device)
-    train_cfg.device = device
-    ref = copy.deepcopy(model).to(device).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    lora_info = None
-    if opts.lora is not None:
-        if train_cfg.optimizer != "adamw":
-            raise LmforgeError("LoRA fine-tuning uses AdamW: pass --optimizer adamw")
-        from lmforge.posttrain.lora import apply_lora
-
-        torch.manual_seed(train_cfg.seed)
-        apply_lora(model, opts.lora)
-        lora_info = {**asdict(opts.lora), "targets": list(opts.lora.targets)}
+    device = stage_device(train_cfg)
+    ref = frozen_copy(model, device)
+    lora = add_lora(model, opts.lora, train_cfg)
     task = DPOTask(train, val, ref, beta=opts.beta, pad_id=tok.pad_id, batch_size=opts.batch_size,
                    seed=train_cfg.seed, device=device, max_val=opts.max_val)
-    extra = {"stage": "dpo", "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(base.resolve()),
-             "data": list(opts.data), "beta": opts.beta, "batch_size": opts.batch_size, "seq_len": seq_len,
-             "lora": lora_info}
-    trainer = MetricsTrainer(model, task, train_cfg, extra_state=extra, resume=opts.resume,
-                             extra_files={"tokenizer.json": (base / "tokenizer.json").read_bytes()})
-    start = None
-    if not opts.resume:
-        start = trainer.evaluate()  # logged at step 0: the SFT model's own preferences
-    result = trainer.fit()
-    result["checkpoint"] = str(trainer.ckpt_root)
-    if start:
-        result.update({f"start_val_{k}": v for k, v in start.items()})
-    if lora_info and trainer.is_main:
-        from lmforge.posttrain.lora import save_adapter
-
-        path = save_adapter(model, Path(train_cfg.out_dir) / "adapter",
-                            extra={"base_checkpoint": str(base.resolve()), "tokenizer_fingerprint": tok.fingerprint})
-        result["adapter"] = str(path)
-    return result
+    extra = {"data": list(opts.data), "beta": opts.beta, "batch_size": opts.batch_size, "seq_len": seq_len,
+             "lora": lora}
+    # Evaluated before the first step (logged at step 0): the SFT model's own preferences.
+    return run_stage("dpo", model, task, train_cfg, start=start, extra=extra, resume=opts.resume, start_eval=True,
+                     lora=lora)

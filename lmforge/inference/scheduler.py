@@ -41,9 +41,9 @@ import torch
 
 from lmforge.chat import parse_tool_call
 from lmforge.common import LmforgeError
-from lmforge.engine import DEFAULT_STOP_TOKENS, RowOutput, compiled_decode_step
+from lmforge.inference.engine import DEFAULT_STOP_TOKENS, RowOutput, compiled_decode_step
+from lmforge.inference.sampling import check_sampling_args, sample_next
 from lmforge.models.protocol import tokens_left
-from lmforge.sampling import check_sampling_args, sample_next
 
 log = logging.getLogger("lmforge.serve")
 

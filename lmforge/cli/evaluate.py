@@ -1,4 +1,4 @@
-"""`lmforge` subcommands of this stage (see lmforge.cli.STAGE_COMMANDS):
+"""Evaluation commands:
 
     lmforge eval         benchmark tasks, perplexity / bits per byte; JSON + markdown results
     lmforge judge        pairwise LLM-as-a-judge comparison of two models, both orders
@@ -6,9 +6,10 @@
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from lmforge.cli.common import nonneg_int, positive_int
 
 
 def _write_json(path: str, obj) -> None:
@@ -53,19 +54,14 @@ def cmd_eval(args):
 
 
 def _read_answers(path: str, n: int) -> list[str]:
-    from lmforge.common import LmforgeError
+    from lmforge.common import LmforgeError, json_lines
 
     p = Path(path)
     if not p.is_file():
         raise LmforgeError(f"answers file not found: {p}")
     answers = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{p}:{i} is not valid JSON: {e}") from None
-            answers.append(obj["answer"] if isinstance(obj, dict) and "answer" in obj else obj)
+    for _, obj in json_lines(p.read_text().splitlines(), p):
+        answers.append(obj["answer"] if isinstance(obj, dict) and "answer" in obj else obj)
     if len(answers) < n or not all(isinstance(a, str) for a in answers):
         raise LmforgeError(f"{p} must hold at least {n} answers, one JSON string or {{\"answer\": ...}} per line")
     return answers[:n]
@@ -115,9 +111,6 @@ def cmd_report_card(args):
 
 
 def add_commands(sub) -> None:
-    """Add this stage's subcommands to the `lmforge` parser's subparsers."""
-    from lmforge.cli import nonneg_int, positive_int
-
     ev = sub.add_parser("eval", help="benchmarks (HellaSwag, ARC, MMLU, GSM8K, ...), perplexity and bits per byte")
     ev.add_argument("--checkpoint", required=True, help="lmforge run/checkpoint folder or Hugging Face model folder")
     ev.add_argument("--tasks", default=None, help="comma-separated: hellaswag, arc_easy, arc_challenge, mmlu, piqa, "

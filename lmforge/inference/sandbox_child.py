@@ -1,6 +1,6 @@
 """The child side of lmforge's Python sandbox: builds the sandbox around itself, then runs the snippet.
 
-lmforge.posttrain.sandbox starts this file with the base interpreter in isolated mode
+lmforge.inference.sandbox starts this file with the base interpreter in isolated mode
 (`python -I -S sandbox_child.py CONFIG`, the snippet on stdin, an empty environment). It imports
 nothing but the standard library, because it runs outside the project's environment; the snippet
 sees the standard library only (no site-packages: -S also keeps start-up fast). Steps:

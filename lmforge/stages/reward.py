@@ -13,7 +13,7 @@ at zero, so every score starts at 0 and the loss at log 2. The wrapped model's o
 used: it is frozen and left out of the checkpoint (a trainable parameter that gets no gradient would
 make DDP fail on the second step, and its optimizer state would cost vocabulary × width for nothing).
 
-`ModelWithHead` is what the reward model and PPO's `ActorCritic` (lmforge.posttrain.rl) share: to the
+`ModelWithHead` is what the reward model and PPO's `ActorCritic` (lmforge.stages.rl) share: to the
 Trainer, the engine and checkpoints they look like the model they wrap (its family, config, device,
 context window), and their checkpoint is that model's (its tensors under their own names, so
 `load_model` reads it) plus the head's tensors under the head's names and a "head" record in
@@ -22,25 +22,20 @@ state.json saying which prefixes are the head's (`head_record`).
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.common import LmforgeError, dist_info
+from lmforge.common import LmforgeError
+from lmforge.data.rows import MixtureSampler, ProcessShare
 from lmforge.models.protocol import tokens_left
-from lmforge.posttrain.preference import (
-    EncodedPair,
-    MetricsTrainer,
-    RunningMetrics,
-    encode_pairs,
-    encode_response,
-    fit_window,
-    load_pair_sources,
-)
-from lmforge.train.loop import TrainConfig, all_reduce_sum, setup_distributed
+from lmforge.posttrain.preference import EncodedPair, encode_pairs, encode_response, fit_window, load_pair_sources
+from lmforge.train.distributed import all_reduce_sum
+from lmforge.train.loop import RunningMetrics, TrainConfig
+from lmforge.train.stage import FineTuneOptions, load_start, run_stage, stage_device
 
 LM_PREFIX = "model."  # where the wrapped language model's tensors sit in the module (not in the checkpoint)
 
@@ -206,23 +201,43 @@ def pair_batch(pairs: list[EncodedPair], pad_id: int, device):
                             pad_id, device)
 
 
-class RewardTask:
-    """Bradley-Terry training on pairs; held-out pairwise accuracy, loss and mean margin."""
+class PairTask:
+    """What the reward and DPO tasks share: shuffled passes over the training pairs (each process
+    its share of every global batch), the held-out pairs, and per-step metrics."""
+
+    batch_of = None  # (pairs, pad_id, device) -> the model's batch
 
     def __init__(self, train: list[EncodedPair], val: list[EncodedPair], *, pad_id: int, batch_size: int,
                  seed: int, device: str, max_val: int = 512):
-        from lmforge.posttrain.sft import MixtureSampler
-
-        self.rank, _, self.world = dist_info()
+        self.share = ProcessShare()
         self.train, self.val = train, val[:max_val]
         self.sampler = MixtureSampler([len(train)], [1.0], seed)
         self.pad_id, self.batch_size, self.device = pad_id, batch_size, device
         self.metrics = RunningMetrics()
 
     def next_batch(self):
-        rows = [self.sampler.next()[1] for _ in range(self.batch_size * self.world)]
-        mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return pair_batch([self.train[i] for i in mine], self.pad_id, self.device)
+        mine, _ = self.share.batch(self.sampler.next, self.batch_size)
+        return type(self).batch_of([self.train[i] for _, i in mine], self.pad_id, self.device)
+
+    def val_batches(self):
+        mine = self.share.items(self.val)
+        return mine, [type(self).batch_of(mine[k:k + self.batch_size], self.pad_id, self.device)
+                      for k in range(0, len(mine), self.batch_size)]
+
+    def train_metrics(self) -> dict[str, float]:
+        return self.metrics.pop()
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class RewardTask(PairTask):
+    """Bradley-Terry training on pairs; held-out pairwise accuracy, loss and mean margin."""
+
+    batch_of = pair_batch
 
     def loss(self, model, batch):
         x, last = batch
@@ -234,10 +249,9 @@ class RewardTask:
         return loss, int(last.sum().item()) + x.size(0)
 
     def evaluate(self, model) -> dict[str, float]:
-        mine = self.val[self.rank::self.world]
+        mine, batches = self.val_batches()
         correct = loss = margin = 0.0
-        for k in range(0, len(mine), self.batch_size):
-            x, last = pair_batch(mine[k:k + self.batch_size], self.pad_id, self.device)
+        for x, last in batches:
             rc, rr = model(x, last).chunk(2)
             correct += (rc > rr).sum().item()
             loss += -F.logsigmoid(rc - rr).sum().item()
@@ -245,34 +259,16 @@ class RewardTask:
         correct, loss, margin, n = all_reduce_sum([correct, loss, margin, len(mine)], self.device)
         return {"loss": loss / n, "accuracy": correct / n, "margin": margin / n} if n else {}
 
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
+# Training defaults of `lmforge reward train` where they differ from TrainConfig's. No compilation:
+# pairs of every length make many shapes, each a recompilation.
+TRAIN_DEFAULTS = dict(max_steps=300, optimizer="adamw", lr=1e-4, warmup_steps=10, eval_every=100, ckpt_every=250,
+                      schedule="cosine", min_lr_frac=0.1, compile="off")
 
 
 @dataclass
-class PairOptions:
-    """Options shared by `reward train` and `dpo`."""
-    checkpoint: str
-    data: list[str]
-    val_data: list[str] = field(default_factory=list)
-    val_fraction: float = 0.05
-    max_val: int = 512
-    batch_size: int = 8  # pairs per micro-batch
-    seq_len: int | None = None
-    skip_invalid: bool = False
-    resume: bool = False
-
-
-def load_start(checkpoint: str):
-    """(model, tokenizer, resolved checkpoint path) of the run a stage starts from."""
-    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model, resolve_checkpoint
-
-    base = resolve_checkpoint(checkpoint)
-    model, _ = load_model(base)
-    return model, load_checkpoint_tokenizer(base), base
+class PairOptions(FineTuneOptions):
+    """Options shared by `reward train` and `dpo` (data: preference-pair source specs)."""
 
 
 def prepare_pairs(opts: PairOptions, tok, block_size: int | None, seed: int, log=print):
@@ -295,22 +291,15 @@ def prepare_pairs(opts: PairOptions, tok, block_size: int | None, seed: int, log
 
 
 def train_reward_model(opts: PairOptions, train_cfg: TrainConfig, log=print) -> dict:
-    lm, tok, base = load_start(opts.checkpoint)
-    train, val, seq_len = prepare_pairs(opts, tok, lm.context_limit, train_cfg.seed, log)
-    model = RewardModel(lm)
-    _, _, _, device = setup_distributed(train_cfg.device)
-    train_cfg.device = device
+    start = load_start(opts.checkpoint)
+    tok = start.tokenizer
+    train, val, seq_len = prepare_pairs(opts, tok, start.model.context_limit, train_cfg.seed, log)
+    model = RewardModel(start.model)
     task = RewardTask(train, val, pad_id=tok.pad_id, batch_size=opts.batch_size, seed=train_cfg.seed,
-                      device=device, max_val=opts.max_val)
-    extra = {"stage": "reward", "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(base.resolve()),
-             "data": list(opts.data), "batch_size": opts.batch_size, "seq_len": seq_len,
-             "head": model.head_record()}
-    trainer = MetricsTrainer(model, task, train_cfg, extra_state=extra, resume=opts.resume,
-                             extra_files={"tokenizer.json": (base / "tokenizer.json").read_bytes()})
+                      device=stage_device(train_cfg), max_val=opts.max_val)
+    extra = {"data": list(opts.data), "batch_size": opts.batch_size, "seq_len": seq_len, "head": model.head_record()}
     # The zero-initialised head scores every reply 0 at the start: loss log 2, no pair ranked right.
-    result = trainer.fit()
-    result["checkpoint"] = str(trainer.ckpt_root)
-    return result
+    return run_stage("reward", model, task, train_cfg, start=start, extra=extra, resume=opts.resume)
 
 
 @torch.no_grad()

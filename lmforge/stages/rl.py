@@ -30,7 +30,6 @@ greedy replies to held-out problems, exact-match accuracy (as `lmforge synthetic
 """
 from __future__ import annotations
 
-import copy
 import math
 import random
 from dataclasses import dataclass, field
@@ -39,13 +38,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lmforge.answers import is_correct_number
-from lmforge.common import LmforgeError, dist_info
+from lmforge.common import LmforgeError, is_main_process, setting
+from lmforge.data.rows import ProcessShare
 from lmforge.models.protocol import tokens_left
-from lmforge.posttrain.preference import MetricsTrainer, RunningMetrics, pack, token_logprobs
-from lmforge.posttrain.reward import ModelWithHead
-from lmforge.posttrain.synthetic import heldout_problems
-from lmforge.train.loop import TrainConfig, all_reduce_sum, setup_distributed
+from lmforge.posttrain import verifiable
+from lmforge.posttrain.batches import pack, token_logprobs
+from lmforge.posttrain.verifiable import evaluate_policy, prompt_source
+from lmforge.stages.reward import ModelWithHead
+from lmforge.train.distributed import all_reduce_sum
+from lmforge.train.loop import RunningMetrics, TrainConfig
+from lmforge.train.stage import frozen_copy, load_start, run_stage, stage_device
+
+# ----------------------------------------------------------------------------- the pieces, testable alone
 
 # ----------------------------------------------------------------------------- the pieces, testable alone
 
@@ -142,103 +146,6 @@ def policy_of(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, ActorCritic) else model
 
 
-# ----------------------------------------------------------------------------- prompts and rewards
-
-
-class PromptSource:
-    """Problems with checkable answers: `sample(rng) -> (prompt, expected)`, `check(text, expected)`."""
-
-    name = "prompts"
-
-    def sample(self, rng: random.Random) -> tuple[str, str]:
-        raise NotImplementedError
-
-    def check(self, text: str, expected: str) -> bool:
-        raise NotImplementedError
-
-
-class SyntheticSource(PromptSource):
-    """A synthetic task by name; `arithmetic:D[:OPS]` narrows arithmetic to operands of at most D
-    digits and the operators OPS (e.g. arithmetic:2:+-)."""
-
-    def __init__(self, spec: str, split: str):
-        from lmforge.posttrain.synthetic import ArithmeticTask, get_task
-
-        name, _, rest = spec.partition(":")
-        if name == "arithmetic" and rest:
-            digits, _, ops = rest.partition(":")
-            try:
-                self.task = ArithmeticTask(max_digits=int(digits), ops=ops or "+-*")
-            except ValueError:
-                raise LmforgeError(f"{spec}: expected arithmetic:DIGITS[:OPS], e.g. arithmetic:2:+-") from None
-        elif rest:
-            raise LmforgeError(f"{spec}: only arithmetic takes options (arithmetic:DIGITS[:OPS])")
-        else:
-            self.task = get_task(name, split)
-        self.name = spec
-
-    def sample(self, rng):
-        return self.task.sample(rng)
-
-    def check(self, text, expected):
-        return self.task.check(text, expected)
-
-
-class GSM8KSource(PromptSource):
-    """GSM8K-style JSONL ({"question", "answer"} with the final answer after '####'), read by the
-    evaluation's reader; reward: the reply's answer equals it (lmforge.answers, as the metric)."""
-
-    name = "gsm8k"
-
-    def __init__(self, path: str):
-        from lmforge.eval.tasks import read_gsm8k_file
-
-        self.items = [(it.question, it.answer) for it in read_gsm8k_file(path)]
-
-    def sample(self, rng):
-        return rng.choice(self.items)
-
-    def check(self, text, expected):
-        return is_correct_number(text, expected)
-
-
-def prompt_source(spec: str, split: str) -> PromptSource:
-    """`TASK` (a synthetic task: arithmetic, letters, identity; arithmetic:DIGITS[:OPS]) or `gsm8k:PATH`."""
-    if spec.startswith("gsm8k:"):
-        return GSM8KSource(spec[len("gsm8k:"):])
-    return SyntheticSource(spec, split)
-
-
-# ----------------------------------------------------------------------------- rollouts
-
-
-@dataclass
-class Reply:
-    tokens: list[int]  # after the prompt, <|assistant_end|> included when the turn ended
-    actions: list[int]  # 1 where the token is the policy's choice (0: a tool result inserted by the loop)
-    text: str  # the final answer's text
-    ended: bool  # the reply ended its turn with <|assistant_end|>
-
-
-def generate_replies(engine, prompts: list[list[int]], max_new_tokens: int, *, tools: bool,
-                     tool_names=None, **sampling) -> list[Reply]:
-    """Replies to rendered chat prompts, with the tool loop (tools=True; the built-in tools named
-    in tool_names, all when None) or without."""
-    from lmforge.posttrain.tools import generate_with_tools_batch, select_tools
-
-    if tools:
-        return [Reply(r.tokens, r.action_mask, r.text, r.finish_reason == "stop")
-                for r in generate_with_tools_batch(engine, prompts, max_new_tokens=max_new_tokens,
-                                                   tools=select_tools(tool_names), **sampling)]
-    end = engine.tokenizer.special_id("<|assistant_end|>")
-    out = []
-    for c in engine.generate(prompts, max_new_tokens, **sampling):
-        ended = c.finish_reason == "stop" and c.stop == end
-        tokens = list(c.tokens) + ([end] if ended else [])  # the end of turn is an action too
-        out.append(Reply(tokens, [1] * len(tokens), c.text, ended))
-    return out
-
-
 @dataclass
 class Rollout:
     x: torch.Tensor  # (N, T) prompt + reply, right-padded
@@ -257,6 +164,13 @@ class Rollout:
     global_tokens: float = 0.0
 
 
+# Training defaults of `lmforge grpo` / `ppo` where they differ from TrainConfig's (the speedrun's RL
+# stage starts from them too). No compilation: rollouts of every length make many shapes.
+TRAIN_DEFAULTS = dict(max_steps=100, optimizer="adamw", lr=1e-5, warmup_steps=5, eval_every=25, ckpt_every=50,
+                      schedule="constant", log_every=1, compile="off")
+KL_BETA = {"grpo": 0.04, "ppo": 0.05}  # the KL weight's default per algorithm
+
+
 @dataclass
 class RLOptions:
     checkpoint: str  # the policy to start from (usually an SFT run)
@@ -264,25 +178,28 @@ class RLOptions:
     tasks: list[str] = field(default_factory=lambda: ["arithmetic"])  # prompt sources
     eval_tasks: list[str] | None = None  # held-out sources (default: the test split of `tasks`)
     reward_model: str | None = None  # score with this reward model instead of the checker
-    prompts_per_step: int = 8
-    group_size: int = 8
-    max_new_tokens: int = 32
-    tools: bool = False  # run the tools the policy calls during rollouts and evaluation
+    prompts_per_step: int = setting(8, "prompts per rollout (each gets --group-size replies)", check="positive")
+    group_size: int = setting(8, "sampled replies per prompt", check="positive")
+    max_new_tokens: int = setting(32, "the policy's own tokens per reply", check="positive")
+    tools: bool = setting(False, "run the tools the policy calls (calculator, python) in rollouts and "
+                          "evaluation; tool results are not actions")
     tool_names: tuple[str, ...] | None = None  # with tools: which built-in tools run (None: all)
-    temperature: float = 1.0
-    top_p: float | None = None
-    clip: float = 0.2
-    kl_beta: float = 0.04
-    updates_per_rollout: int = 1
+    temperature: float = setting(1.0, "sampling temperature of the rollouts", check="temperature")
+    top_p: float | None = setting(None, "nucleus sampling of the rollouts", check="top_p")
+    clip: float = setting(0.2, "PPO ratio clip epsilon", check="positive")
+    kl_beta: float = setting(0.04, "weight of the KL penalty to the reference", check="nonneg")
+    updates_per_rollout: int = setting(1, "optimizer steps on each rollout (>1: the clipping matters)",
+                                       check="positive")
     # GRPO: leave out of the loss the groups whose replies all got the same reward (their
     # advantages are all 0: they would only add the KL term) — less compute per step, as DAPO does.
     skip_uniform_groups: bool = True
-    gamma: float = 1.0  # PPO
-    lam: float = 0.95  # PPO
-    vf_coef: float = 0.5  # PPO
-    critic: str = "separate"  # PPO: "separate" value trunk, or "shared" with the policy
-    eval_n: int = 100  # held-out problems per task for evaluation
-    resume: bool = False
+    gamma: float = setting(1.0, "PPO: discount", check="positive")
+    lam: float = setting(0.95, "PPO: GAE lambda", check="unit")
+    vf_coef: float = setting(0.5, "PPO: value-loss weight", check="positive")
+    critic: str = setting("separate", "PPO: the value head on its own copy of the trunk (classic PPO) or on "
+                          "the policy's", choices=("separate", "shared"))
+    eval_n: int = setting(100, "held-out problems per task", check="positive")
+    resume: bool = setting(False, "continue from the newest checkpoint in --out")
 
 
 class RLTask:
@@ -303,7 +220,7 @@ class RLTask:
         if not opts.temperature > 0:
             raise LmforgeError("--temperature must be positive: RL needs sampled replies")
         self.opts, self.tok, self.ref, self.rm = opts, tok, ref_model, reward_model
-        self.rank, _, self.world = dist_info()
+        self.share = ProcessShare()
         self.seed, self.device = seed, device
         self.train_sources = [prompt_source(t, "train") for t in opts.tasks]
         self.eval_tasks = opts.eval_tasks or opts.tasks
@@ -324,13 +241,13 @@ class RLTask:
 
     @torch.no_grad()
     def _rm_scores(self, prompts: list[list[int]], replies: list[list[int]]) -> torch.Tensor:
-        from lmforge.posttrain.reward import pack_for_scoring
+        from lmforge.stages.reward import pack_for_scoring
 
         x, last = pack_for_scoring(prompts, replies, self.tok.pad_id, self.device)
         return self.rm(x, last).float()
 
     def rollout(self) -> Rollout:
-        from lmforge.engine import Engine
+        from lmforge.inference.engine import Engine
 
         o = self.opts
         # Every process draws the step's global list of problems and keeps its own slice, so the
@@ -338,11 +255,12 @@ class RLTask:
         # The replies are sampled with one seed per process: the same prompts split across
         # processes get other (equally likely) replies than on one.
         rng = random.Random(f"rl-{self.seed}-{self.rollouts}")
-        problems = []
-        for _ in range(o.prompts_per_step * self.world):
+
+        def draw():
             src = rng.choice(self.train_sources)
-            problems.append((src, *src.sample(rng)))
-        problems = problems[self.rank * o.prompts_per_step:(self.rank + 1) * o.prompts_per_step]
+            return (src, *src.sample(rng))
+
+        problems, _ = self.share.batch(draw, o.prompts_per_step)
         prompts = [self._prompt_ids(p) for _, p, _ in problems for _ in range(o.group_size)]
         engine = Engine(self.policy, self.tok)
         # Leave room for the <|assistant_end|> appended to a reply that stopped.
@@ -350,9 +268,10 @@ class RLTask:
         if budget <= 0:
             raise LmforgeError(f"prompts of {max(len(p) for p in prompts)} tokens leave no room to reply "
                                f"in the {self.policy.context_limit}-token window")
-        outs = generate_replies(engine, prompts, budget, tools=o.tools, tool_names=o.tool_names,
+        # Looked up on the module: a test scripts the replies by replacing verifiable.generate_replies.
+        outs = verifiable.generate_replies(engine, prompts, budget, tools=o.tools, tool_names=o.tool_names,
                                 temperature=o.temperature, top_p=o.top_p,
-                                seed=hash((self.seed, self.rank, self.rollouts)) & 0x7FFFFFFF)
+                                seed=hash((self.seed, self.share.rank, self.rollouts)) & 0x7FFFFFFF)
         # A reply cut at zero tokens still needs a target to pack; its mask is cleared below.
         replies = [r.tokens or [self.end_id] for r in outs]
         correct = [float(r.ended and problems[i // o.group_size][0].check(r.text, problems[i // o.group_size][2]))
@@ -434,16 +353,16 @@ class RLTask:
         p = r.prepared
         surrogate, clipped = clipped_surrogate(logp, p["old_logp"], p["adv"], o.clip)
         kl = kl_k3(logp, p["ref_logp"])
-        # DDP averages the processes' gradients (and MetricsTrainer their logged numbers): dividing
+        # DDP averages the processes' gradients (and the Trainer their logged train_metrics): dividing
         # each process's sum by (global count / processes) makes that average the mean over the
         # whole step, as on one process, even when the processes hold different numbers of replies
         # or tokens.
-        tokens = r.global_tokens / self.world if r.global_tokens else mask.sum().clamp(min=1)
+        tokens = r.global_tokens / self.share.world if r.global_tokens else mask.sum().clamp(min=1)
         if o.algorithm == "grpo":
             # Mean over each reply's tokens, then over replies (the GRPO paper's normalisation).
             per_tok = -(surrogate - o.kl_beta * kl)
             per_reply = (per_tok * mask).sum(1) / mask.sum(1).clamp(min=1)
-            loss = per_reply.sum() / (r.global_replies / self.world if r.global_replies else per_reply.numel())
+            loss = per_reply.sum() / (r.global_replies / self.share.world if r.global_replies else per_reply.numel())
             extra = {}
         else:
             v = values[:, :-1]
@@ -466,6 +385,9 @@ class RLTask:
                                max_new_tokens=self.opts.max_new_tokens, device=self.device, tools=self.opts.tools,
                                tool_names=self.opts.tool_names)
 
+    def train_metrics(self) -> dict[str, float]:
+        return self.metrics.pop()
+
     def state_dict(self) -> dict:
         return {"rollouts": self.rollouts - (self.current is not None and
                                              self.current.uses < self.opts.updates_per_rollout)}
@@ -475,53 +397,9 @@ class RLTask:
         self.rollouts, self.current = state["rollouts"], None
 
 
-@torch.no_grad()
-def evaluate_policy(model, tok, tasks: list[str], n: int, *, max_new_tokens: int = 32, seed: int = 0,
-                    device: str = "cpu", batch_size: int = 64, tools: bool = False,
-                    tool_names=None) -> dict[str, float]:
-    """Greedy replies (with the tool loop if tools) to n held-out problems per task, batched:
-    exact-match accuracy (the reply must end its turn), per task and overall, and the mean reply
-    length (the model's own tokens). The problems are the ones `lmforge synthetic eval` draws (same
-    seeds)."""
-    from lmforge.engine import Engine
-
-    rank, _, world = dist_info()
-    engine = Engine(model, tok)
-    dev = model.device.type
-    # fp32 even inside the Trainer's bf16 evaluation: the same numbers as a standalone evaluation.
-    with torch.autocast(dev, enabled=False):
-        return _evaluate(engine, src_names=tasks, n=n, max_new_tokens=max_new_tokens, seed=seed, device=device,
-                         batch_size=batch_size, rank=rank, world=world, tools=tools, tool_names=tool_names)
-
-
-def _evaluate(engine, *, src_names, n, max_new_tokens, seed, device, batch_size, rank, world, tools, tool_names):
-    from lmforge.chat import render_messages
-
-    tok, model = engine.tokenizer, engine.model
-    out, correct_all, length_all, total = {}, 0.0, 0.0, 0
-    for name in src_names:
-        src = prompt_source(name, "test")
-        problems = heldout_problems(src, name, n, seed)[rank::world]
-        correct = length = 0.0
-        for k in range(0, len(problems), batch_size):
-            chunk = problems[k:k + batch_size]
-            prompts = [render_messages(tok, [{"role": "user", "content": q}]) for q, _ in chunk]
-            budget = min(max_new_tokens, tokens_left(model, max(len(p) for p in prompts)))
-            for (_, expected), r in zip(chunk, generate_replies(engine, prompts, max(budget, 1), tools=tools,
-                                                                tool_names=tool_names, temperature=0.0)):
-                correct += r.ended and src.check(r.text, expected)
-                length += sum(r.actions) - r.ended
-        correct, length, count = all_reduce_sum([correct, length, len(problems)], device)
-        out[f"accuracy_{src.name}"] = correct / max(count, 1)
-        correct_all, length_all, total = correct_all + correct, length_all + length, total + count
-    out["accuracy"] = correct_all / max(total, 1)
-    out["length"] = length_all / max(total, 1)
-    return out
-
-
 def plot_rewards(log_path: str | Path, png_path: str | Path) -> Path | None:
     """Mean reward and accuracy of the rollouts per logged step, and held-out accuracy when evaluated."""
-    from lmforge.train.loop import read_log
+    from lmforge.train.logs import read_log
 
     records = read_log(log_path)
     train = [r for r in records if "reward" in r]
@@ -551,17 +429,13 @@ def train_rl(opts: RLOptions, train_cfg: TrainConfig, log=print) -> dict:
     """GRPO or PPO from opts.checkpoint; returns the Trainer's final metrics and the held-out metrics
     before training (start_val_*). PPO's checkpoints hold the policy under its own names plus the
     value head and critic ("head" in state.json): `load_model` reads them as the policy."""
-    from lmforge.posttrain.reward import load_start
-
-    lm, tok, base = load_start(opts.checkpoint)
-    _, _, _, device = setup_distributed(train_cfg.device)
-    train_cfg.device = device
-    ref = copy.deepcopy(lm).to(device).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
+    start = load_start(opts.checkpoint)
+    lm, tok = start.model, start.tokenizer
+    device = stage_device(train_cfg)
+    ref = frozen_copy(lm, device)
     rm = None
     if opts.reward_model:
-        from lmforge.posttrain.reward import load_reward_model
+        from lmforge.stages.reward import load_reward_model
 
         rm, rm_state = load_reward_model(opts.reward_model, device)
         if rm_state.get("tokenizer_fingerprint") not in (None, tok.fingerprint):
@@ -572,18 +446,15 @@ def train_rl(opts: RLOptions, train_cfg: TrainConfig, log=print) -> dict:
         raise LmforgeError(f"--critic must be separate or shared, got {opts.critic!r}")
     model = ActorCritic(lm, opts.critic == "separate") if opts.algorithm == "ppo" else lm
     task = RLTask(opts, tok, ref, seed=train_cfg.seed, device=device, reward_model=rm)
-    extra = {"stage": opts.algorithm, "tokenizer_fingerprint": tok.fingerprint, "base_checkpoint": str(base.resolve()),
-             "rl": {k: v for k, v in vars(opts).items() if k not in ("checkpoint", "resume")}}
+    extra = {"rl": {k: v for k, v in vars(opts).items() if k not in ("checkpoint", "resume")}}
     if isinstance(model, ActorCritic):
         extra["head"] = model.head_record()
-    trainer = MetricsTrainer(model, task, train_cfg, extra_state=extra, resume=opts.resume,
-                             extra_files={"tokenizer.json": (base / "tokenizer.json").read_bytes()})
-    task.policy = policy_of(trainer.raw_model)  # the engine samples from the weights being trained
-    start = None if opts.resume else trainer.evaluate()
-    result = trainer.fit()
-    result["checkpoint"] = str(trainer.ckpt_root)
-    if trainer.is_main:
+
+    def sample_from_trained_weights(trainer):
+        task.policy = policy_of(trainer.raw_model)  # the engine samples from the weights being trained
+
+    result = run_stage(opts.algorithm, model, task, train_cfg, start=start, extra=extra, resume=opts.resume,
+                       start_eval=True, before_fit=sample_from_trained_weights)
+    if is_main_process():
         plot_rewards(Path(train_cfg.out_dir) / "log.jsonl", Path(train_cfg.out_dir) / "rewards.png")
-    if start:
-        result.update({f"start_val_{k}": v for k, v in start.items()})
     return result

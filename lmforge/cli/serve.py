@@ -1,10 +1,12 @@
-"""`lmforge` subcommands of this stage (see lmforge.cli.STAGE_COMMANDS).
+"""`lmforge serve`: the OpenAI-compatible API and the chat page.
 
     lmforge serve --checkpoint runs/sft [--port 8000] [--api-key KEY | $LMFORGE_API_KEY] [--tools builtin]
 """
 from __future__ import annotations
 
 import os
+
+from lmforge.cli.common import checked, positive_int
 
 API_KEY_ENV = "LMFORGE_API_KEY"
 
@@ -22,7 +24,7 @@ def cmd_serve(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tools == "builtin":  # refuse at startup rather than fail the first request that runs Python
-        from lmforge.posttrain.sandbox import sandbox_problem
+        from lmforge.inference.sandbox import sandbox_problem
 
         problem = sandbox_problem()
         if problem:
@@ -63,9 +65,6 @@ def _fine_tuned_for_tools(path) -> bool:
 
 
 def add_commands(sub) -> None:
-    """Add this stage's subcommands to the `lmforge` parser's subparsers."""
-    from lmforge.cli import checked, positive_int
-
     port_number = checked(int, lambda v: 0 < v < 65536, "a TCP port number in 1..65535")
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API and web chat page for a model")

@@ -8,7 +8,7 @@ and lets the model continue until it ends a turn without a call.
 Tools:
   calculator  arithmetic on numbers (+ - * / // % ** and parentheses), evaluated by walking the
               `ast` of the expression: no eval, no names, no attribute access, bounded sizes.
-  python      a snippet run inside an operating-system sandbox (lmforge/posttrain/sandbox.py):
+  python      a snippet run inside an operating-system sandbox (lmforge/inference/sandbox.py):
               new user/mount/network/pid/ipc namespaces, a private read-only root holding only the
               Python installation and shared libraries, a size-limited tmpfs as working folder,
               a seccomp filter that makes process creation, exec, sockets, ptrace and mounts fail,
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 from lmforge.chat import format_tool_call, parse_tool_call, render_messages
 from lmforge.common import LmforgeError
+from lmforge.inference.sandbox import PythonLimits, SandboxUnavailable, run_sandboxed
 from lmforge.models.protocol import tokens_left
-from lmforge.posttrain.sandbox import PythonLimits, SandboxUnavailable, run_sandboxed
 
 # ----------------------------------------------------------------------------- calculator
 
@@ -90,7 +90,7 @@ def _eval(node):
 
 
 def run_python(code: str, limits: PythonLimits | None = None) -> str:
-    """Run a Python snippet in the OS sandbox (lmforge.posttrain.sandbox); returns its stdout and
+    """Run a Python snippet in the OS sandbox (lmforge.inference.sandbox); returns its stdout and
     stderr (truncated). Errors in the snippet come back as text (the model sees them), never as
     exceptions here; a machine where the sandbox cannot be built raises SandboxUnavailable."""
     if not isinstance(code, str) or not code.strip():

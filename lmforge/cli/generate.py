@@ -1,0 +1,219 @@
+"""Text from a checkpoint of any model family (the KV-cached engine, or the family's decode state).
+
+    lmforge sample --checkpoint RUN [--prompt TEXT] [--num-samples N]
+    lmforge generate --checkpoint RUN "prompt"     only the completion, for scripts (or stdin)
+    lmforge chat --checkpoint RUN [--tools]       a multi-turn chat in the terminal
+    lmforge score --checkpoint RUN TEXT ...       log-probabilities; ranks candidates (noisy channel)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lmforge.cli.common import (
+    add_sampling_args,
+    positive_int,
+    print_sample,
+    read_text_arg,
+    sampling_kwargs,
+    temperature_value,
+)
+
+
+def cmd_generate(args):
+    """One-shot completion for scripts: prints only the generated text."""
+    from lmforge.inference.engine import Engine
+    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
+
+    model, _ = load_model(args.checkpoint, device=args.device)
+    tok = load_checkpoint_tokenizer(args.checkpoint)
+    prompt = read_text_arg(args.prompt)
+    if args.chat:
+        from lmforge.chat import render_messages
+
+        ids = render_messages(tok, [{"role": "user", "content": prompt}])
+    else:
+        ids = [tok.bos_id] + tok.encode(prompt)
+    engine = Engine(model, tok)
+    for piece in engine.stream(ids, args.max_new_tokens, seed=args.seed, stop_strings=args.stop or (),
+                               **sampling_kwargs(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+CHAT_HELP = "commands: /reset (new conversation), /temperature X, /quit"
+
+
+def fit_history(tok, messages: list[dict], budget: int) -> list[dict]:
+    """Drop the oldest turns (never the system prompt or the newest message) until the rendered
+    conversation plus room for the reply fits in `budget` tokens."""
+    from lmforge.chat import render_messages
+
+    msgs = list(messages)
+    system = [m for m in msgs[:1] if m["role"] == "system"]
+    rest = msgs[len(system):]
+    while len(rest) > 1 and len(render_messages(tok, system + rest)) > budget:
+        rest = rest[1:]
+    return system + rest
+
+
+def cmd_chat(args):
+    """A multi-turn chat in the terminal, streamed through the chat template. With tools (the default
+    for a model fine-tuned to call them), each reply runs through the tool loop and shows the calls
+    the model makes and their results."""
+    from lmforge.chat import render_messages
+    from lmforge.inference.engine import Engine
+    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model, trained_with_tools
+
+    model, _ = load_model(args.checkpoint, device=args.device)
+    tok = load_checkpoint_tokenizer(args.checkpoint)
+    use_tools = trained_with_tools(args.checkpoint) if args.tools is None else args.tools
+    engine = Engine(model, tok)
+    from lmforge.models.protocol import tokens_left
+
+    window = tokens_left(model, 0)  # the context window (unbounded for an LSTM or an n-gram)
+    reply_room = min(args.max_new_tokens, window // 2)
+    context = f"{window}-token context" if model.context_limit else "no context limit"
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    sampling = sampling_kwargs(args)
+    interactive = sys.stdin.isatty()
+    print(f"lmforge chat ({context}{', tools run' if use_tools else ''}). {CHAT_HELP}",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            if cmd == "/quit":
+                break
+            if cmd == "/reset":
+                history = list(system)
+                print("(new conversation)", file=sys.stderr)
+            elif cmd == "/temperature":
+                try:
+                    sampling["temperature"] = temperature_value(arg.strip())
+                    print(f"(temperature {sampling['temperature']})", file=sys.stderr)
+                except argparse.ArgumentTypeError as e:
+                    print(f"(error: {e})", file=sys.stderr)
+            else:
+                print(f"(unknown command {cmd}; {CHAT_HELP})", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        history = fit_history(tok, history, window - reply_room)
+        ids = render_messages(tok, history)
+        if len(ids) >= window:
+            print(f"(error: that message is {len(ids)} tokens; the context window is {window})", file=sys.stderr)
+            history.pop()
+            continue
+        print("assistant> " if interactive else "", end="", flush=True)
+        if use_tools:
+            history += _chat_reply_with_tools(engine, history, reply_room, args.seed, sampling)
+            continue
+        pieces = []
+        for piece in engine.stream(ids, reply_room, seed=args.seed, **sampling):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def _chat_reply_with_tools(engine, history: list[dict], max_new_tokens: int, seed, sampling: dict) -> list[dict]:
+    """One reply through the tool loop, printed as it went: content, each call and its result, the
+    answer. Returns the reply's messages (assistant turns with their calls, tool results)."""
+    from lmforge.inference.tools import generate_with_tools
+
+    result = generate_with_tools(engine, history, max_new_tokens=max_new_tokens, seed=seed, **sampling)
+    for m in result.messages:
+        if m["role"] == "tool":
+            print(f"[tool result] {m['content']}", flush=True)
+            continue
+        if m.get("content"):
+            print(m["content"], flush=True)
+        for call in m.get("tool_calls") or []:
+            print(f"[tool call] {call['name']} {json.dumps(call['arguments'], ensure_ascii=False)}", flush=True)
+    if not result.messages or result.messages[-1]["role"] != "assistant" or not result.messages[-1]["content"]:
+        print(flush=True)  # every reply ends its line, even an empty one
+    if result.finish_reason == "max_calls":
+        print("(the reply stopped: too many tool calls in one turn)", file=sys.stderr)
+    return result.messages
+
+
+def cmd_sample(args):
+    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
+
+    model, _ = load_model(args.checkpoint, device=args.device)
+    tok = load_checkpoint_tokenizer(args.checkpoint)
+    prompt = args.prompt if args.prompt is not None else ""
+    print_sample(model, tok, prompt, args, args.num_samples, seed=args.seed)
+
+
+def cmd_score(args):
+    from lmforge.inference.sampling import rank_texts
+    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
+
+    model, _ = load_model(args.checkpoint, device=args.device)
+    tok = load_checkpoint_tokenizer(args.checkpoint)
+    texts = args.texts or [read_text_arg(None)]
+    ranked = rank_texts(model, tok, texts)
+    if args.json:
+        print(json.dumps([{"text": s.text, "logprob": s.logprob, "perplexity": s.perplexity,
+                           "tokens": [{"token": t, "logprob": lp} for t, lp in s.token_logprobs]}
+                          for s in ranked], indent=2))
+        return
+    if len(ranked) == 1 or args.verbose:
+        for s in ranked:
+            print(f"{s.text!r}")
+            for piece, lp in s.token_logprobs:
+                print(f"  {piece!r:>20} {lp:9.4f}")
+    print(f"{'rank':>4}  {'log p':>10}  {'ppl':>9}  text")
+    for i, s in enumerate(ranked, 1):
+        print(f"{i:>4}  {s.logprob:10.3f}  {s.perplexity:9.2f}  {s.text}")
+
+
+def add_commands(sub) -> None:
+    # sample
+    sa = sub.add_parser("sample", help="generate text from a checkpoint")
+    sa.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    sa.add_argument("--prompt", default=None)
+    sa.add_argument("--num-samples", type=positive_int, default=1)
+    sa.add_argument("--device", default="cpu")
+    add_sampling_args(sa)
+    sa.set_defaults(func=cmd_sample)
+
+    # generate
+    ge = sub.add_parser("generate", help="one-shot completion for scripts (prompt as argument or stdin)")
+    ge.add_argument("--checkpoint", required=True)
+    ge.add_argument("prompt", nargs="?")
+    ge.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    ge.add_argument("--stop", action="append", help="stop string (repeatable)")
+    ge.add_argument("--device", default="cpu")
+    add_sampling_args(ge)
+    ge.set_defaults(func=cmd_generate)
+
+    # chat
+    ch = sub.add_parser("chat", help="talk to a model in the terminal")
+    ch.add_argument("--checkpoint", required=True)
+    ch.add_argument("--system", default=None, help="system prompt")
+    ch.add_argument("--device", default="cpu")
+    ch.add_argument("--tools", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the tools the model calls (calculator, python) and show each call and result; "
+                         "default: on for a model fine-tuned with tool calls")
+    add_sampling_args(ch)
+    ch.set_defaults(func=cmd_chat)
+
+    # score
+    sc = sub.add_parser("score", help="log-probability and perplexity of texts; ranks several candidates")
+    sc.add_argument("--checkpoint", required=True)
+    sc.add_argument("texts", nargs="*")
+    sc.add_argument("--device", default="cpu")
+    sc.add_argument("--json", action="store_true")
+    sc.add_argument("-v", "--verbose", action="store_true", help="per-token log-probs for every text")
+    sc.set_defaults(func=cmd_score)

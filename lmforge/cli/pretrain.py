@@ -1,0 +1,73 @@
+"""`lmforge pretrain`: train any model family on token shards (also under torchrun: DDP).
+
+    lmforge pretrain --data-dir data/ --out runs/a [--arch transformer|lstm|ngram] [--model PRESET]
+    lmforge pretrain ... --dry-run        parameters, tokens per step, memory and FLOPs; no training
+"""
+from __future__ import annotations
+
+import json
+
+from lmforge.cli.common import add_model_args, add_options, add_train_args, model_overrides, train_config
+from lmforge.common import LmforgeError
+
+
+def pretrain_options(args, **given):
+    from lmforge.cli.common import options_from_args
+    from lmforge.stages.pretrain import PretrainOptions
+
+    return options_from_args(PretrainOptions, args, data_dir=args.data_dir, model=args.arch,
+                             preset=args.model_preset, model_overrides=model_overrides(args), **given)
+
+
+def cmd_pretrain(args):
+    from lmforge.stages.pretrain import pretrain
+
+    if args.dry_run:
+        return print_training_estimate(args)
+    result = pretrain(pretrain_options(args), train_config(args))
+    from lmforge.common import is_main_process
+
+    if is_main_process():
+        summary = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
+        print(json.dumps(summary, indent=2))
+    from lmforge.train.distributed import cleanup_distributed
+
+    cleanup_distributed()
+
+
+def print_training_estimate(args):
+    """`pretrain --dry-run`: what a step costs, per device, before any memory is spent on it."""
+    from lmforge.common import dist_info
+    from lmforge.models.transformer import get_config
+    from lmforge.stages.pretrain import load_data_tokenizer
+    from lmforge.train.budget import training_footprint
+
+    if args.arch != "transformer":
+        raise LmforgeError(f"--dry-run estimates the transformer family only, not {args.arch}")
+    tok, _ = load_data_tokenizer(args.data_dir)
+    preset = args.model_preset or "cpu"
+    cfg = get_config(preset, **{**model_overrides(args), "vocab_size": tok.vocab_size})
+    seq_len = args.seq_len or cfg.block_size
+    world = dist_info()[2]
+    f = training_footprint(cfg, batch_size=args.batch_size, seq_len=seq_len, grad_accum=args.grad_accum,
+                           world=world, optimizer=args.optimizer)
+    gib = 2.0 ** 30
+    print(f"model: {preset}, {f.params / 1e6:.2f}M parameters, context {cfg.block_size}")
+    print(f"batch: {args.batch_size} sequences x {seq_len} tokens x {args.grad_accum} accumulation steps x "
+          f"{world} processes = {args.batch_size * seq_len * args.grad_accum * world:,} tokens per step")
+    print(f"memory per device (estimate): {f.total / gib:.2f} GiB = weights {f.weights / gib:.2f} + gradients "
+          f"{f.gradients / gib:.2f} + optimizer {f.optimizer / gib:.2f} + activations {f.activations / gib:.2f}")
+    print(f"compute: {f.flops_per_step / 1e12:.2f} TFLOP per step (all devices)")
+
+
+def add_commands(sub) -> None:
+    from lmforge.stages.pretrain import PretrainOptions
+
+    pt = sub.add_parser("pretrain", help="train a model on token shards (runs under torchrun too)")
+    pt.add_argument("--data-dir", required=True, help="folder written by `lmforge data prepare`")
+    pt.add_argument("--dry-run", action="store_true",
+                    help="print parameters, tokens per step, memory per device and FLOPs per step; do not train")
+    add_model_args(pt, family=True)
+    g = add_train_args(pt)
+    add_options(g, PretrainOptions)
+    pt.set_defaults(func=cmd_pretrain)

@@ -1,0 +1,38 @@
+"""A run's log (log.jsonl, one JSON record per line) and its loss-curve plot."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_log(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def plot_loss_curve(log_path: str | Path, png_path: str | Path) -> Path | None:
+    """Training loss (and validation loss / bits per byte when logged) against tokens seen."""
+    records = read_log(log_path)
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    if not train:
+        return None
+    from lmforge.common import new_figure, save_figure
+
+    fig, ax = new_figure()
+    xs, ys = [r["tokens"] for r in train], [r["loss"] for r in train]
+    ax.plot(xs, ys, lw=0.8, alpha=0.35, color="C0")
+    smooth, ema = [], 0.0
+    for i, y in enumerate(ys, 1):  # bias-corrected moving average: the trend under batch noise
+        ema = 0.9 * ema + 0.1 * y
+        smooth.append(ema / (1 - 0.9**i))
+    ax.plot(xs, smooth, lw=1.6, color="C0", label="train loss (smoothed)")
+    if val:
+        ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", color="C1", label="val loss")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    if val and "val_bpb" in val[-1]:
+        ax.set_title(f"final val: {val[-1]['val_loss']:.3f} nats/token, {val[-1]['val_bpb']:.3f} bits/byte")
+    return save_figure(fig, png_path)
