@@ -221,9 +221,9 @@ def sft_stage(p: SpeedrunPreset, base: str, out_dir: Path, *, resume: bool, seed
     def keep(spec: str) -> bool:
         return python_tool or not any(spec.startswith(f"synthetic:{t}") for t in PYTHON_TASKS)
 
-    from lmforge.stages.sft import TRAIN_DEFAULTS
+    from lmforge.stages.options import SFT_TRAIN_DEFAULTS
 
-    cfg = _train_config(TRAIN_DEFAULTS, out_dir, max_steps=p.sft_steps, time_budget=p.sft_time_budget, lr=p.sft_lr,
+    cfg = _train_config(SFT_TRAIN_DEFAULTS, out_dir, max_steps=p.sft_steps, time_budget=p.sft_time_budget, lr=p.sft_lr,
                         seed=seed, device=device, dtype=dtype, progress=progress, ckpt_every=50)
     r = sft(SFTOptions(checkpoint=base, data=[s for s in SFT_MIXTURE if keep(s)], batch_size=p.sft_batch_size,
                        resume=resume), cfg, log=lambda m: log("      " + m))
@@ -248,9 +248,9 @@ def rl_stage(p: SpeedrunPreset, sft_checkpoint: str, out_dir: Path, *, resume: b
                      prompts_per_step=p.rl_prompts, group_size=p.rl_group, max_new_tokens=96, kl_beta=0.02,
                      temperature=p.rl_temperature,
                      eval_n=p.task_eval_n, resume=resume)
-    from lmforge.stages.rl import TRAIN_DEFAULTS
+    from lmforge.stages.options import RL_TRAIN_DEFAULTS
 
-    cfg = _train_config(TRAIN_DEFAULTS, out_dir, max_steps=p.rl_steps, time_budget=p.rl_time_budget, lr=p.rl_lr,
+    cfg = _train_config(RL_TRAIN_DEFAULTS, out_dir, max_steps=p.rl_steps, time_budget=p.rl_time_budget, lr=p.rl_lr,
                         seed=seed, device=device, dtype=dtype, progress=progress, ckpt_every=25)
     r = train_rl(opts, cfg)
     start = r.get("start_val_accuracy")

@@ -112,3 +112,15 @@ def test_long_modules_say_why():
             if "This file is long because" not in doc:
                 silent.append(f"{path.relative_to(PACKAGE.parent)} ({text.count(chr(10))} lines)")
     assert not silent, f"long modules without a reason in their docstring: {silent}"
+
+
+def test_the_command_line_builds_without_torch():
+    """Every option is derived from declared settings, yet building the parser (`lmforge --help`)
+    loads neither torch nor a model: the settings live in modules without heavy imports."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from lmforge.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'numpy', 'tokenizers', 'fastapi') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -11,7 +11,7 @@ import pytest
 from lmforge.cli import build_parser
 from lmforge.cli.common import declared, flag_of, options_argv, train_config
 from lmforge.cli.speedrun import apply_preset, pretrain_argv, pretrain_settings
-from lmforge.stages.pretrain import PretrainOptions
+from lmforge.stages.options import PretrainOptions
 from lmforge.train.loop import TrainConfig
 
 
@@ -89,14 +89,20 @@ def test_old_spellings_still_work_with_a_warning(capsys):
 
 
 def test_stage_defaults_reach_their_commands():
-    from lmforge.stages import dpo, reward, rl, sft
+    from lmforge.stages.options import (
+        DPO_TRAIN_DEFAULTS,
+        KL_BETA,
+        REWARD_TRAIN_DEFAULTS,
+        RL_TRAIN_DEFAULTS,
+        SFT_TRAIN_DEFAULTS,
+    )
 
     parser = build_parser()
     pairs = ["--checkpoint", "c", "--data", "d", "--out", "o"]
-    for argv, defaults in ((["sft", *pairs], sft.TRAIN_DEFAULTS), (["reward", "train", *pairs], reward.TRAIN_DEFAULTS),
-                           (["dpo", *pairs], dpo.TRAIN_DEFAULTS),
-                           (["ppo", "--checkpoint", "c", "--out", "o"], rl.TRAIN_DEFAULTS)):
+    for argv, defaults in ((["sft", *pairs], SFT_TRAIN_DEFAULTS), (["reward", "train", *pairs], REWARD_TRAIN_DEFAULTS),
+                           (["dpo", *pairs], DPO_TRAIN_DEFAULTS),
+                           (["ppo", "--checkpoint", "c", "--out", "o"], RL_TRAIN_DEFAULTS)):
         cfg = train_config(parser.parse_args(argv))
         assert {k: getattr(cfg, k) for k in defaults} == defaults, argv[0]
-    assert parser.parse_args(["ppo", "--checkpoint", "c", "--out", "o"]).kl_beta == rl.KL_BETA["ppo"]
-    assert parser.parse_args(["grpo", "--checkpoint", "c", "--out", "o"]).kl_beta == rl.KL_BETA["grpo"]
+    assert parser.parse_args(["ppo", "--checkpoint", "c", "--out", "o"]).kl_beta == KL_BETA["ppo"]
+    assert parser.parse_args(["grpo", "--checkpoint", "c", "--out", "o"]).kl_beta == KL_BETA["grpo"]

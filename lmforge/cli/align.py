@@ -36,7 +36,7 @@ PPO_ONLY = ("gamma", "lam", "vf_coef", "critic")  # RLOptions settings that only
 
 def rl_settings(algorithm: str) -> list[str]:
     from lmforge.cli.common import declared
-    from lmforge.stages.rl import RLOptions
+    from lmforge.stages.options import RLOptions
 
     return [f.name for f in declared(RLOptions) if algorithm == "ppo" or f.name not in PPO_ONLY]
 
@@ -46,7 +46,8 @@ def _pairs(args) -> dict:
 
 
 def cmd_reward_train(args):
-    from lmforge.stages.reward import PairOptions, train_reward_model
+    from lmforge.stages.options import PairOptions
+    from lmforge.stages.reward import train_reward_model
     from lmforge.train.distributed import cleanup_distributed
 
     opts = options_from_args(PairOptions, args, **_pairs(args))
@@ -73,7 +74,8 @@ def cmd_reward_score(args):
 
 
 def cmd_dpo(args):
-    from lmforge.stages.dpo import DPOOptions, dpo
+    from lmforge.stages.dpo import dpo
+    from lmforge.stages.options import DPOOptions
     from lmforge.train.distributed import cleanup_distributed
 
     opts = options_from_args(DPOOptions, args, **_pairs(args), lora=lora_config(args))
@@ -82,7 +84,8 @@ def cmd_dpo(args):
 
 
 def cmd_rl(args):
-    from lmforge.stages.rl import RLOptions, train_rl
+    from lmforge.stages.options import RLOptions
+    from lmforge.stages.rl import train_rl
     from lmforge.train.distributed import cleanup_distributed
 
     split = lambda s: [t.strip() for t in s.split(",") if t.strip()]  # noqa: E731
@@ -101,13 +104,13 @@ def _pair_args(p):
 
 
 def add_commands(sub) -> None:
-    from lmforge.stages import dpo, reward, rl
+    from lmforge.stages import options
 
     rw = sub.add_parser("reward", help="reward model: train on preference pairs (Bradley-Terry), score replies")
     rwsub = rw.add_subparsers(dest="reward_command", metavar="ACTION")
     rt = rwsub.add_parser("train", help="train a scalar-head reward model; reports held-out pairwise accuracy")
     _pair_args(rt)
-    add_options(add_train_args(rt, defaults=reward.TRAIN_DEFAULTS), reward.PairOptions)
+    add_options(add_train_args(rt, defaults=options.REWARD_TRAIN_DEFAULTS), options.PairOptions)
     rt.set_defaults(func=cmd_reward_train)
     rs = rwsub.add_parser("score", help="score replies to a prompt, or pairwise accuracy on --data")
     rs.add_argument("--checkpoint", required=True, help="a `lmforge reward train` run")
@@ -120,7 +123,7 @@ def add_commands(sub) -> None:
     d = sub.add_parser("dpo", help="direct preference optimisation against a frozen reference (full or LoRA)")
     _pair_args(d)
     add_lora_args(d)
-    add_options(add_train_args(d, defaults=dpo.TRAIN_DEFAULTS), dpo.DPOOptions)
+    add_options(add_train_args(d, defaults=options.DPO_TRAIN_DEFAULTS), options.DPOOptions)
     d.set_defaults(func=cmd_dpo)
 
     for algo, text in (("grpo", "GRPO: group-normalised advantages, no value model, KL penalty to the reference"),
@@ -133,9 +136,9 @@ def add_commands(sub) -> None:
         r.add_argument("--eval-task", help="held-out sources (default: the test split of --task)")
         r.add_argument("--reward-model", help="score replies with this `lmforge reward train` run instead of "
                        "the checker (accuracy is still the checker's)")
-        g = add_train_args(r, defaults=rl.TRAIN_DEFAULTS)
-        add_options(g, rl.RLOptions, rl_settings(algo),
-                    defaults={"kl_beta": rl.KL_BETA[algo]})
+        g = add_train_args(r, defaults=options.RL_TRAIN_DEFAULTS)
+        add_options(g, options.RLOptions, rl_settings(algo),
+                    defaults={"kl_beta": options.KL_BETA[algo]})
         # Before --prompts-per-step, --batch-size meant prompts per rollout here (elsewhere: sequences).
         g.add_argument("--batch-size", dest="prompts_per_step", type=positive_int, action=Deprecated,
                        new="--prompts-per-step", help=argparse.SUPPRESS)

@@ -5,7 +5,8 @@ A setting is declared once, as a dataclass field made with `lmforge.common.setti
 value rule). `add_options` turns such fields into command-line options, `options_from_args` builds
 the dataclass back from parsed arguments, and `options_argv` writes a dataclass as the arguments
 that reproduce it (the speedrun re-enters `lmforge pretrain` under torchrun with them). A stage
-changes defaults with its TRAIN_DEFAULTS dict; nothing here restates a field.
+changes defaults with its TRAIN_DEFAULTS dict (lmforge/stages/options.py); nothing here restates
+a field.
 
 Command modules import this module and the library, never each other.
 """
@@ -230,7 +231,7 @@ def model_argv(family: str, preset: str | None, overrides: dict) -> list[str]:
 def add_train_args(p: argparse.ArgumentParser, *, defaults: dict | None = None, skip=()):
     """Every TrainConfig setting as an option, with a stage's TRAIN_DEFAULTS as its defaults; --out
     is required (unless skipped: the speedrun names its stages' run folders itself)."""
-    from lmforge.train.loop import TrainConfig
+    from lmforge.train.config import TrainConfig
 
     g = p.add_argument_group("training")
     names = [f.name for f in declared(TrainConfig) if f.name not in skip]
@@ -239,7 +240,7 @@ def add_train_args(p: argparse.ArgumentParser, *, defaults: dict | None = None, 
 
 
 def train_config(args, **given):
-    from lmforge.train.loop import TrainConfig
+    from lmforge.train.config import TrainConfig
 
     return options_from_args(TrainConfig, args, **given)
 

@@ -26,7 +26,8 @@ from lmforge.cli.common import (
 
 def cmd_sft(args):
     from lmforge.common import is_main_process
-    from lmforge.stages.sft import SFTOptions, sft
+    from lmforge.stages.options import SFTOptions
+    from lmforge.stages.sft import sft
     from lmforge.train.distributed import cleanup_distributed
 
     lora = lora_config(args)
@@ -104,7 +105,7 @@ def cmd_tool(args):
 
 
 def add_commands(sub) -> None:
-    from lmforge.stages.sft import TRAIN_DEFAULTS, SFTOptions
+    from lmforge.stages.options import SFT_TRAIN_DEFAULTS, SFTOptions
 
     s = sub.add_parser("sft", help="supervised fine-tuning on chat conversations (full or LoRA)")
     s.add_argument("--checkpoint", required=True, help="pretrained run or checkpoint folder to start from")
@@ -115,7 +116,7 @@ def add_commands(sub) -> None:
     s.add_argument("--val-data", action="append", metavar="SOURCE", help="held-out conversations (default: "
                    "--val-fraction of each --data source)")
     add_lora_args(s)
-    g = add_train_args(s, defaults=TRAIN_DEFAULTS)
+    g = add_train_args(s, defaults=SFT_TRAIN_DEFAULTS)
     add_options(g, SFTOptions)
     s.set_defaults(func=cmd_sft)
 

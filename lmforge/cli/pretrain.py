@@ -13,7 +13,7 @@ from lmforge.common import LmforgeError
 
 def pretrain_options(args, **given):
     from lmforge.cli.common import options_from_args
-    from lmforge.stages.pretrain import PretrainOptions
+    from lmforge.stages.options import PretrainOptions
 
     return options_from_args(PretrainOptions, args, data_dir=args.data_dir, model=args.arch,
                              preset=args.model_preset, model_overrides=model_overrides(args), **given)
@@ -61,7 +61,7 @@ def print_training_estimate(args):
 
 
 def add_commands(sub) -> None:
-    from lmforge.stages.pretrain import PretrainOptions
+    from lmforge.stages.options import PretrainOptions
 
     pt = sub.add_parser("pretrain", help="train a model on token shards (runs under torchrun too)")
     pt.add_argument("--data-dir", required=True, help="folder written by `lmforge data prepare`")

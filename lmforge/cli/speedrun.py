@@ -67,7 +67,7 @@ def apply_preset(args):
 
 def pretrain_settings(args, data_dir, run_dir):
     """Stage 3's options and training config, from the (preset-filled) arguments."""
-    from lmforge.stages.pretrain import PretrainOptions
+    from lmforge.stages.options import PretrainOptions
 
     opts = PretrainOptions(data_dir=str(data_dir), preset=args.model_preset, model_overrides=model_overrides(args),
                            batch_size=args.batch_size, seq_len=args.seq_len, eval_tokens=args.eval_tokens)
@@ -292,7 +292,7 @@ def _pretrain_under_torchrun(argv: list[str], nproc: int):
 
 
 def add_commands(sub) -> None:
-    from lmforge.stages.pretrain import PretrainOptions
+    from lmforge.stages.options import PretrainOptions
 
     s = sub.add_parser("speedrun", help="run the whole pipeline on a corpus (default: the Python standard library)")
     s.add_argument("--preset", dest="speedrun_preset", default="cpu", choices=["cpu", "gpu-1", "gpu-8"],

@@ -77,25 +77,49 @@ def evaluate_text_file(lm: EvalModel, path: str | Path, **kw) -> dict[str, float
     return evaluate_text(lm, text, **kw)
 
 
+def split_loss(model, split, token_bytes: torch.Tensor, *, batch_size: int, seq_len: int, max_batches: int,
+               device: str) -> dict[str, float]:
+    """Mean next-token loss and bits per byte (nats summed over target tokens / (ln 2 * their UTF-8
+    bytes), independent of the tokenizer) of a model over a shard split's windows, this process's
+    share of them, summed over the processes: pretraining's validation and `lmforge eval --data-dir`."""
+    from lmforge.data.loader import eval_batches
+    from lmforge.data.rows import ProcessShare
+    from lmforge.train.distributed import all_reduce_sum
+
+    share = ProcessShare()
+    nll, ntok, nbytes = 0.0, 0, 0
+    for x, y in eval_batches(split, batch_size, seq_len, max_batches=max_batches, rank=share.rank,
+                             world_size=share.world):
+        x, y = x.to(device), y.to(device)
+        nll += model(x, y, reduction="sum").item()
+        ntok += y.numel()
+        nbytes += int(token_bytes[y].sum().item())
+    nll, ntok, nbytes = all_reduce_sum([nll, ntok, nbytes], device)
+    if ntok == 0:
+        return {}
+    return {"loss": nll / ntok, "bpb": nll / (math.log(2) * max(nbytes, 1))}
+
+
 @torch.inference_mode()
 def evaluate_shards(model, tokenizer, data_dir: str | Path, split: str = "val", *, max_tokens: int | None = None,
                     batch_size: int = 8, seq_len: int | None = None) -> dict[str, float]:
     """Loss, perplexity and bits per byte of an lmforge model on a prepared shard split, computed
-    exactly as pretraining's validation does (`NextTokenTask.evaluate`)."""
+    exactly as pretraining's validation does (`split_loss`)."""
     from lmforge.data.loader import TokenSplit
+    from lmforge.data.rows import ProcessShare
     from lmforge.models.protocol import DEFAULT_SEQ_LEN
-    from lmforge.stages.pretrain import NextTokenTask
 
     seq_len = seq_len or model.context_limit or DEFAULT_SEQ_LEN  # pretraining's validation windows
     data = TokenSplit(data_dir, split, tokenizer=tokenizer)
     budget = max_tokens if max_tokens is not None else data.num_tokens
     device = str(model.device)
-    task = NextTokenTask(data, data, torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long),
-                         batch_size=batch_size, seq_len=seq_len, seed=0, device=device, eval_tokens=budget)
+    token_bytes = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long, device=device)
+    max_batches = max(1, budget // (batch_size * seq_len * ProcessShare().world))
     was_training = model.training
     model.eval()
     try:
-        m = task.evaluate(model)
+        m = split_loss(model, data, token_bytes, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches,
+                       device=device)
     finally:
         model.train(was_training)
     return {"loss": m["loss"], "perplexity": math.exp(m["loss"]), "bits_per_byte": m["bpb"]}

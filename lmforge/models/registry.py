@@ -11,9 +11,12 @@ model code, and a family module, which imports only protocol.py, never imports t
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from lmforge.common import LmforgeError
-from lmforge.models.protocol import ModelFamily
+
+if TYPE_CHECKING:  # the protocol imports torch; the registry's names are needed without it (`lmforge --help`)
+    from lmforge.models.protocol import ModelFamily
 
 DEFAULT_FAMILY = "transformer"  # also what a checkpoint without "model_family" holds
 

@@ -16,16 +16,15 @@ reply the higher log-probability (meaningful from the first step).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from lmforge.common import LmforgeError, setting
+from lmforge.common import LmforgeError
 from lmforge.models.protocol import DEFAULT_SEQ_LEN
 from lmforge.posttrain.batches import pack, sequence_logprob
 from lmforge.posttrain.preference import EncodedPair
-from lmforge.stages.reward import PairOptions, PairTask, prepare_pairs
+from lmforge.stages.options import DPOOptions
+from lmforge.stages.reward import PairTask, prepare_pairs
 from lmforge.train.distributed import all_reduce_sum
 from lmforge.train.loop import TrainConfig
 from lmforge.train.stage import add_lora, frozen_copy, load_start, run_stage, stage_device
@@ -86,16 +85,6 @@ class DPOTask(PairTask):
         names = ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected", "logp_accuracy")
         return {k: v / n for k, v in zip(names, sums)}
 
-
-# Training defaults of `lmforge dpo` where they differ from TrainConfig's (no compilation: see reward.py).
-TRAIN_DEFAULTS = dict(max_steps=200, optimizer="adamw", lr=5e-5, warmup_steps=10, eval_every=50, ckpt_every=250,
-                      schedule="cosine", min_lr_frac=0.1, compile="off")
-
-
-@dataclass
-class DPOOptions(PairOptions):
-    beta: float = setting(0.1, "strength of the pull towards the reference", check="positive")
-    lora: object | None = None  # a LoRAConfig
 
 
 def dpo(opts: DPOOptions, train_cfg: TrainConfig, log=print) -> dict:

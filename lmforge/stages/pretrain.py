@@ -5,22 +5,22 @@ Any model family (lmforge/models/registry.py): a trainable one runs the Trainer;
 way, so every family's val bits per byte comes from the same code on the same windows."""
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from lmforge.common import LmforgeError, dist_info, setting
-from lmforge.data.loader import BatchLoader, SplitMissing, TokenSplit, eval_batches
+from lmforge.common import LmforgeError, dist_info
+from lmforge.data.loader import BatchLoader, SplitMissing, TokenSplit
 from lmforge.data.prepare import load_manifest
+from lmforge.eval.lm import split_loss
 from lmforge.models.protocol import DEFAULT_SEQ_LEN
 from lmforge.models.registry import build_model, get_family
+from lmforge.stages.options import PretrainOptions
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint as ckpt_io
-from lmforge.train.distributed import all_reduce_sum
 from lmforge.train.loop import TrainConfig
 from lmforge.train.stage import run_stage, stage_device
 
@@ -51,17 +51,8 @@ class NextTokenTask:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         if self.val is None:
             return {}
-        nll, ntok, nbytes = 0.0, 0, 0
-        for x, y in eval_batches(self.val, self.batch_size, self.seq_len, max_batches=self.eval_batches,
-                                 rank=self.rank, world_size=self.world):
-            x, y = x.to(self.device), y.to(self.device)
-            nll += model(x, y, reduction="sum").item()
-            ntok += y.numel()
-            nbytes += int(self.token_bytes[y].sum().item())
-        nll, ntok, nbytes = all_reduce_sum([nll, ntok, nbytes], self.device)
-        if ntok == 0:
-            return {}
-        return {"loss": nll / ntok, "bpb": nll / (math.log(2) * max(nbytes, 1))}
+        return split_loss(model, self.val, self.token_bytes, batch_size=self.batch_size, seq_len=self.seq_len,
+                          max_batches=self.eval_batches, device=self.device)
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
@@ -69,19 +60,6 @@ class NextTokenTask:
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
 
-
-@dataclass
-class PretrainOptions:
-    data_dir: str
-    model: str = "transformer"  # the model family
-    preset: str | None = None  # the family's preset (default: the family's default, "cpu" for the transformer)
-    model_overrides: dict | None = None
-    batch_size: int = setting(8, "sequences per micro-batch per process", check="positive")
-    seq_len: int | None = setting(None, "training sequence length (default: the model's context window; "
-                                  "256 for a model without one)", check="positive")
-    eval_tokens: int = setting(65536, "validation tokens per evaluation", check="positive")
-    resume: bool = setting(False, "continue from the newest checkpoint in --out")
-    peak_flops: float | None = None
 
 
 def load_data_tokenizer(data_dir: str | Path) -> tuple[Tokenizer, Path]:

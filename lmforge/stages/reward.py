@@ -22,7 +22,6 @@ state.json saying which prefixes are the head's (`head_record`).
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -33,9 +32,10 @@ from lmforge.common import LmforgeError
 from lmforge.data.rows import MixtureSampler, ProcessShare
 from lmforge.models.protocol import tokens_left
 from lmforge.posttrain.preference import EncodedPair, encode_pairs, encode_response, fit_window, load_pair_sources
+from lmforge.stages.options import PairOptions
 from lmforge.train.distributed import all_reduce_sum
 from lmforge.train.loop import RunningMetrics, TrainConfig
-from lmforge.train.stage import FineTuneOptions, load_start, run_stage, stage_device
+from lmforge.train.stage import load_start, run_stage, stage_device
 
 LM_PREFIX = "model."  # where the wrapped language model's tensors sit in the module (not in the checkpoint)
 
@@ -259,16 +259,6 @@ class RewardTask(PairTask):
         correct, loss, margin, n = all_reduce_sum([correct, loss, margin, len(mine)], self.device)
         return {"loss": loss / n, "accuracy": correct / n, "margin": margin / n} if n else {}
 
-
-# Training defaults of `lmforge reward train` where they differ from TrainConfig's. No compilation:
-# pairs of every length make many shapes, each a recompilation.
-TRAIN_DEFAULTS = dict(max_steps=300, optimizer="adamw", lr=1e-4, warmup_steps=10, eval_every=100, ckpt_every=250,
-                      schedule="cosine", min_lr_frac=0.1, compile="off")
-
-
-@dataclass
-class PairOptions(FineTuneOptions):
-    """Options shared by `reward train` and `dpo` (data: preference-pair source specs)."""
 
 
 def prepare_pairs(opts: PairOptions, tok, block_size: int | None, seed: int, log=print):

@@ -38,12 +38,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lmforge.common import LmforgeError, is_main_process, setting
+from lmforge.common import LmforgeError, is_main_process
 from lmforge.data.rows import ProcessShare
 from lmforge.models.protocol import tokens_left
 from lmforge.posttrain import verifiable
 from lmforge.posttrain.batches import pack, token_logprobs
 from lmforge.posttrain.verifiable import evaluate_policy, prompt_source
+from lmforge.stages.options import RLOptions
 from lmforge.stages.reward import ModelWithHead
 from lmforge.train.distributed import all_reduce_sum
 from lmforge.train.loop import RunningMetrics, TrainConfig
@@ -163,43 +164,6 @@ class Rollout:
     global_replies: float = 0.0
     global_tokens: float = 0.0
 
-
-# Training defaults of `lmforge grpo` / `ppo` where they differ from TrainConfig's (the speedrun's RL
-# stage starts from them too). No compilation: rollouts of every length make many shapes.
-TRAIN_DEFAULTS = dict(max_steps=100, optimizer="adamw", lr=1e-5, warmup_steps=5, eval_every=25, ckpt_every=50,
-                      schedule="constant", log_every=1, compile="off")
-KL_BETA = {"grpo": 0.04, "ppo": 0.05}  # the KL weight's default per algorithm
-
-
-@dataclass
-class RLOptions:
-    checkpoint: str  # the policy to start from (usually an SFT run)
-    algorithm: str = "grpo"  # "grpo" | "ppo"
-    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])  # prompt sources
-    eval_tasks: list[str] | None = None  # held-out sources (default: the test split of `tasks`)
-    reward_model: str | None = None  # score with this reward model instead of the checker
-    prompts_per_step: int = setting(8, "prompts per rollout (each gets --group-size replies)", check="positive")
-    group_size: int = setting(8, "sampled replies per prompt", check="positive")
-    max_new_tokens: int = setting(32, "the policy's own tokens per reply", check="positive")
-    tools: bool = setting(False, "run the tools the policy calls (calculator, python) in rollouts and "
-                          "evaluation; tool results are not actions")
-    tool_names: tuple[str, ...] | None = None  # with tools: which built-in tools run (None: all)
-    temperature: float = setting(1.0, "sampling temperature of the rollouts", check="temperature")
-    top_p: float | None = setting(None, "nucleus sampling of the rollouts", check="top_p")
-    clip: float = setting(0.2, "PPO ratio clip epsilon", check="positive")
-    kl_beta: float = setting(0.04, "weight of the KL penalty to the reference", check="nonneg")
-    updates_per_rollout: int = setting(1, "optimizer steps on each rollout (>1: the clipping matters)",
-                                       check="positive")
-    # GRPO: leave out of the loss the groups whose replies all got the same reward (their
-    # advantages are all 0: they would only add the KL term) — less compute per step, as DAPO does.
-    skip_uniform_groups: bool = True
-    gamma: float = setting(1.0, "PPO: discount", check="positive")
-    lam: float = setting(0.95, "PPO: GAE lambda", check="unit")
-    vf_coef: float = setting(0.5, "PPO: value-loss weight", check="positive")
-    critic: str = setting("separate", "PPO: the value head on its own copy of the trunk (classic PPO) or on "
-                          "the policy's", choices=("separate", "shared"))
-    eval_n: int = setting(100, "held-out problems per task", check="positive")
-    resume: bool = setting(False, "continue from the newest checkpoint in --out")
 
 
 class RLTask:

@@ -22,12 +22,13 @@ import torch
 import torch.nn as nn
 
 from lmforge.chat import render_for_training
-from lmforge.common import LmforgeError, setting
+from lmforge.common import LmforgeError
 from lmforge.data.rows import MixtureSampler, ProcessShare, split_heldout
 from lmforge.models.protocol import DEFAULT_SEQ_LEN, tokens_left
+from lmforge.stages.options import SFTOptions
 from lmforge.train.distributed import all_reduce_sum
 from lmforge.train.loop import TrainConfig
-from lmforge.train.stage import FineTuneOptions, add_lora, load_start, run_stage, stage_device
+from lmforge.train.stage import add_lora, load_start, run_stage, stage_device
 
 
 @dataclass
@@ -104,19 +105,6 @@ class SFTTask:
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
 
-
-# This stage's training defaults where they differ from TrainConfig's (the `lmforge sft` options and
-# the speedrun's SFT stage both start from them).
-TRAIN_DEFAULTS = dict(max_steps=500, optimizer="adamw", lr=1e-3, warmup_steps=10, eval_every=100, ckpt_every=250,
-                      schedule="cosine", min_lr_frac=0.1)
-
-
-@dataclass
-class SFTOptions(FineTuneOptions):
-    """data: conversation source specs, each optionally "*WEIGHT"."""
-
-    tools: bool = setting(True, "worked examples of synthetic sources call tools")
-    lora: object | None = None  # a LoRAConfig
 
 
 def sft(opts: SFTOptions, train_cfg: TrainConfig, log=print) -> dict:

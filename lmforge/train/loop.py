@@ -12,7 +12,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,8 +21,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from lmforge.common import LmforgeError, setting
+from lmforge.common import LmforgeError
 from lmforge.train import checkpoint as ckpt_io
+from lmforge.train.config import TrainConfig  # noqa: F401 (also imported from here)
 from lmforge.train.distributed import all_reduce_max, all_reduce_mean, all_reduce_sum, setup_distributed
 from lmforge.train.logs import plot_loss_curve
 from lmforge.train.optim import build_optimizers, lr_multiplier
@@ -71,52 +72,6 @@ class RunningMetrics:
 
 class TrainingDiverged(LmforgeError):
     pass
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of the training loop, declared once: the command-line options of every training
-    command and the speedrun's torchrun re-entry are derived from these fields (lmforge.cli.common).
-    A stage changes defaults through its TRAIN_DEFAULTS, never by restating a field."""
-
-    out_dir: str = setting("runs/default", "run folder (checkpoints, log.jsonl, loss.png)", flag="--out")
-    max_steps: int = setting(1000, "optimizer steps (with --time-budget: whichever ends first)", check="positive")
-    time_budget: float | None = setting(None, "seconds of training; the LR schedule follows the clock",
-                                        check="positive")
-    grad_accum: int = setting(1, "micro-batches accumulated per optimizer step", check="positive")
-    optimizer: str = setting("muon", "muon: Muon for hidden matrices + AdamW for the rest; adamw: AdamW for all",
-                             choices=("muon", "adamw"))
-    lr: float = setting(3e-3, "AdamW learning rate (embeddings, head, norms; everything with adamw)",
-                        check="positive")
-    muon_lr: float = setting(0.02, "Muon learning rate (hidden matrices)", check="positive")
-    muon_momentum: float = setting(0.95, "Muon's Nesterov momentum", check="fraction")
-    weight_decay: float = setting(0.0, "decoupled weight decay (hidden matrices)", check="nonneg")
-    beta1: float = setting(0.9, "AdamW beta1", check="fraction")
-    beta2: float = setting(0.95, "AdamW beta2", check="fraction")
-    grad_clip: float = setting(1.0, "clip the total gradient norm to this (0 disables)", check="nonneg")
-    warmup_steps: int = setting(20, "linear learning-rate warm-up steps", check="nonneg")
-    schedule: str = setting("wsd", "learning-rate schedule: warmup-stable-decay, cosine or constant",
-                            choices=("wsd", "cosine", "constant"))
-    min_lr_frac: float = setting(0.0, "final learning rate as a fraction of the peak", check="fraction")
-    decay_frac: float = setting(0.4, "wsd: fraction of the run spent decaying", check="fraction")
-    eval_every: int = setting(250, "steps between evaluations (0 = only at the end)", check="nonneg")
-    ckpt_every: int = setting(500, "steps between checkpoints (0 = only at the end)", check="nonneg")
-    keep_checkpoints: int = setting(2, "checkpoints kept in the run folder (older ones are deleted)",
-                                    check="positive")
-    log_every: int = setting(10, "steps between log lines", check="positive")
-    seed: int = setting(1337, "random seed (initialisation, data order, dropout)", check="seed")
-    dtype: str = setting("auto", "auto: bf16 autocast where it is faster (CUDA with bf16, CPU); or bf16, fp32",
-                         choices=("auto", "bf16", "fp32"))
-    compile: str = setting("auto", "torch.compile the training step; auto = on CUDA, and on CPU unless the model "
-                           "has dropout (falls back to eager with a warning if compiling fails; "
-                           "see docs/benchmarks.md)", choices=("auto", "on", "off"))
-    device: str = setting("auto", "cpu, cuda, cuda:N or auto")
-    progress: bool = setting(True, "progress bar")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class Trainer:

@@ -29,11 +29,11 @@ def autocast_dtype(device: str, dtype: str) -> torch.dtype | None:
 
 def use_compile(setting: str | bool, device: str, model: nn.Module | None = None) -> bool:
     """Whether to torch.compile the training step. 'auto' compiles on CUDA, and on a CPU unless the
-    model trains with dropout. Measured on this project's 2-core CPU (docs/benchmarks.md, the
-    families benchmark): the compiled bf16 step of the `cpu` preset runs 1.47x faster than eager
-    without dropout, which repays a cold compilation (~55-60 s) within minutes; with dropout 0.2
-    only 1.17x (inductor's CPU random masks take most of the gain), and in a 5-minute
-    tinyshakespeare run eager reached 2.175 bits/char against compiled 2.219."""
+    model drops out attention weights (dropout on the residual branches is fine). Measured on this
+    project's 2-core CPU (docs/benchmarks.md): the compiled bf16 step of the `cpu` preset runs 1.47x
+    faster than eager without dropout and 1.19x with residual dropout 0.2, which repays a cold
+    compilation (~40-60 s) within a 5-minute run; dropout on the attention weights takes SDPA off its
+    fused kernel (eager 1.4x slower) and inductor's CPU random masks take most of the compiled gain."""
     if isinstance(setting, bool):
         return setting
     if setting not in ("auto", "on", "off"):

@@ -16,35 +16,17 @@ and saves the LoRA adapter of a LoRA run.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from lmforge.common import LmforgeError, setting
+from lmforge.common import LmforgeError
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.config import FineTuneOptions, TrainConfig  # noqa: F401 (FineTuneOptions: re-exported)
 from lmforge.train.distributed import setup_distributed
-from lmforge.train.loop import TrainConfig, Trainer
-
-
-@dataclass
-class FineTuneOptions:
-    """The settings of every stage that starts from a checkpoint and trains on examples
-    (conversations, preference pairs): SFTOptions and PairOptions add their own."""
-
-    checkpoint: str  # the run or checkpoint folder to start from
-    data: list[str]  # source specs
-    val_data: list[str] = field(default_factory=list)
-    val_fraction: float = setting(0.05, "held-out share of each --data source (without --val-data)",
-                                  check="fraction")
-    max_val: int = setting(512, "held-out examples used per evaluation", check="positive")
-    batch_size: int = setting(8, "examples (conversations, preference pairs) per micro-batch per process",
-                              check="positive")
-    seq_len: int | None = setting(None, "tokens per example at most (default: the model's context window)",
-                                  check="positive")
-    skip_invalid: bool = setting(False, "skip malformed records (counted and reported)")
-    resume: bool = setting(False, "continue from the newest checkpoint in --out")
+from lmforge.train.loop import Trainer
 
 
 @dataclass
