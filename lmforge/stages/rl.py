@@ -363,11 +363,9 @@ class RLTask:
 
 def plot_rewards(log_path: str | Path, png_path: str | Path) -> Path | None:
     """Mean reward and accuracy of the rollouts per logged step, and held-out accuracy when evaluated."""
-    from lmforge.train.logs import read_log
+    from lmforge.train.logs import log_series
 
-    records = read_log(log_path)
-    train = [r for r in records if "reward" in r]
-    val = [r for r in records if "val_accuracy" in r]
+    train, val = log_series(log_path, "reward", "val_accuracy")
     if not train:
         return None
     from lmforge.common import new_figure, save_figure

@@ -12,11 +12,15 @@ def read_log(path: str | Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
+def log_series(log_path: str | Path, train_key: str, val_key: str) -> tuple[list[dict], list[dict]]:
+    """(training records holding train_key, evaluation records holding val_key) of a run's log."""
+    records = read_log(log_path)
+    return [r for r in records if train_key in r], [r for r in records if val_key in r]
+
+
 def plot_loss_curve(log_path: str | Path, png_path: str | Path) -> Path | None:
     """Training loss (and validation loss / bits per byte when logged) against tokens seen."""
-    records = read_log(log_path)
-    train = [r for r in records if "loss" in r]
-    val = [r for r in records if "val_loss" in r]
+    train, val = log_series(log_path, "loss", "val_loss")
     if not train:
         return None
     from lmforge.common import new_figure, save_figure
