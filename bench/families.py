@@ -5,7 +5,7 @@ Two corpora, each split once and shared by every row:
     ASCII, so bits per byte = bits per character;
   * the Python standard library's source (the speedrun's default corpus), 5% validation.
 Rows, all from this one run on this machine:
-  * counted n-grams (lmforge/models/ngram.py) on the corpus's 4096-id BPE: unigram, bigram, add-eps
+  * counted n-grams (lmforge/models/ngram.py) on the corpus's BPE: unigram, bigram, add-eps
     3- and 5-gram, interpolated modified Kneser-Ney 3-, 5- and 7-gram; plus Kneser-Ney 7-gram on
     bytes (the classic character model);
   * the LSTM (lmforge/models/lstm.py, `cpu` preset, BPE) for --budget seconds;
@@ -14,6 +14,7 @@ Rows, all from this one run on this machine:
     --eager-too, eager as well (what compilation costs inside a short budget) and eager with dropout
     on the attention weights too (nanoGPT's single dropout knob, the previous default);
   * `xz -9e` on the validation text alone: the "no learning" anchor.
+The BPE is trained per corpus on its training text, with VOCAB_SIZE ids (--vocab-size overrides).
 Every model's validation number comes from pretraining's own evaluation (`NextTokenTask.evaluate`)
 on the whole validation split. Writes results.json, a markdown table and families.png.
 
@@ -47,6 +48,11 @@ NGRAM_ROWS = [  # (label, preset, tokenizer)
     ("add-eps 5-gram", "addeps5", "bpe"), ("Kneser-Ney 3-gram", "kn3", "bpe"), ("Kneser-Ney 5-gram", "kn5", "bpe"),
     ("Kneser-Ney 7-gram", "kn7", "bpe"), ("Kneser-Ney 7-gram, bytes", "kn7", "bytes"),
 ]
+# A 1 MB corpus seen ~7 times in 5 minutes wants a small vocabulary: in single 300-second runs here
+# the cpu transformer reached 2.153 / 2.129 / 2.114 bits/char with 4096 / 2048 / 1024 ids and the LSTM
+# 2.275 / 2.199 (4096 / 2048): fewer ids mean fewer rare tokens to memorise and more, cheaper steps.
+# The stdlib corpus (11 MB, seen less than once) keeps the speedrun's 4096.
+VOCAB_SIZE = {"shakespeare": 1024, "stdlib": 4096}
 BASELINE_TRAIN = dict(optimizer="adamw", lr=1e-3, beta2=0.99, weight_decay=0.1, warmup_steps=100,
                       schedule="cosine", min_lr_frac=0.1)
 
@@ -101,7 +107,8 @@ def first_step_seconds(run_dir: Path) -> float | None:
 
 def run_corpus(name: str, args, out: Path) -> dict:
     source, val_fraction, unit = corpus_source(name)
-    toks = {"bytes": out / "tok_bytes.json", "bpe": out / f"tok_bpe{args.vocab_size}.json"}
+    vocab_size = args.vocab_size or VOCAB_SIZE[name]
+    toks = {"bytes": out / "tok_bytes.json", "bpe": out / f"tok_bpe{vocab_size}.json"}
     data = {kind: out / f"data_{kind}" for kind in toks}
     Tokenizer.byte_level().save(toks["bytes"])
 
@@ -116,9 +123,9 @@ def run_corpus(name: str, args, out: Path) -> dict:
     print(f"\n######## {name}: {len(train_text):,} training characters for the tokenizer, "
           f"{len(val_bytes):,} validation bytes; {unit}")
     t0 = time.perf_counter()
-    Tokenizer.train([train_text], args.vocab_size, show_progress=False).save(toks["bpe"])
+    Tokenizer.train([train_text], vocab_size, show_progress=False).save(toks["bpe"])
     prepare("bpe")
-    print(f"BPE {args.vocab_size} trained on the training text and shards prepared in {time.perf_counter() - t0:.0f} s")
+    print(f"BPE {vocab_size} trained on the training text and shards prepared in {time.perf_counter() - t0:.0f} s")
     rows = {}
 
     def record(label, family, res, run_dir=None, extra=None):
@@ -147,10 +154,11 @@ def run_corpus(name: str, args, out: Path) -> dict:
                                        eval_tokens=10**9), TrainConfig(out_dir=str(run_dir), progress=False))
         record(label, "n-gram", res, extra={"fit_memory_bytes": res.get("fit_memory_bytes")})
 
-    # 1 MB of Shakespeare is seen several times in the budget: dropout keeps a model from memorising
-    # it (the cpu preset's on the residual branches only, see its comment). The stdlib corpus is seen
-    # less than once: no dropout.
-    dropout = 0.2 if name == "shakespeare" else 0.0
+    # 1 MB of Shakespeare is seen several times in the budget: dropout (the cpu preset's on the
+    # residual branches only, see its comment) and weight decay keep a model from memorising it. In
+    # single 300-second runs of the cpu transformer here (2048 ids), weight decay 0.1 on the hidden
+    # matrices took 2.129 bits/char to 2.092. The stdlib corpus is seen less than once: neither.
+    dropout, decay = (0.2, 0.1) if name == "shakespeare" else (0.0, 0.0)
     # Evaluation points along each curve: every ~1/10 of the steps the row makes in 300 s here.
     neural = [
         # The LSTM's step cost barely grows with the batch (tests/test_lstm.py's notes): batch 32.
@@ -160,23 +168,25 @@ def run_corpus(name: str, args, out: Path) -> dict:
         # batch 8, 2.703 at batch 4, 2.585 at batch 8 with lr 6e-3 / Muon 0.04 (2.573 with 4x).
         ("LSTM (cpu preset, BPE)", "lstm", dict(data=data["bpe"], model="lstm", preset="cpu", batch=8,
                                                 overrides=dict(dropout=dropout),
-                                                train=dict(compile="off", lr=6e-3, muon_lr=0.04), every=60)),
+                                                train=dict(compile="off", lr=6e-3, muon_lr=0.04, weight_decay=decay),
+                                                every=60)),
         ("GPT-2 baseline (nanoGPT shape, bytes)", "transformer (GPT-2 baseline)", dict(
             data=data["bytes"], model="transformer", preset="gpt2-classic", batch=12,
             overrides=dict(n_layer=4, n_head=4, n_embd=128, block_size=64), train=BASELINE_TRAIN, every=500)),
         ("transformer cpu preset (BPE, compiled)", "transformer (cpu preset)", dict(
             data=data["bpe"], model="transformer", preset="cpu", batch=8, overrides=dict(dropout=dropout),
-            train=dict(compile="on"), every=50)),
+            train=dict(compile="on", weight_decay=decay), every=50)),
     ]
     if name in args.eager_too:
         neural.append(("transformer cpu preset (BPE, eager)", "transformer (cpu preset, eager)", dict(
             data=data["bpe"], model="transformer", preset="cpu", batch=8, overrides=dict(dropout=dropout),
-            train=dict(compile="off"), every=50)))
+            train=dict(compile="off", weight_decay=decay), every=50)))
         if dropout:
             neural.append(("transformer cpu preset, attention dropout too (BPE, eager)",
                            "transformer (cpu preset, attention dropout, eager)", dict(
                                data=data["bpe"], model="transformer", preset="cpu", batch=8,
-                               overrides=dict(dropout=dropout, attn_dropout=dropout), train=dict(compile="off"),
+                               overrides=dict(dropout=dropout, attn_dropout=dropout),
+                               train=dict(compile="off", weight_decay=decay),
                                every=50)))
     for label, family, r in filter(lambda row: wanted(row[0]), neural):
         run_dir = out / f"run_{label.split(' (')[0].replace(' ', '_')}_{r['train'].get('compile', 'x')}"
@@ -188,13 +198,14 @@ def run_corpus(name: str, args, out: Path) -> dict:
                                                     "warmup_s": first_step_seconds(run_dir)})
     rows["xz -9e (validation text alone)"] = {"family": "compressor", "val_bpb": xz_bits_per_byte(val_bytes),
                                               "seconds": None}
-    return {"unit": unit, "val_bytes": len(val_bytes), "rows": rows}
+    return {"unit": unit, "vocab_size": vocab_size, "val_bytes": len(val_bytes), "rows": rows}
 
 
 def table(results: dict) -> str:
     corpora = list(results)
     labels = list(dict.fromkeys(label for c in corpora for label in results[c]["rows"]))
-    head = "| model | " + " | ".join(f"{c} ({results[c]['unit']}) | s" for c in corpora) + " |"
+    head = "| model | " + " | ".join(f"{c} ({results[c]['unit']}; BPE {results[c].get('vocab_size', '?')}) | s"
+                                     for c in corpora) + " |"
     lines = [head, "|---|" + "---|---|" * len(corpora)]
     for label in labels:
         cells = []
@@ -248,7 +259,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=float, default=300.0, help="training seconds per neural model")
     ap.add_argument("--corpus", nargs="+", default=["shakespeare", "stdlib"], choices=["shakespeare", "stdlib"])
-    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--vocab-size", type=int, help="BPE ids for every corpus (default: VOCAB_SIZE's per corpus)")
     ap.add_argument("--tokenizer-chars", type=int, default=20_000_000)
     ap.add_argument("--eager-too", nargs="*", default=[], metavar="CORPUS",
                     help="on these corpora also train the cpu preset without torch.compile")
