@@ -44,7 +44,8 @@ def cmd_eval(args):
             raise LmforgeError("--data-dir shards are lmforge-tokenized: evaluate an lmforge checkpoint "
                                "(for a Hugging Face model use --text)")
         results["tasks"][f"shards:{args.data_dir}@{args.split}"] = {"metrics": evaluate_shards(
-            lm.model, lm.tokenizer, args.data_dir, args.split, max_tokens=args.max_tokens, batch_size=args.batch_size)}
+            lm.model, lm.tokenizer, args.data_dir, args.split, max_tokens=args.max_tokens, batch_size=args.batch_size,
+            seq_len=lm.train_seq_len)}
     out = Path(args.out)
     _write_json(str(out), results)
     md = results_markdown(results)

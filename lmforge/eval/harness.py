@@ -70,13 +70,20 @@ class LmforgeModel:
         self.prefix_ids = [tokenizer.bos_id]
         self.device = model.device
         self.config = model.config
+        # The window length pretraining trained and validated on (its checkpoint's state), so that
+        # `eval --data-dir` repeats pretraining's validation exactly; None when not known.
+        self.train_seq_len: int | None = None
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: str = "fp32") -> LmforgeModel:
         from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
 
-        model, _ = load_model(path, device=device)
-        return cls(model, load_checkpoint_tokenizer(path), name=str(path), dtype=dtype)
+        model, state = load_model(path, device=device)
+        lm = cls(model, load_checkpoint_tokenizer(path), name=str(path), dtype=dtype)
+        seq_len = state.get("seq_len")  # a fine-tuning stage's is its longest example, not a window
+        if state.get("stage", "pretrain") == "pretrain" and isinstance(seq_len, int) and seq_len > 0:
+            lm.train_seq_len = seq_len
+        return lm
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
