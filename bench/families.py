@@ -50,7 +50,8 @@ NGRAM_ROWS = [  # (label, preset, tokenizer)
 ]
 # A 1 MB corpus seen ~7 times in 5 minutes wants a small vocabulary: in single 300-second runs here
 # the cpu transformer reached 2.153 / 2.129 / 2.114 bits/char with 4096 / 2048 / 1024 ids and the LSTM
-# 2.275 / 2.199 (4096 / 2048): fewer ids mean fewer rare tokens to memorise and more, cheaper steps.
+# 2.275 / 2.199 / 2.181 (bench/probe_families.py): fewer ids mean fewer rare tokens to memorise and
+# more, cheaper steps.
 # The stdlib corpus (11 MB, seen less than once) keeps the speedrun's 4096.
 VOCAB_SIZE = {"shakespeare": 1024, "stdlib": 4096}
 BASELINE_TRAIN = dict(optimizer="adamw", lr=1e-3, beta2=0.99, weight_decay=0.1, warmup_steps=100,
