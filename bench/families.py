@@ -106,9 +106,10 @@ def first_step_seconds(run_dir: Path) -> float | None:
     return max(0.0, first["time"] - per_step * first["step"])
 
 
-def run_corpus(name: str, args, out: Path) -> dict:
+def prepare_corpus(name: str, vocab_size: int, tokenizer_chars: int, out: Path):
+    """Byte-level and BPE shards of a corpus under out (the BPE trained on the training text alone):
+    (tokenizer paths, shard folders, validation bytes, unit), each keyed "bytes" / "bpe"."""
     source, val_fraction, unit = corpus_source(name)
-    vocab_size = args.vocab_size or VOCAB_SIZE[name]
     toks = {"bytes": out / "tok_bytes.json", "bpe": out / f"tok_bpe{vocab_size}.json"}
     data = {kind: out / f"data_{kind}" for kind in toks}
     Tokenizer.byte_level().save(toks["bytes"])
@@ -119,7 +120,7 @@ def run_corpus(name: str, args, out: Path) -> dict:
         prepare_shards(source, toks[kind], data[kind], val_fraction=val_fraction, workers=1, show_progress=False)
 
     prepare("bytes")  # first: its shards give the exact train and validation texts
-    train_text = split_text(data["bytes"], "train")[:args.tokenizer_chars].decode("utf-8", "replace")
+    train_text = split_text(data["bytes"], "train")[:tokenizer_chars].decode("utf-8", "replace")
     val_bytes = split_text(data["bytes"], "val")
     print(f"\n######## {name}: {len(train_text):,} training characters for the tokenizer, "
           f"{len(val_bytes):,} validation bytes; {unit}")
@@ -127,6 +128,12 @@ def run_corpus(name: str, args, out: Path) -> dict:
     Tokenizer.train([train_text], vocab_size, show_progress=False).save(toks["bpe"])
     prepare("bpe")
     print(f"BPE {vocab_size} trained on the training text and shards prepared in {time.perf_counter() - t0:.0f} s")
+    return toks, data, val_bytes, unit
+
+
+def run_corpus(name: str, args, out: Path) -> dict:
+    vocab_size = args.vocab_size or VOCAB_SIZE[name]
+    toks, data, val_bytes, unit = prepare_corpus(name, vocab_size, args.tokenizer_chars, out)
     rows = {}
 
     def record(label, family, res, run_dir=None, extra=None):

@@ -284,6 +284,36 @@ def add_sampling_args(p: argparse.ArgumentParser, *, seed_help: str | None = Non
     p.add_argument("--seed", type=seed_value, default=None, help=seed_help)
 
 
+def add_diffusion_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("masked diffusion models (ignored by autoregressive ones)")
+    g.add_argument("--steps", type=positive_int, default=None,
+                   help="forward passes to generate --max-new-tokens tokens (default: one per token)")
+    g.add_argument("--block-len", type=positive_int, default=None,
+                   help="semi-autoregressive blocks of this many tokens, left to right (default: one block)")
+    g.add_argument("--remasking", choices=("low_confidence", "random", "ancestral"), default="low_confidence",
+                   help="which masked tokens each step reveals (lmforge/inference/diffusion.py)")
+
+
+def is_diffusion(model) -> bool:
+    return getattr(model, "generation", "autoregressive") == "diffusion"
+
+
+def diffusion_text(model, tok, ids: list[int], args, seed=None) -> str:
+    """A masked diffusion model's continuation of ids (--max-new-tokens tokens, --steps passes),
+    cut at its first document end."""
+    from lmforge.inference.diffusion import diffusion_generate
+
+    length = args.max_new_tokens
+    if length < 1:
+        return ""
+    out = diffusion_generate(model, ids, length, args.steps or length, method=args.remasking,
+                             block_len=args.block_len, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, seed=seed)[0, len(ids):].tolist()
+    if tok.bos_id in out:
+        out = out[: out.index(tok.bos_id)]
+    return tok.decode(out)
+
+
 def sampling_kwargs(args) -> dict:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 min_p=getattr(args, "min_p", None), repetition_penalty=getattr(args, "repetition_penalty", None))
@@ -293,13 +323,16 @@ def print_sample(model, tok, prompt: str, args, n: int = 1, seed=None):
     """n samples continuing `prompt` from a document start, each streamed as it is generated."""
     from lmforge.inference.engine import Engine
 
-    engine = Engine(model, tok)
     ids = [tok.bos_id] + tok.encode(prompt)
+    engine = None if is_diffusion(model) else Engine(model, tok)
     for i in range(n):
         s = None if seed is None else (seed + i) % 2**64
         if n > 1:
             print(f"--- sample {i + 1}")
         print(prompt, end="", flush=True)
+        if engine is None:  # the whole continuation at once: diffusion reveals tokens in any order
+            print(diffusion_text(model, tok, ids, args, seed=s))
+            continue
         for piece in engine.stream(ids, args.max_new_tokens, seed=s, stop_ids=[tok.bos_id], **sampling_kwargs(args)):
             print(piece, end="", flush=True)
         print()

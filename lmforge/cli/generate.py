@@ -12,7 +12,10 @@ import json
 import sys
 
 from lmforge.cli.common import (
+    add_diffusion_args,
     add_sampling_args,
+    diffusion_text,
+    is_diffusion,
     positive_int,
     print_sample,
     read_text_arg,
@@ -35,6 +38,9 @@ def cmd_generate(args):
         ids = render_messages(tok, [{"role": "user", "content": prompt}])
     else:
         ids = [tok.bos_id] + tok.encode(prompt)
+    if is_diffusion(model):
+        print(diffusion_text(model, tok, ids, args, seed=args.seed))
+        return
     engine = Engine(model, tok)
     for piece in engine.stream(ids, args.max_new_tokens, seed=args.seed, stop_strings=args.stop or (),
                                **sampling_kwargs(args)):
@@ -186,6 +192,7 @@ def add_commands(sub) -> None:
     sa.add_argument("--num-samples", type=positive_int, default=1)
     sa.add_argument("--device", default="cpu")
     add_sampling_args(sa)
+    add_diffusion_args(sa)
     sa.set_defaults(func=cmd_sample)
 
     # generate
@@ -196,6 +203,7 @@ def add_commands(sub) -> None:
     ge.add_argument("--stop", action="append", help="stop string (repeatable)")
     ge.add_argument("--device", default="cpu")
     add_sampling_args(ge)
+    add_diffusion_args(ge)
     ge.set_defaults(func=cmd_generate)
 
     # chat

@@ -98,6 +98,12 @@ class LmforgeModel:
 
     @torch.inference_mode()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        if getattr(self.model, "generation", "") == "diffusion":
+            # Its logits predict masked tokens, not the next one: scoring them as next-token
+            # log-probabilities would be silently wrong.
+            raise LmforgeError("a masked diffusion model has no next-token log-probabilities for "
+                               "multiple-choice benchmarks; evaluate it with `lmforge eval --data-dir` "
+                               "(its bound) or `lmforge score`")
         with self._autocast():
             return self.model(ids.to(self.device)).float()
 

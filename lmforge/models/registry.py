@@ -25,6 +25,7 @@ _BUILTIN = {
     "transformer": "lmforge.models.transformer",
     "lstm": "lmforge.models.lstm",
     "ngram": "lmforge.models.ngram",
+    "diffusion": "lmforge.models.diffusion",
 }
 
 

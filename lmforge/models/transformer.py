@@ -41,6 +41,7 @@ class GPTConfig(ModelConfig):
     dropout: float = 0.0  # on the embeddings and each residual branch's output
     attn_dropout: float | None = None  # on the attention weights; None = dropout (nanoGPT's single knob)
     init_std: float = 0.02
+    causal: bool = True  # False: every token attends to every other (masked diffusion, encoders)
 
     def __post_init__(self):
         def bad(msg):
@@ -146,6 +147,7 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.dropout = cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout
+        self.causal = cfg.causal
 
     def forward(self, x, rotary: Rotary | None, positions: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None, step: CacheStep | None = None):
@@ -168,7 +170,7 @@ class CausalSelfAttention(nn.Module):
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
         )
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
@@ -375,6 +377,9 @@ class GPT(LanguageModel):
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """An empty key/value cache for batch_size rows of up to max_len tokens (default: the context
         window), on the model's device."""
+        if not self.config.causal:
+            raise LmforgeError("a bidirectional transformer has no key/value cache: every token's state "
+                               "depends on the tokens after it")
         max_len = self.config.block_size if max_len is None else max_len
         w = self.embed_tokens.weight
         if dtype is None:

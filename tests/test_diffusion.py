@@ -1,0 +1,215 @@
+"""Masked diffusion: the loss and its exact form, the bound against a distribution small enough to
+enumerate, the samplers' invariants, and training through the shared Trainer."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from lmforge.common import LmforgeError
+from lmforge.inference.diffusion import METHODS, diffusion_generate
+from lmforge.models.diffusion import DiffusionConfig, MaskedDiffusionLM, diffusion_bound, exact_bound
+from lmforge.models.protocol import check_param_groups
+from lmforge.models.registry import build_model, get_family
+
+
+def tiny(vocab=16, block=32):
+    torch.manual_seed(0)
+    return MaskedDiffusionLM(DiffusionConfig(vocab_size=vocab, block_size=block, n_layer=1, n_head=2, n_embd=16))
+
+
+def test_registered_bidirectional_and_groups():
+    model = build_model("diffusion", get_family("diffusion").config("tiny").to_dict())
+    assert isinstance(model, MaskedDiffusionLM) and model.mask_id == 512
+    check_param_groups(model, model.param_groups())
+    # Bidirectional: changing the last token changes the first position's logits.
+    model.eval()
+    x = torch.randint(0, 512, (1, 10))
+    y = x.clone()
+    y[0, -1] = (x[0, -1] + 1) % 512
+    assert not torch.allclose(model(x)[0, 0], model(y)[0, 0])
+    assert model(x).shape == (1, 10, 512)  # no column for the mask id
+    with pytest.raises(LmforgeError, match="samplers"):
+        model.new_cache(1)
+    with pytest.raises(LmforgeError, match="attends both ways"):
+        DiffusionConfig(causal=True)
+
+
+def test_loss_matches_hand_computation():
+    model = tiny()
+    model.eval()
+    x = torch.randint(0, 16, (3, 6))
+    y = torch.randint(0, 16, (3, 6))
+    y[1, :2] = -100  # a prompt: visible, never masked, no loss
+    t = torch.tensor([0.3, 0.6, 0.9])
+    model.sample_times = lambda b, device: t
+    torch.manual_seed(5)
+    loss = model(x, y, reduction="sum")
+    torch.manual_seed(5)
+    u = torch.rand(3, 6)  # the same draw forward makes after sample_times
+    clean = y.clone()
+    clean[1, :2] = x[1, 1:3]
+    masked = (u < t[:, None]) & (y != -100)
+    xt = clean.masked_fill(masked, model.mask_id)
+    logp = model(xt).log_softmax(-1)
+    hand = sum(-logp[b, i, clean[b, i]] / t[b] for b in range(3) for i in range(6) if masked[b, i])
+    assert torch.allclose(loss, hand, atol=1e-5)
+    assert masked.sum() > 0 and not masked[1, :2].any()
+
+
+def test_antithetic_times_cover_the_interval():
+    t = tiny().sample_times(8, "cpu")
+    gaps = torch.sort(((t - 1e-3) / (1 - 1e-3)) % 1.0).values
+    assert torch.allclose(gaps.diff(), torch.full((7,), 1 / 8), atol=1e-5)
+
+
+class TrueDenoiser(MaskedDiffusionLM):
+    """The exact conditional p(x_i | visible tokens) of an enumerable distribution over sequences."""
+
+    def __init__(self, probs: dict):
+        L = len(next(iter(probs)))
+        super().__init__(DiffusionConfig(vocab_size=3, block_size=L, n_layer=1, n_head=1, n_embd=4))
+        self.probs = probs
+
+    def denoise(self, xt):
+        out = torch.zeros(*xt.shape, 3, dtype=torch.float64)
+        for b in range(xt.size(0)):
+            row = xt[b].tolist()
+            weights = {s: p for s, p in self.probs.items()
+                       if all(v == self.mask_id or v == s[i] for i, v in enumerate(row))}
+            z = sum(weights.values())
+            for i in range(xt.size(1)):
+                for v in range(3):
+                    out[b, i, v] = sum(p for s, p in weights.items() if s[i] == v) / z
+        return out.clamp(min=1e-30).log()
+
+
+def toy_distribution():
+    g = torch.Generator().manual_seed(1)
+    seqs = list(itertools.product(range(3), repeat=3))
+    p = torch.rand(len(seqs), generator=g, dtype=torch.float64) ** 3
+    p = p / p.sum()
+    return {s: float(q) for s, q in zip(seqs, p)}
+
+
+def test_bound_is_exact_for_the_true_denoiser_and_above_for_any_other():
+    probs = toy_distribution()
+    entropy = -sum(p * math.log(p) for p in probs.values())
+    true = TrueDenoiser(probs)
+    # The ELBO averages the chain rule over random orders: with the true conditionals it is exact.
+    expected = sum(p * exact_bound(true, torch.tensor(s)) for s, p in probs.items())
+    assert expected == pytest.approx(entropy, abs=1e-9)
+    for s, p in list(probs.items())[:5]:
+        assert exact_bound(true, torch.tensor(s)) == pytest.approx(-math.log(p), abs=1e-9)
+    other = tiny(vocab=3, block=3)
+    other.eval()
+    with torch.no_grad():
+        worse = sum(p * exact_bound(other, torch.tensor(s)) for s, p in probs.items())
+    assert worse > entropy + 0.01
+
+
+def test_monte_carlo_bound_agrees_with_the_exact_integral():
+    model = tiny(vocab=5, block=8)
+    model.eval()
+    seq = torch.tensor([1, 4, 0, 2, 3])
+    with torch.no_grad():
+        exact = exact_bound(model, seq)
+    x, y = torch.cat([torch.tensor([0]), seq[:-1]])[None], seq[None]
+    token_bytes = torch.ones(5)
+    torch.manual_seed(0)
+    few = diffusion_bound(model, [(x.repeat(64, 1), y.repeat(64, 1))], token_bytes, time_samples=4)
+    torch.manual_seed(0)
+    many = diffusion_bound(model, [(x.repeat(64, 1), y.repeat(64, 1))], token_bytes, time_samples=32)
+    assert many["bpb_stderr"] < few["bpb_stderr"]
+    exact_bpb = exact / (5 * math.log(2))
+    assert abs(many["bpb_bound"] - exact_bpb) < 4 * many["bpb_stderr"] + 1e-3
+
+
+class CertainModel(MaskedDiffusionLM):
+    """Predicts `answer` at every position with certainty, whatever it reads."""
+
+    def __init__(self, answer):
+        super().__init__(DiffusionConfig(vocab_size=10, block_size=32, n_layer=1, n_head=1, n_embd=4))
+        self.answer = torch.tensor(answer)
+        self.calls = []
+
+    def denoise(self, xt):
+        self.calls.append(xt.clone())
+        logits = torch.full((*xt.shape, 10), -1e4)
+        logits.scatter_(-1, self.answer[None, :, None].expand(xt.size(0), -1, 1), 1e4)
+        return logits
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("block_len", [None, 4])
+def test_sampler_reproduces_a_certain_answer_and_never_changes_visible_tokens(method, block_len):
+    answer = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]
+    model = CertainModel(answer)
+    prompt = answer[:4]
+    for steps in (8, 4):  # steps = length, and fewer steps than tokens
+        model.calls.clear()
+        out = diffusion_generate(model, prompt, 8, steps, method=method, block_len=block_len,
+                                 temperature=1.0, seed=0, num_samples=2)
+        assert out.tolist() == [answer, answer]
+        assert len(model.calls) <= steps
+        for before, after in zip(model.calls, model.calls[1:] + [out]):
+            visible = before != model.mask_id
+            assert torch.equal(after[visible], before[visible])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_random_model_keeps_prompt_and_fills_every_position(method):
+    model = tiny(vocab=16)
+    prompt = [1, 2, 3]
+    calls = []
+    real = model.denoise
+    model.denoise = lambda xt: (calls.append(xt.clone()), real(xt))[1]
+    out = diffusion_generate(model, prompt, 12, 3, method=method, block_len=4, top_k=5, top_p=0.9,
+                             temperature=0.8, seed=1, num_samples=3)
+    assert len(calls) == 3  # one forward pass per step: 3 passes for 12 tokens
+    assert (out[:, :3] == torch.tensor(prompt)).all() and (out < 16).all()
+    for before, after in zip(calls, calls[1:] + [out]):
+        visible = before != model.mask_id
+        assert torch.equal(after[visible], before[visible])
+    again = diffusion_generate(model, prompt, 12, 3, method=method, block_len=4, top_k=5, top_p=0.9,
+                               temperature=0.8, seed=1, num_samples=3)
+    assert torch.equal(out, again)
+
+
+def test_sampler_errors():
+    model = tiny()
+    with pytest.raises(LmforgeError, match="one step per block"):
+        diffusion_generate(model, [1], 8, 1, block_len=4)
+    with pytest.raises(LmforgeError, match="context window"):
+        diffusion_generate(model, [1] * 30, 8, 8)
+    with pytest.raises(LmforgeError, match="unknown diffusion sampler"):
+        diffusion_generate(model, [1], 8, 8, method="nope")
+
+
+def test_pretrain_sample_generate_score_through_the_cli(tiny_data, tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    code, out, err = run_cli("pretrain", "--arch", "diffusion", "--model", "tiny", "--data-dir", tiny_data,
+                             "--out", run, "--max-steps", "20", "--batch-size", "8", "--seq-len", "64",
+                             "--eval-tokens", "4096", "--compile", "off", "--no-progress")
+    assert code == 0, err
+    summary = json.loads(out[out.index("{"):])
+    assert 0 < summary["val_bpb"] < 8.0 * 2  # a one-sample bound; far from trained after 20 steps
+    state = json.loads(next((run / "checkpoints").glob("step_*/state.json")).read_text())
+    assert state["model_family"] == "diffusion"
+    for cmd in (["sample", "--prompt", "def ", "--num-samples", "2"], ["generate", "def "]):
+        code, out, err = run_cli(*cmd, "--checkpoint", run, "--max-new-tokens", "16", "--steps", "4",
+                                 "--block-len", "8", "--seed", "0", "--remasking", "random")
+        assert code == 0 and "Traceback" not in err, err
+    code, out, err = run_cli("score", "--checkpoint", run, "import os", "zq xv kj")
+    assert code == 0, err
+    assert out.count("import os") == 1 and "zq xv kj" in out
+    from lmforge.inference.engine import Engine
+    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
+
+    model, _ = load_model(run)
+    with pytest.raises(LmforgeError, match="samplers"):  # chat and serve decode token by token
+        Engine(model, load_checkpoint_tokenizer(run)).generate([[1, 2]], 4)
