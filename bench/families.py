@@ -91,8 +91,10 @@ def xz_bits_per_byte(text: bytes) -> float:
 
 
 def curve(run_dir: Path) -> list[tuple[float, float]]:
-    """(training seconds, val bits per byte) of every evaluation in a run's log."""
-    return [(r["time"], r["val_bpb"]) for r in read_log(run_dir / "log.jsonl") if "val_bpb" in r]
+    """(training seconds, val bits per byte) of every evaluation in a run's log (for a masked diffusion
+    model, the upper bound it reports instead)."""
+    return [(r["time"], r.get("val_bpb", r.get("val_bpb_bound"))) for r in read_log(run_dir / "log.jsonl")
+            if "val_bpb" in r or "val_bpb_bound" in r]
 
 
 def first_step_seconds(run_dir: Path) -> float | None:

@@ -221,3 +221,38 @@ class PrefixMeanLM(LanguageModel):
 
 register(ModelFamily("test-prefix-mean", PrefixMeanLM, PrefixMeanConfig, {"tiny": PrefixMeanConfig()},
                      default_preset="tiny"))
+
+
+def check_exact_resume(run, tmp_path, monkeypatch) -> tuple[dict, dict]:
+    """run(out, resume=False) -> pretrain's result, for a 10-step run that checkpoints every 5 steps.
+    10 steps in one go, or 7 (checkpoint at 5) cut by a crash in step 8 and then resumed, must give the
+    same loss at every step and bit-identical weights. Returns both runs' results."""
+    from lmforge.stages.pretrain import NextTokenTask
+    from lmforge.train import checkpoint as ckpt_io
+    from lmforge.train.logs import read_log
+
+    def losses(out):
+        return [r["loss"] for r in read_log(out / "log.jsonl") if "loss" in r]
+
+    straight = run(tmp_path / "straight")
+    calls, real_loss = [], NextTokenTask.loss
+
+    def crash_in_step_8(self, model, batch):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt  # steps 6 and 7 are logged but not checkpointed
+        return real_loss(self, model, batch)
+
+    monkeypatch.setattr(NextTokenTask, "loss", crash_in_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut")
+    monkeypatch.setattr(NextTokenTask, "loss", real_loss)
+    assert len(losses(tmp_path / "cut")) == 7
+    resumed = run(tmp_path / "cut", resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "straight")
+    a = ckpt_io.load_model(tmp_path / "straight")[0].state_dict()
+    b = ckpt_io.load_model(tmp_path / "cut")[0].state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    return straight, resumed

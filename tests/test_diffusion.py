@@ -1,16 +1,27 @@
 """Masked diffusion: the loss and its exact form, the bound against a distribution small enough to
 enumerate, the samplers' invariants, and training through the shared Trainer."""
 import itertools
+import json
 import math
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import REPO, check_exact_resume
 
 from lmforge.common import LmforgeError
+from lmforge.eval.lm import windows_nll
 from lmforge.inference.diffusion import METHODS, diffusion_generate
-from lmforge.models.diffusion import DiffusionConfig, MaskedDiffusionLM, diffusion_bound, exact_bound
+from lmforge.models.diffusion import DiffusionConfig, MaskedDiffusionLM, exact_bound
 from lmforge.models.protocol import check_param_groups
 from lmforge.models.registry import build_model, get_family
+from lmforge.stages.pretrain import PretrainOptions, pretrain
+from lmforge.train import checkpoint as ckpt_io
+from lmforge.train.config import TrainConfig
+from lmforge.train.logs import read_log
 
 
 def tiny(vocab=16, block=32):
@@ -115,14 +126,17 @@ def test_monte_carlo_bound_agrees_with_the_exact_integral():
     with torch.no_grad():
         exact = exact_bound(model, seq)
     x, y = torch.cat([torch.tensor([0]), seq[:-1]])[None], seq[None]
-    token_bytes = torch.ones(5)
+    batches = [(x.repeat(64, 1), y.repeat(64, 1))]
+    token_bytes = torch.ones(5, dtype=torch.long)
     torch.manual_seed(0)
-    few = diffusion_bound(model, [(x.repeat(64, 1), y.repeat(64, 1))], token_bytes, time_samples=4)
-    torch.manual_seed(0)
-    many = diffusion_bound(model, [(x.repeat(64, 1), y.repeat(64, 1))], token_bytes, time_samples=32)
-    assert many["bpb_stderr"] < few["bpb_stderr"]
-    exact_bpb = exact / (5 * math.log(2))
-    assert abs(many["bpb_bound"] - exact_bpb) < 4 * many["bpb_stderr"] + 1e-3
+    with torch.no_grad():
+        few = windows_nll(model, batches, token_bytes, draws=4)
+        many = windows_nll(model, batches, token_bytes, draws=32)
+    assert few[2:] == many[2:] == (5 * 64, 5 * 64)  # tokens and bytes
+    assert many[1] < few[1] / 4  # 8x the draws: the variance of the estimate shrinks ~8x
+    assert abs(many[0] / 64 - exact) < 4 * math.sqrt(many[1]) / 64 + 1e-3
+    with pytest.raises(LmforgeError, match="at least 2 draws"):
+        windows_nll(model, batches, token_bytes, draws=1)
 
 
 class CertainModel(MaskedDiffusionLM):
@@ -187,8 +201,6 @@ def test_sampler_errors():
 
 
 def test_pretrain_sample_generate_score_through_the_cli(tiny_data, tmp_path):
-    import json
-
     from conftest import run_cli
 
     run = tmp_path / "run"
@@ -197,7 +209,16 @@ def test_pretrain_sample_generate_score_through_the_cli(tiny_data, tmp_path):
                              "--eval-tokens", "4096", "--compile", "off", "--no-progress")
     assert code == 0, err
     summary = json.loads(out[out.index("{"):])
-    assert 0 < summary["val_bpb"] < 8.0 * 2  # a one-sample bound; far from trained after 20 steps
+    # Reported as a bound with its error bar, never under the likelihood's name.
+    assert "val_bpb" not in summary and "val_loss" not in summary
+    assert 0 < summary["val_bpb_bound"] < 8.0 * 2 and 0 < summary["val_bpb_bound_stderr"] < 0.5
+    assert (run / "loss.png").exists()
+    code, out, err = run_cli("eval", "--checkpoint", run, "--data-dir", tiny_data, "--max-tokens", "4096",
+                             "--bound-draws", "3", "--out", tmp_path / "eval.json", "--no-progress")
+    assert code == 0, err
+    metrics = next(iter(json.loads((tmp_path / "eval.json").read_text())["tasks"].values()))["metrics"]
+    assert set(metrics) == {"loss_bound", "perplexity_bound", "bits_per_byte_bound", "bits_per_byte_bound_stderr"}
+    assert "bits_per_byte_bound" in out and metrics["bits_per_byte_bound_stderr"] > 0
     state = json.loads(next((run / "checkpoints").glob("step_*/state.json")).read_text())
     assert state["model_family"] == "diffusion"
     for cmd in (["sample", "--prompt", "def ", "--num-samples", "2"], ["generate", "def "]):
@@ -208,8 +229,83 @@ def test_pretrain_sample_generate_score_through_the_cli(tiny_data, tmp_path):
     assert code == 0, err
     assert out.count("import os") == 1 and "zq xv kj" in out
     from lmforge.inference.engine import Engine
+    from lmforge.inference.scheduler import Scheduler
     from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
 
     model, _ = load_model(run)
-    with pytest.raises(LmforgeError, match="samplers"):  # chat and serve decode token by token
-        Engine(model, load_checkpoint_tokenizer(run)).generate([[1, 2]], 4)
+    tok = load_checkpoint_tokenizer(run)
+    # Chat, tools and the server decode token by token: refused up front, one line saying what to use.
+    with pytest.raises(LmforgeError, match="fills whole blocks of tokens at once with its samplers"):
+        Engine(model, tok)
+    with pytest.raises(LmforgeError, match="^the server decodes token by token"):
+        Scheduler(model, tok)
+    with pytest.raises(LmforgeError, match="samplers"):
+        model.new_cache(1)
+    for cmd in (["chat"], ["sft", "--data", "synthetic:arithmetic:20", "--out", tmp_path / "sft"]):
+        code, out, err = run_cli(*cmd, "--checkpoint", run)
+        assert code != 0 and "lmforge generate" in err and "Traceback" not in err, err
+    assert not (tmp_path / "sft").exists()
+
+
+# ----------------------------------------------------------------------------- on the shared Trainer
+
+
+def diffusion_run(tiny_data, out, *, resume=False, steps=10, **train):
+    cfg = TrainConfig(out_dir=str(out), max_steps=steps, ckpt_every=5, eval_every=0, log_every=1, warmup_steps=2,
+                      progress=False, **{"dtype": "fp32", "compile": "off", **train})
+    opts = PretrainOptions(data_dir=str(tiny_data), model="diffusion", preset="tiny", model_overrides={"dropout": 0.1},
+                           batch_size=4, seq_len=24, eval_tokens=1024, resume=resume)
+    return pretrain(opts, cfg)
+
+
+def losses(out):
+    return [r["loss"] for r in read_log(out / "log.jsonl") if "loss" in r]
+
+
+def test_interrupted_run_resumes_exactly(tiny_data, tmp_path, monkeypatch):
+    """The diffusion times and masks are drawn from the RNG, so its state must resume too
+    (conftest.check_exact_resume)."""
+    straight, resumed = check_exact_resume(lambda out, resume=False: diffusion_run(tiny_data, out, resume=resume),
+                                           tmp_path, monkeypatch)
+    assert resumed["val_bpb_bound"] == straight["val_bpb_bound"]
+
+
+def test_bf16_training_tracks_fp32(tiny_data, tmp_path):
+    """The same run under bf16 autocast: the same random draws, losses within bf16's rounding."""
+    diffusion_run(tiny_data, tmp_path / "fp32", steps=6)
+    diffusion_run(tiny_data, tmp_path / "bf16", steps=6, dtype="bf16")
+    assert losses(tmp_path / "bf16") == pytest.approx(losses(tmp_path / "fp32"), rel=3e-2)
+
+
+def test_compiled_training_matches_eager(tiny_data, tmp_path):
+    """torch.compile'd training (the times and masks are drawn inside the compiled forward) equals eager
+    training once inductor draws its random numbers as eager does."""
+    import torch._inductor.config as inductor_config
+
+    diffusion_run(tiny_data, tmp_path / "eager", steps=3)
+    with inductor_config.patch(fallback_random=True):  # not monkeypatch: its undo deletes the config entry
+        diffusion_run(tiny_data, tmp_path / "compiled", steps=3, compile="on")
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-3)
+
+
+def test_ddp_two_processes_keep_one_model_with_their_own_noise(tiny_data, tmp_path):
+    """torchrun, 2 gloo processes: every rank ends with bit-identical weights (gradients averaged),
+    each drew its own diffusion times (seeded per rank), and the checkpoint records both."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        str(REPO / "tests" / "ddp_diffusion_worker.py"), str(tiny_data), str(tmp_path)],
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    w0, w1 = (torch.load(tmp_path / f"weights{rank}.pt", weights_only=True) for rank in (0, 1))
+    torch.manual_seed(1337)  # pretrain's default seed: the weights both ranks started from
+    start = MaskedDiffusionLM(get_family("diffusion").config("tiny", vocab_size=268)).state_dict()
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    assert any(not torch.equal(w0[k], start[k]) for k in w0)
+    t0, t1 = (json.loads((tmp_path / f"times{rank}.json").read_text()) for rank in (0, 1))
+    assert len(t0) == len(t1) >= 4 and t0 != t1
+    state = json.loads((ckpt_io.resolve_checkpoint(tmp_path / "run") / "state.json").read_text())
+    assert state["world_size"] == 2 and state["model_family"] == "diffusion"
+    assert len(losses(tmp_path / "run")) == 4 and all(math.isfinite(x) for x in losses(tmp_path / "run"))

@@ -10,13 +10,13 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, context_free_loss, run_cli
+from conftest import REPO, check_exact_resume, context_free_loss, run_cli
 
 from lmforge.common import LmforgeError
 from lmforge.models.lstm import FAMILY, LSTMLM, LSTMConfig, LSTMState
 from lmforge.models.protocol import UNLIMITED_SCORING_WINDOW, check_param_groups, scoring_window, tokens_left
 from lmforge.models.registry import build_model, get_family
-from lmforge.stages.pretrain import NextTokenTask, PretrainOptions, pretrain
+from lmforge.stages.pretrain import PretrainOptions, pretrain
 from lmforge.train import checkpoint as ckpt_io
 from lmforge.train.logs import read_log
 from lmforge.train.loop import TrainConfig
@@ -289,30 +289,10 @@ def lstm_run(tiny_data, out, *, resume=False):
 
 
 def test_interrupted_run_resumes_exactly(tiny_data, tmp_path, monkeypatch):
-    """10 steps in one go, or 7 steps (checkpoint at 5) cut by a crash and then resumed: the same loss
-    at every step and bit-identical weights. Dropout makes the RNG state part of what must resume."""
-    straight = lstm_run(tiny_data, tmp_path / "straight")
-    calls, real_loss = [], NextTokenTask.loss
-
-    def crash_in_step_8(self, model, batch):
-        calls.append(1)
-        if len(calls) == 8:
-            raise KeyboardInterrupt  # steps 6 and 7 are logged but not checkpointed
-        return real_loss(self, model, batch)
-
-    monkeypatch.setattr(NextTokenTask, "loss", crash_in_step_8)
-    with pytest.raises(KeyboardInterrupt):
-        lstm_run(tiny_data, tmp_path / "cut")
-    monkeypatch.setattr(NextTokenTask, "loss", real_loss)
-    assert len(losses(tmp_path / "cut")) == 7
-    resumed = lstm_run(tiny_data, tmp_path / "cut", resume=True)
-    assert losses(tmp_path / "cut") == losses(tmp_path / "straight")
+    """Dropout makes the RNG state part of what must resume (conftest.check_exact_resume)."""
+    straight, resumed = check_exact_resume(lambda out, resume=False: lstm_run(tiny_data, out, resume=resume),
+                                           tmp_path, monkeypatch)
     assert resumed["val_loss"] == straight["val_loss"]
-    a = ckpt_io.load_model(tmp_path / "straight")[0].state_dict()
-    b = ckpt_io.load_model(tmp_path / "cut")[0].state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def test_ddp_two_processes_train_like_one(tiny_data, tmp_path):

@@ -45,7 +45,7 @@ def cmd_eval(args):
                                "(for a Hugging Face model use --text)")
         results["tasks"][f"shards:{args.data_dir}@{args.split}"] = {"metrics": evaluate_shards(
             lm.model, lm.tokenizer, args.data_dir, args.split, max_tokens=args.max_tokens, batch_size=args.batch_size,
-            seq_len=lm.train_seq_len)}
+            seq_len=lm.train_seq_len, **({"draws": args.bound_draws} if args.bound_draws else {}))}
     out = Path(args.out)
     _write_json(str(out), results)
     md = results_markdown(results)
@@ -127,6 +127,9 @@ def add_commands(sub) -> None:
     ev.add_argument("--data-dir", default=None, help="perplexity / bits per byte of a prepared shard folder")
     ev.add_argument("--split", default="val")
     ev.add_argument("--max-tokens", type=positive_int, default=None, help="--data-dir: at most this many tokens")
+    ev.add_argument("--bound-draws", type=positive_int, default=None,
+                    help="--data-dir on a masked diffusion model: draws (a time and a mask each) per window of its "
+                         "bound (at least 2; default lmforge.eval.lm.BOUND_DRAWS); more draws, a smaller error")
     ev.add_argument("--data-root", default=None,
                     help="benchmark data folder (default: $LMFORGE_SHARED_DATA or ../shared/data)")
     ev.add_argument("--source", choices=["auto", "local", "hub"], default="auto",

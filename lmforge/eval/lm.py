@@ -77,34 +77,68 @@ def evaluate_text_file(lm: EvalModel, path: str | Path, **kw) -> dict[str, float
     return evaluate_text(lm, text, **kw)
 
 
+# Draws per window when a model's loss only estimates a bound (masked diffusion): at least 2, so the
+# spread of the draws gives the estimate's standard error.
+BOUND_DRAWS = 4
+
+
+def windows_nll(model, batches, token_bytes: torch.Tensor, *, draws: int = BOUND_DRAWS) -> tuple:
+    """(negative log-likelihood in nats summed over the target tokens of (x, y) windows, the variance
+    of that sum's estimate, target tokens, their UTF-8 bytes); -100 targets are not counted.
+
+    An exact model's loss is the sum itself (variance 0). A model whose loss is a one-sample estimate
+    of a bound (`likelihood == "bound"`) is run `draws` times per window: the mean of the draws
+    estimates the window's bound, their spread the variance (it shrinks as 1 / draws)."""
+    bound = getattr(model, "likelihood", "exact") == "bound"
+    if bound and draws < 2:
+        raise LmforgeError(f"a bound's standard error needs at least 2 draws per window, got {draws}")
+    nll = variance = 0.0
+    ntok = nbytes = 0
+    for x, y in batches:
+        if bound:
+            per_window = torch.stack([model(x, y, reduction="none").view(y.shape).sum(1).double()
+                                      for _ in range(draws)])
+            nll += per_window.mean(0).sum().item()
+            variance += (per_window.var(0) / draws).sum().item()
+        else:
+            nll += model(x, y, reduction="sum").item()
+        scored = y != -100
+        ntok += int(scored.sum())
+        nbytes += int(token_bytes[y.clamp(min=0)].masked_fill(~scored, 0).sum())
+    return nll, variance, ntok, nbytes
+
+
 def split_loss(model, split, token_bytes: torch.Tensor, *, batch_size: int, seq_len: int, max_batches: int,
-               device: str) -> dict[str, float]:
+               device: str, draws: int = BOUND_DRAWS) -> dict[str, float]:
     """Mean next-token loss and bits per byte (nats summed over target tokens / (ln 2 * their UTF-8
     bytes), independent of the tokenizer) of a model over a shard split's windows, this process's
-    share of them, summed over the processes: pretraining's validation and `lmforge eval --data-dir`."""
+    share of them, summed over the processes: pretraining's validation and `lmforge eval --data-dir`.
+    A model whose likelihood is a bound reports "loss_bound", "bpb_bound" and "bpb_bound_stderr"
+    instead (never as if it were a likelihood)."""
     from lmforge.data.loader import eval_batches
     from lmforge.data.rows import ProcessShare
     from lmforge.train.distributed import all_reduce_sum
 
     share = ProcessShare()
-    nll, ntok, nbytes = 0.0, 0, 0
-    for x, y in eval_batches(split, batch_size, seq_len, max_batches=max_batches, rank=share.rank,
-                             world_size=share.world):
-        x, y = x.to(device), y.to(device)
-        nll += model(x, y, reduction="sum").item()
-        ntok += y.numel()
-        nbytes += int(token_bytes[y].sum().item())
-    nll, ntok, nbytes = all_reduce_sum([nll, ntok, nbytes], device)
+    batches = ((x.to(device), y.to(device)) for x, y in eval_batches(
+        split, batch_size, seq_len, max_batches=max_batches, rank=share.rank, world_size=share.world))
+    nll, variance, ntok, nbytes = windows_nll(model, batches, token_bytes, draws=draws)
+    nll, variance, ntok, nbytes = all_reduce_sum([nll, variance, ntok, nbytes], device)
     if ntok == 0:
         return {}
-    return {"loss": nll / ntok, "bpb": nll / (math.log(2) * max(nbytes, 1))}
+    per_byte = 1.0 / (math.log(2) * max(nbytes, 1))
+    if getattr(model, "likelihood", "exact") == "bound":
+        return {"loss_bound": nll / ntok, "bpb_bound": nll * per_byte,
+                "bpb_bound_stderr": math.sqrt(variance) * per_byte}
+    return {"loss": nll / ntok, "bpb": nll * per_byte}
 
 
 @torch.inference_mode()
 def evaluate_shards(model, tokenizer, data_dir: str | Path, split: str = "val", *, max_tokens: int | None = None,
-                    batch_size: int = 8, seq_len: int | None = None) -> dict[str, float]:
+                    batch_size: int = 8, seq_len: int | None = None, draws: int = BOUND_DRAWS) -> dict[str, float]:
     """Loss, perplexity and bits per byte of an lmforge model on a prepared shard split, computed
-    exactly as pretraining's validation does (`split_loss`)."""
+    exactly as pretraining's validation does (`split_loss`); upper bounds with their standard error
+    for a model whose likelihood is a bound, from `draws` draws per window."""
     from lmforge.data.loader import TokenSplit
     from lmforge.data.rows import ProcessShare
     from lmforge.models.protocol import DEFAULT_SEQ_LEN
@@ -119,7 +153,10 @@ def evaluate_shards(model, tokenizer, data_dir: str | Path, split: str = "val", 
     model.eval()
     try:
         m = split_loss(model, data, token_bytes, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches,
-                       device=device)
+                       device=device, draws=draws)
     finally:
         model.train(was_training)
+    if "bpb_bound" in m:
+        return {"loss_bound": m["loss_bound"], "perplexity_bound": math.exp(m["loss_bound"]),
+                "bits_per_byte_bound": m["bpb_bound"], "bits_per_byte_bound_stderr": m["bpb_bound_stderr"]}
     return {"loss": m["loss"], "perplexity": math.exp(m["loss"]), "bits_per_byte": m["bpb"]}

@@ -35,7 +35,7 @@ import torch
 
 from lmforge.common import LmforgeError
 from lmforge.inference.sampling import check_sampling_args, sample_next
-from lmforge.models.protocol import tokens_left
+from lmforge.models.protocol import require_decoding, tokens_left
 
 # A reply ends at the end of the assistant's turn; any text ends at end-of-text (bos doubles as it).
 DEFAULT_STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
@@ -252,6 +252,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, dtype: str = "fp32", compile: bool = False):
         if dtype not in ("fp32", "bf16"):
             raise LmforgeError(f"engine dtype must be fp32 or bf16, got {dtype!r}")
+        require_decoding(model, "the inference engine (chat, tools, evaluation by generation)")
         self.model = model
         self.step_fn = compiled_decode_step(model) if compile else None
         self.tokenizer = tokenizer

@@ -160,9 +160,10 @@ def score_text(model, tokenizer, text: str) -> TextScore:
     x = torch.tensor([seq[:-1]], device=device)
     y = torch.tensor(seq[1:], device=device)
     with eval_mode(model):
-        if getattr(model, "generation", "") == "diffusion":
-            # No exact log p: the evidence lower bound instead, each position's share of it averaged
-            # over DIFFUSION_SCORE_SAMPLES draws of time and mask (one batch, antithetic times).
+        if getattr(model, "likelihood", "exact") == "bound":
+            # No exact log p (masked diffusion): the evidence lower bound instead, each position's
+            # share of it averaged over DIFFUSION_SCORE_SAMPLES draws of time and mask (one batch,
+            # antithetic times).
             n = DIFFUSION_SCORE_SAMPLES
             terms = model(x.repeat(n, 1), y.repeat(n, 1), reduction="none").view(n, -1)
             tok_lp = (-terms.mean(0)).tolist()

@@ -43,7 +43,7 @@ from lmforge.chat import parse_tool_call
 from lmforge.common import LmforgeError
 from lmforge.inference.engine import DEFAULT_STOP_TOKENS, RowOutput, compiled_decode_step
 from lmforge.inference.sampling import check_sampling_args, sample_next
-from lmforge.models.protocol import tokens_left
+from lmforge.models.protocol import require_decoding, tokens_left
 
 log = logging.getLogger("lmforge.serve")
 
@@ -197,6 +197,7 @@ class Scheduler:
             raise LmforgeError(f"max batch must be >= 1, got {max_batch}")
         if dtype not in ("fp32", "bf16"):
             raise LmforgeError(f"dtype must be fp32 or bf16, got {dtype!r}")
+        require_decoding(model, "the server")
         self.model = model.eval()
         self.tok = tokenizer
         self.max_batch = max_batch

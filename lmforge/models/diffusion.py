@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
-from lmforge.models.protocol import LanguageModel, ModelFamily
+from lmforge.models.protocol import LanguageModel, ModelFamily, require_decoding
 from lmforge.models.transformer import GPT, GPTConfig
 
 
@@ -50,6 +50,7 @@ class DiffusionConfig(GPTConfig):
 
 class MaskedDiffusionLM(LanguageModel):
     family = "diffusion"
+    likelihood = "bound"  # validation reports "<= bpb +- stderr" (lmforge/eval/lm.py split_loss)
     generation = "diffusion"  # samplers in lmforge/inference/diffusion.py, not token-by-token decoding
 
     def __init__(self, cfg: DiffusionConfig):
@@ -119,38 +120,13 @@ class MaskedDiffusionLM(LanguageModel):
         return terms.sum() / modelled.sum().clamp(min=1)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None):
-        raise LmforgeError("a masked diffusion model does not decode token by token; it generates with its "
-                           "samplers: lmforge sample --steps N (see lmforge/inference/diffusion.py)")
+        require_decoding(self, "a decode state")
 
     def prefill(self, idx, cache, last=None):
-        self.new_cache(0)
+        require_decoding(self, "prefill")
 
     def decode(self, idx, cache, positions, step_fn=None):
-        self.new_cache(0)
-
-
-@torch.no_grad()
-def diffusion_bound(model: MaskedDiffusionLM, batches, token_bytes: torch.Tensor, time_samples: int = 8) -> dict:
-    """Bits per byte of the validation windows as an upper bound, with its Monte-Carlo error.
-
-    batches: (x, y) windows as the Trainer sees them (y scored, as for the autoregressive models);
-    token_bytes (vocab,) the UTF-8 length of each id. Each window's bound is estimated from
-    `time_samples` independent draws (a time and a mask each); the standard error of the total comes
-    from the spread of those draws (it shrinks as 1/sqrt(time_samples)). Reported as "<= bpb +- se":
-    it is a bound on the model's negative log-likelihood, not the likelihood itself."""
-    if time_samples < 2:
-        raise LmforgeError("the bound's standard error needs at least 2 time samples per window")
-    total = variance = n_bytes = 0.0
-    for x, y in batches:
-        draws = torch.stack([model(x, y, reduction="none").view(y.shape).sum(1) for _ in range(time_samples)])
-        total += draws.mean(0).sum().item()
-        variance += (draws.var(0, unbiased=True) / time_samples).sum().item()
-        n_bytes += token_bytes[y.clamp(min=0)].masked_fill(y == -100, 0).sum().item()
-    if n_bytes == 0:
-        raise LmforgeError("no validation bytes to bound")
-    scale = 1.0 / (n_bytes * math.log(2))
-    return {"bpb_bound": total * scale, "bpb_stderr": math.sqrt(variance) * scale,
-            "time_samples": time_samples, "bytes": int(n_bytes)}
+        require_decoding(self, "decode")
 
 
 def exact_bound(model: MaskedDiffusionLM, x: torch.Tensor) -> float:

@@ -20,6 +20,11 @@ Training
                       idx (B, T) ids -> float32 logits (B, T, vocab); with targets (B, T, -100 =
                       ignore) the cross-entropy instead (F.cross_entropy's `reduction`). Scoring a
                       continuation is this log-softmax gathered at the continuation's ids.
+    likelihood        "exact": forward's loss is the model's negative log-likelihood; "bound": it is a
+                      one-sample Monte-Carlo estimate of an upper bound on it (masked diffusion), so
+                      validation averages several draws per window and reports "loss_bound" /
+                      "bpb_bound" with their standard error instead of "loss" / "bpb"
+                      (lmforge/eval/lm.py `split_loss`)
     trainable         True: gradient training by the shared Trainer, with
     param_groups()    {"matrix": [...], "embedding": [...], "vector": [...]}: hidden weight matrices
                       (Muon when --optimizer muon, else AdamW with weight decay), lookup tables and
@@ -40,6 +45,10 @@ Training
                       so PPO's shared critic reads the policy's trunk without a second pass
 
 Generation (a decode state: "cache" for short)
+    generation        "autoregressive": one token at a time through the decode state below (the
+                      engine, the server's scheduler, chat and tools); "diffusion": whole blocks at
+                      once with the samplers of lmforge/inference/diffusion.py, and everything that
+                      decodes token by token refuses the model up front (`require_decoding`)
     new_cache(batch_size, max_len=None, dtype=None)
                       an empty decode state for batch_size rows of up to max_len tokens (None: the
                       whole context window; families without a window ignore it). The state has
@@ -111,6 +120,8 @@ class LanguageModel(nn.Module):
 
     family: ClassVar[str] = ""
     trainable: ClassVar[bool] = True
+    likelihood: ClassVar[str] = "exact"
+    generation: ClassVar[str] = "autoregressive"
     config: Any
 
     @property
@@ -180,6 +191,16 @@ def trainable_groups(model) -> dict[str, list[nn.Parameter]]:
     groups = model.param_groups()
     check_param_groups(model, groups)
     return {g: [p for p in groups.get(g, []) if p.requires_grad] for g in PARAM_GROUPS}
+
+
+def require_decoding(model, what: str) -> None:
+    """One clear error when `what` (chat, the server, ...) needs token-by-token decoding and the
+    model generates otherwise."""
+    if getattr(model, "generation", "autoregressive") != "autoregressive":
+        raise LmforgeError(
+            f"{what} decodes token by token, and a {model.family} model fills whole blocks of tokens at once "
+            "with its samplers: use `lmforge sample` or `lmforge generate` with --steps N (a diffusion chat would "
+            "need SFT on replies padded to a fixed length, LLaDA-style, which lmforge does not do yet)")
 
 
 def tokens_left(model, used: int) -> int:

@@ -20,7 +20,12 @@ def log_series(log_path: str | Path, train_key: str, val_key: str) -> tuple[list
 
 def plot_loss_curve(log_path: str | Path, png_path: str | Path) -> Path | None:
     """Training loss (and validation loss / bits per byte when logged) against tokens seen."""
-    train, val = log_series(log_path, "loss", "val_loss")
+    records = read_log(log_path)
+    # A model whose likelihood is a bound (masked diffusion) logs val_loss_bound: labelled as one.
+    bound = any("val_loss_bound" in r for r in records)
+    suffix = "_bound" if bound else ""
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" + suffix in r]
     if not train:
         return None
     from lmforge.common import new_figure, save_figure
@@ -34,9 +39,13 @@ def plot_loss_curve(log_path: str | Path, png_path: str | Path) -> Path | None:
         smooth.append(ema / (1 - 0.9**i))
     ax.plot(xs, smooth, lw=1.6, color="C0", label="train loss (smoothed)")
     if val:
-        ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", color="C1", label="val loss")
+        ax.plot([r["tokens"] for r in val], [r["val_loss" + suffix] for r in val], "o-", color="C1",
+                label="val loss (upper bound)" if bound else "val loss")
     ax.set_xlabel("tokens seen")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    if val and "val_bpb" in val[-1]:
-        ax.set_title(f"final val: {val[-1]['val_loss']:.3f} nats/token, {val[-1]['val_bpb']:.3f} bits/byte")
+    ax.set_ylabel("diffusion loss, a bound (nats/token)" if bound else "cross-entropy (nats/token)")
+    if val and "val_bpb" + suffix in val[-1]:
+        last = val[-1]
+        ax.set_title(f"final val: ≤ {last['val_loss_bound']:.3f} nats/token, ≤ {last['val_bpb_bound']:.3f} "
+                     f"± {last['val_bpb_bound_stderr']:.3f} bits/byte" if bound else
+                     f"final val: {last['val_loss']:.3f} nats/token, {last['val_bpb']:.3f} bits/byte")
     return save_figure(fig, png_path)

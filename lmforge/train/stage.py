@@ -45,10 +45,15 @@ class Start:
 
 
 def load_start(checkpoint: str | Path) -> Start:
+    """The model a post-training stage starts from. Each of them (SFT, reward, DPO, RL) works on chat
+    turns that are generated or scored token by token: a model that generates otherwise (masked
+    diffusion) is refused here, before any work, with the line saying what it can do instead."""
+    from lmforge.models.protocol import require_decoding
     from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model, resolve_checkpoint
 
     base = resolve_checkpoint(checkpoint)
     model, _ = load_model(base)
+    require_decoding(model, "post-training (SFT, reward model, DPO, RL)")
     return Start(model, load_checkpoint_tokenizer(base), base)
 
 
