@@ -20,12 +20,12 @@ def log_series(log_path: str | Path, train_key: str, val_key: str) -> tuple[list
 
 def plot_loss_curve(log_path: str | Path, png_path: str | Path) -> Path | None:
     """Training loss (and validation loss / bits per byte when logged) against tokens seen."""
-    records = read_log(log_path)
-    # A model whose likelihood is a bound (masked diffusion) logs val_loss_bound: labelled as one.
-    bound = any("val_loss_bound" in r for r in records)
+    train, val = log_series(log_path, "loss", "val_loss")
+    bound = False
+    if not val:  # a model whose likelihood is a bound (masked diffusion) logs val_loss_bound: labelled as one
+        val = log_series(log_path, "loss", "val_loss_bound")[1]
+        bound = bool(val)
     suffix = "_bound" if bound else ""
-    train = [r for r in records if "loss" in r]
-    val = [r for r in records if "val_loss" + suffix in r]
     if not train:
         return None
     from lmforge.common import new_figure, save_figure
