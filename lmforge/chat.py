@@ -29,6 +29,11 @@ tool results (which the tool, not the model, writes).
 
 `CHAT_TEMPLATE_JINJA` is the same template for Hugging Face `apply_chat_template` (tool-call
 arguments given as a JSON *string* are inserted verbatim there; lmforge re-serialises them).
+
+An imported model (`lmforge import`) brings its own template instead: its tokenizer is a
+HubTokenizer, which renders the conversation with the model's Jinja chat template exactly as
+`transformers` does, and marks for training the characters each assistant turn adds (its reply and
+end of turn) — see lmforge/hub_tokenizer.py.
 """
 from __future__ import annotations
 
@@ -123,8 +128,20 @@ def validate_messages(messages) -> list[dict]:
     return messages
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool,
+            tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
     validate_messages(messages)
+    if hasattr(tokenizer, "chat_ids"):  # an imported tokenizer: the model's own Jinja template
+        if tokenizer.chat_template is None:
+            raise LmforgeError("this tokenizer has no chat template (a base model's): chat and fine-tuning on "
+                               "conversations need one; import an instruct model, or add a chat_template to "
+                               "its tokenizer_config.json before importing")
+        if add_generation_prompt:
+            ids = tokenizer.chat_ids(messages, add_generation_prompt=True, tools=tools)
+            return ids, [0] * len(ids)
+        return tokenizer.chat_ids_for_training(messages, tools=tools)
+    if tools:
+        raise LmforgeError("lmforge's chat template takes tool definitions in the system message, not as tools=")
     sid = tokenizer.special_id
     ids, mask = [tokenizer.bos_id], [0]
 
@@ -147,9 +164,11 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> tup
     return ids, mask
 
 
-def render_messages(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a conversation; with add_generation_prompt, ready for the assistant's reply."""
-    return _render(tokenizer, messages, add_generation_prompt)[0]
+def render_messages(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a conversation; with add_generation_prompt, ready for the assistant's reply.
+    tools (OpenAI function definitions) go to an imported model's template, which lists them itself."""
+    return _render(tokenizer, messages, add_generation_prompt, tools)[0]
 
 
 def render_for_training(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:

@@ -231,6 +231,22 @@ class Tokenizer:
     def is_special(self, token_id: int) -> bool:
         return token_id in self._id_to_special
 
+    # What chat, generation and post-training ask of any tokenizer (lmforge's or a HubTokenizer):
+    @property
+    def end_of_turn_id(self) -> int:
+        """The token that ends an assistant turn (what a reply is trained to end with)."""
+        return self.special_tokens["<|assistant_end|>"]
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Where generation stops by default: the end of the turn, or of the text."""
+        return frozenset((self.end_of_turn_id, self.bos_id))
+
+    @property
+    def tool_call_ids(self) -> tuple[int, int] | None:
+        """The tokens around a tool call's JSON."""
+        return self.special_tokens["<|tool_call_start|>"], self.special_tokens["<|tool_call_end|>"]
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of one token; a special token gives the UTF-8 of its text form."""
         token_id = int(token_id)

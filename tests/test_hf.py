@@ -17,6 +17,7 @@ from conftest import missing  # noqa: E402
 from lmforge.chat import render_messages  # noqa: E402
 from lmforge.common import LmforgeError  # noqa: E402
 from lmforge.hf import export_hf, import_hf  # noqa: E402
+from lmforge.inference.engine import Engine  # noqa: E402
 from lmforge.models.transformer import GPT, get_config  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
 from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model, save_checkpoint  # noqa: E402
@@ -68,7 +69,20 @@ HF_CASES = {
     # attention biases only: lmforge's MLP biases are imported as zeros
     "llama-tied-attn-bias": ("LlamaConfig", "LlamaForCausalLM",
                              {**LLAMA, "tie_word_embeddings": True, "attention_bias": True}),
+    # Llama 3.1's RoPE scaling, with an original context short enough that all three frequency bands occur
+    "llama3-rope-scaling": ("LlamaConfig", "LlamaForCausalLM", {**LLAMA, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}}),
+    "qwen2-qkv-bias": ("Qwen2Config", "Qwen2ForCausalLM", LLAMA),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**LLAMA, "head_dim": 16}),
+    # heads x head_dim != hidden_size, as in Qwen3-0.6B/4B/14B/32B
+    "qwen3-wide-heads": ("Qwen3Config", "Qwen3ForCausalLM", {**LLAMA, "head_dim": 32}),
+    # GeGLU, sandwich norms, (1 + w) gains, scaled embeddings, a query scale that is not 1/sqrt(head_dim),
+    # soft-capped attention and logits (caps low enough to bite), a window of 8 on every other layer
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               {**LLAMA, "num_hidden_layers": 3, "head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 8,
+                "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0,
+                "hidden_activation": "gelu_pytorch_tanh"}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel",
              dict(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4, n_inner=96)),
 }
@@ -78,7 +92,10 @@ HF_CASES = {
 def test_hf_import_and_export_back_match_transformers(case, tmp_path):
     config_cls, model_cls, kw = HF_CASES[case]
     torch.manual_seed(0)
-    original = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw)).eval()
+    # eager attention: transformers' SDPA path has no soft-capping (Gemma-2)
+    config = getattr(transformers, config_cls)(**kw)
+    config._attn_implementation = "eager"
+    original = getattr(transformers, model_cls)(config).eval()
     jitter(original)
     original.save_pretrained(tmp_path / "hf")
     ids = random_ids()
@@ -88,6 +105,14 @@ def test_hf_import_and_export_back_match_transformers(case, tmp_path):
     assert imported.architecture == model_cls
     assert not imported.tokenizer and "no tokenizer.json" in imported.note
     close(lmforge_logits(tmp_path / "ckpt", ids), want)
+    # greedy decoding through lmforge's cached engine continues exactly as transformers' generate
+    model, _ = load_model(tmp_path / "ckpt")
+    prompt = ids[:, :12]
+    with torch.no_grad():
+        theirs = original.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16,
+                                   do_sample=False, pad_token_id=0)[:, 12:]
+    ours = [c.tokens for c in Engine(model).generate(prompt.tolist(), 16, temperature=0.0)]
+    assert ours == theirs.tolist()
     with pytest.raises(LmforgeError, match="no tokenizer.json"):  # weights only, and it says so
         load_checkpoint_tokenizer(tmp_path / "ckpt")
 
@@ -215,7 +240,11 @@ def test_export_refuses_what_hf_cannot_represent(kw, match, tmp_path, tokenizer)
 @pytest.mark.parametrize("cfg, match", [
     ({"model_type": "llama", "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "RoPE scaling"),
     ({"model_type": "llama", "rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_theta": 1e4}, "RoPE scaling"),
-    ({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "head_dim": 32}, "head_dim=32"),
+    ({"model_type": "llama", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
+    ({"model_type": "llama", "auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}, "trust_remote_code"),
+    ({"model_type": "gemma2", "attention_bias": True}, "attention_bias"),
+    ({"model_type": "gemma2", "hidden_activation": "relu"}, "hidden_act='relu'"),
+    ({"model_type": "qwen2", "layer_types": ["full_attention", "chunked_attention"]}, "chunked_attention"),
     ({"model_type": "llama", "hidden_act": "gelu"}, "hidden_act"),
     ({"model_type": "qwen3", "use_sliding_window": True}, "sliding-window"),
     ({"model_type": "gpt2", "activation_function": "relu"}, "activation_function"),
@@ -228,14 +257,42 @@ def test_import_refuses_unsupported_configs(cfg, match, tmp_path):
         import_hf(tmp_path / "hf", tmp_path / "ckpt")
 
 
-def test_import_without_convertible_tokenizer_keeps_weights_and_says_why(tmp_path, tokenizer):
+def test_import_of_another_layout_brings_the_hub_tokenizer(tmp_path, tokenizer):
+    """A tokenizer with other special tokens (like GPT-2's <|endoftext|>) is not lmforge's layout: it comes
+    along as a HubTokenizer, encoding exactly as the HF file does."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from lmforge.hub_tokenizer import HubTokenizer
+
     save_lmforge(tmp_path, small("cpu", tokenizer), tokenizer)
     export_hf(tmp_path / "run", tmp_path / "hf")
-    # A tokenizer with other special tokens (like GPT-2's <|endoftext|>) is not lmforge's layout.
-    path = tmp_path / "hf" / "tokenizer.json"
-    path.write_text(path.read_text().replace("<|pad|>", "<|endoftext|>"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        path = tmp_path / "hf" / name
+        path.write_text(path.read_text().replace("<|pad|>", "<|endoftext|>"))
     res = import_hf(tmp_path / "hf", tmp_path / "ckpt")
-    assert not res.tokenizer and "special tokens" in res.note
+    assert res.tokenizer, res.note
+    tok = load_checkpoint_tokenizer(res.path)
+    assert isinstance(tok, HubTokenizer) and tok.pad_id == tokenizer.pad_id
+    hf = HFTokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    for text in TEXTS:
+        assert tok.encode(text) == hf.encode(text, add_special_tokens=False).ids
+    # the chat template came along too: lmforge's own, now rendered by Jinja
+    chat = [{"role": "user", "content": "Hi"}]
+    assert render_messages(tok, chat) == render_messages(tokenizer, chat)
+
+
+def test_import_without_usable_tokenizer_keeps_weights_and_says_why(tmp_path, tokenizer):
+    save_lmforge(tmp_path, small("cpu", tokenizer), tokenizer)
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    # one more added token than the model has ids for
+    path = tmp_path / "hf" / "tokenizer.json"
+    obj = json.loads(path.read_text())
+    n = res_vocab = max(t["id"] for t in obj["added_tokens"]) + 1
+    obj["added_tokens"].append({**obj["added_tokens"][-1], "id": n, "content": "<|extra|>"})
+    path.write_text(json.dumps(obj))
+    res = import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    assert res_vocab == res.config.vocab_size
+    assert not res.tokenizer and f"{res_vocab + 1} ids but the model only {res_vocab}" in res.note
     ids = random_ids(res.config.vocab_size)
     close(lmforge_logits(res.path, ids), lmforge_logits(tmp_path / "run", ids))
 

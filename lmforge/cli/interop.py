@@ -1,7 +1,7 @@
 """Checkpoints in and out: Hugging Face folders, ARPA n-gram files, weight-only quantization.
 
     lmforge export --checkpoint RUN [--format hf|arpa] OUT
-    lmforge import HF_DIR --out RUN        a local Llama / Qwen3 / GPT-2 folder
+    lmforge import HF_DIR --out RUN        a local Llama / Qwen2 / Qwen3 / Gemma-2 / GPT-2 folder
     lmforge quantize --checkpoint RUN --out RUN_INT8 [--bits 8|4]
 """
 from __future__ import annotations
@@ -66,10 +66,12 @@ def add_commands(sub) -> None:
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--format", choices=["hf", "arpa"], default="hf",
                     help="hf: a transformers folder (transformer family); arpa: an SRILM/KenLM file (n-gram family)")
-    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="hf only")
+    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="hf only; default: the checkpoint's own (float32 when trained here, bf16 when imported so)")
     ex.add_argument("out_dir", help="the folder (hf), or the .arpa file or a folder for model.arpa (arpa)")
     ex.set_defaults(func=cmd_export)
-    im = sub.add_parser("import", help="convert a local Hugging Face Llama/Qwen3/GPT-2 folder to a checkpoint")
+    im = sub.add_parser("import", help="convert a local Hugging Face Llama/Qwen2/Qwen3/Gemma-2/GPT-2 folder "
+                                       "(weights, tokenizer, chat template) to a checkpoint")
     im.add_argument("hf_dir")
     im.add_argument("--out", required=True, help="run folder for the lmforge checkpoint")
     im.set_defaults(func=cmd_import)

@@ -38,7 +38,6 @@ from lmforge.inference.sampling import check_sampling_args, sample_next
 from lmforge.models.protocol import require_decoding, tokens_left
 
 # A reply ends at the end of the assistant's turn; any text ends at end-of-text (bos doubles as it).
-DEFAULT_STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
 
 
 @dataclass
@@ -262,8 +261,7 @@ class Engine:
         # A model's vocabulary may be padded beyond the tokenizer's (e.g. to a multiple of 64):
         # ids the tokenizer cannot decode are never sampled.
         self.sample_vocab = vocab if tokenizer is None else min(vocab, tokenizer.vocab_size)
-        self.default_stop_ids = frozenset(
-            tokenizer.special_id(name) for name in DEFAULT_STOP_TOKENS) if tokenizer is not None else frozenset()
+        self.default_stop_ids = tokenizer.stop_ids if tokenizer is not None else frozenset()
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,

@@ -41,7 +41,7 @@ import torch
 
 from lmforge.chat import parse_tool_call
 from lmforge.common import LmforgeError
-from lmforge.inference.engine import DEFAULT_STOP_TOKENS, RowOutput, compiled_decode_step
+from lmforge.inference.engine import RowOutput, compiled_decode_step
 from lmforge.inference.sampling import check_sampling_args, sample_next
 from lmforge.models.protocol import require_decoding, tokens_left
 
@@ -112,7 +112,7 @@ class Sequence:
 
     def banned(self) -> list[int]:
         """Ids this sequence must not sample."""
-        return [self.call_start, self.call_end] if self.params.ban_tool_tokens else []
+        return [self.call_start, self.call_end] if self.params.ban_tool_tokens and self.call_start >= 0 else []
 
     def add(self, token: int) -> None:
         """Take the next sampled token: hand out text, switch to the tool call, or finish."""
@@ -206,8 +206,9 @@ class Scheduler:
         self.amp_dtype = torch.bfloat16 if dtype == "bf16" else None
         # A model's vocabulary may be padded beyond the tokenizer's: those ids are never sampled.
         self.sample_vocab = min(model.vocab_size, tokenizer.vocab_size)
-        self.stop_ids = frozenset(tokenizer.special_id(n) for n in DEFAULT_STOP_TOKENS)
-        self.call_ids = (tokenizer.special_id("<|tool_call_start|>"), tokenizer.special_id("<|tool_call_end|>"))
+        self.stop_ids = tokenizer.stop_ids
+        # A chat template without tool-call tokens: no call can start (the server refuses tool requests).
+        self.call_ids = tokenizer.tool_call_ids or (-1, -1)
         self.stats = SchedulerStats()
         self._waiting: deque[Sequence] = deque()
         self._rows: list[Sequence] = []  # the running batch, in cache row order

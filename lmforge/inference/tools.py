@@ -220,6 +220,9 @@ def generate_with_tools_batch(engine, prompts: list[list[int]], *, max_new_token
     tok = engine.tokenizer
     if tok is None:
         raise LmforgeError("generate_with_tools needs an Engine with a tokenizer")
+    if hasattr(tok, "chat_ids"):
+        raise LmforgeError("the built-in tool loop speaks lmforge's chat template; an imported model calls tools "
+                           "through its own template with `lmforge serve` (tools in the request)")
     sid = tok.special_id
     call_start, call_end = sid("<|tool_call_start|>"), sid("<|tool_call_end|>")
     end, a_start = sid("<|assistant_end|>"), sid("<|assistant_start|>")

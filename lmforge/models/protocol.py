@@ -68,6 +68,7 @@ Accounting
 """
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -93,7 +94,8 @@ class ModelConfig:
     unknown field is one clear error, not a TypeError)."""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # as JSON gives it back (tuples become lists), so a config read from a file compares equal
+        return json.loads(json.dumps(asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict):

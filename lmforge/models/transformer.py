@@ -6,6 +6,11 @@ named configs at the bottom of the file.
 
 Layout follows the Llama naming (embed_tokens, layers.N.self_attn.q_proj, mlp.gate_proj, norm,
 lm_head) so that weights map one-to-one onto Hugging Face checkpoints.
+
+This file is long because the one model also computes what open-weight architectures compute
+(Llama 3.1 RoPE scaling, Qwen2's q/k/v biases, Gemma-2's soft-capping, sliding windows and sandwich
+norms) as config fields, and splitting the attention or the cache from the model they serve would
+break the top-to-bottom reading.
 """
 from __future__ import annotations
 
@@ -29,15 +34,32 @@ class GPTConfig(ModelConfig):
     n_head: int = 4
     n_kv_head: int | None = None  # None = n_head (multi-head); 1 = multi-query; else grouped-query
     n_embd: int = 256
-    mlp: str = "swiglu"  # "swiglu" | "gelu" | "relu2"
+    head_size: int | None = None  # None = n_embd // n_head; set when heads x size != n_embd (Qwen3, Gemma-2)
+    mlp: str = "swiglu"  # "swiglu" | "geglu" (Gemma) | "gelu" | "relu2"
     mlp_hidden: int | None = None  # None = 4*n_embd (gelu/relu2) or ~8/3*n_embd rounded (swiglu)
     norm: str = "rms"  # "rms" | "layer"
     pos: str = "rope"  # "rope" | "learned"
     rope_theta: float = 10000.0
+    # "llama3": Llama-3.1's long-context RoPE, low frequencies slowed by rope_factor, high ones kept,
+    # a smooth blend between (wavelengths measured against rope_original_context)
+    rope_scaling: str | None = None
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
     qk_norm: bool = False  # normalise queries and keys per head before attention (stabilises training)
     tie_embeddings: bool = False
     bias: bool = False  # biases in linear layers and LayerNorm (GPT-2 had them)
+    qkv_bias: bool = False  # biases on the query/key/value projections only (Qwen2)
     norm_eps: float = 1e-5
+    norm_offset: float = 0.0  # RMSNorm scales by offset + weight (Gemma stores gains minus 1: offset 1)
+    sandwich_norm: bool = False  # also normalise each branch's output before the residual add (Gemma-2)
+    embed_scale: bool = False  # multiply token embeddings by sqrt(n_embd) (Gemma)
+    attn_scale: float | None = None  # attention score scale; None = 1 / sqrt(head size)
+    attn_softcap: float | None = None  # cap * tanh(score / cap) on attention scores (Gemma-2)
+    logit_softcap: float | None = None  # the same on the output logits (Gemma-2)
+    sliding_window: int | None = None  # the layers in window_layers attend to this many latest tokens
+    window_layers: tuple[int, ...] = ()
     dropout: float = 0.0  # on the embeddings and each residual branch's output
     attn_dropout: float | None = None  # on the attention weights; None = dropout (nanoGPT's single knob)
     init_std: float = 0.02
@@ -47,16 +69,31 @@ class GPTConfig(ModelConfig):
         def bad(msg):
             raise LmforgeError(f"invalid model config: {msg}")
 
+        # a checkpoint's JSON gives a list; the config stays hashable and compares equal
+        object.__setattr__(self, "window_layers", tuple(self.window_layers))
+
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 bad(f"{name} must be positive, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            bad(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.head_size is None and self.n_embd % self.n_head:
+            bad(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head} (set head_size)")
+        if self.head_size is not None and self.head_size <= 0:
+            bad(f"head_size must be positive, got {self.head_size}")
         kv = self.kv_heads
         if kv <= 0 or self.n_head % kv:
             bad(f"n_head={self.n_head} is not a multiple of n_kv_head={kv}")
-        if self.mlp not in ("swiglu", "gelu", "relu2"):
-            bad(f"mlp must be swiglu, gelu or relu2, got {self.mlp!r}")
+        if self.mlp not in ("swiglu", "geglu", "gelu", "relu2"):
+            bad(f"mlp must be swiglu, geglu, gelu or relu2, got {self.mlp!r}")
+        if self.rope_scaling not in (None, "llama3"):
+            bad(f"rope_scaling must be None or 'llama3', got {self.rope_scaling!r}")
+        if self.norm_offset and self.norm != "rms":
+            bad("norm_offset applies to RMSNorm only")
+        for name in ("attn_softcap", "logit_softcap", "sliding_window"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                bad(f"{name} must be positive, got {getattr(self, name)}")
+        if self.window_layers and (self.sliding_window is None
+                                   or not all(0 <= i < self.n_layer for i in self.window_layers)):
+            bad(f"window_layers {list(self.window_layers)} need a sliding_window and indices below n_layer")
         if self.norm not in ("rms", "layer"):
             bad(f"norm must be rms or layer, got {self.norm!r}")
         if self.pos not in ("rope", "learned"):
@@ -74,13 +111,13 @@ class GPTConfig(ModelConfig):
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.n_embd // self.n_head if self.head_size is None else self.head_size
 
     @property
     def hidden_dim(self) -> int:
         if self.mlp_hidden is not None:
             return self.mlp_hidden
-        if self.mlp == "swiglu":
+        if self.mlp in ("swiglu", "geglu"):
             # Two input matrices instead of one: 2/3 of 4*d keeps the parameter count of a 4*d MLP.
             return 64 * math.ceil(8 * self.n_embd / 3 / 64)
         return 4 * self.n_embd
@@ -90,20 +127,22 @@ class GPTConfig(ModelConfig):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
+        self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         # Normalise in fp32 even under bf16 autocast: the mean of squares loses precision in bf16.
-        return F.rms_norm(x.float(), (x.size(-1),), self.weight, self.eps).to(x.dtype)
+        # The gain (Gemma's is 1 + w) in fp32 too: bf16 weights lose nothing and the kernel stays fused.
+        gain = self.weight.float() + self.offset if self.offset else self.weight.float()
+        return F.rms_norm(x.float(), (x.size(-1),), gain, self.eps).to(x.dtype)
 
 
 def make_norm(cfg: GPTConfig, dim: int | None = None) -> nn.Module:
     dim = cfg.n_embd if dim is None else dim
     if cfg.norm == "rms":
-        return RMSNorm(dim, cfg.norm_eps)
+        return RMSNorm(dim, cfg.norm_eps, cfg.norm_offset)
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
@@ -111,10 +150,13 @@ class Rotary(nn.Module):
     """Rotary position embeddings (RoPE) in the "rotate half" layout used by Llama checkpoints:
     the first and second halves of each head vector form the (x, y) pairs that get rotated."""
 
-    def __init__(self, head_dim: int, max_len: int, theta: float):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        t = torch.arange(max_len, dtype=torch.float32)
+        hd = cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        if cfg.rope_scaling == "llama3":
+            inv_freq = llama3_frequencies(inv_freq, cfg)
+        t = torch.arange(cfg.block_size, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # (T, hd/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
         # Not saved in checkpoints: they are a pure function of the config.
@@ -126,6 +168,17 @@ class Rotary(nn.Module):
         return apply_rotary(x, self.cos[positions], self.sin[positions])
 
 
+def llama3_frequencies(inv_freq: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling: frequencies whose wavelength is longer than the original context /
+    low_freq_factor are divided by rope_factor, those shorter than context / high_freq_factor are kept,
+    and the ones between are blended linearly in context / wavelength."""
+    wavelength = 2 * math.pi / inv_freq
+    ratio = cfg.rope_original_context / wavelength  # how many times each wave fits in the old context
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    smooth = ((ratio - low) / (high - low)).clamp(0.0, 1.0)  # 0: slow everything down, 1: keep
+    return (1 - smooth) * inv_freq / cfg.rope_factor + smooth * inv_freq
+
+
 def apply_rotary(x, cos, sin):
     """Rotate x (..., T, hd) by the angles whose cos/sin are given (broadcastable to x)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -133,21 +186,60 @@ def apply_rotary(x, cos, sin):
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+def attend(q, k, v, *, causal: bool, mask=None, scale: float | None = None, softcap: float | None = None,
+           dropout: float = 0.0):
+    """softmax(q k^T * scale [capped]) v over (..., heads, T, hd) tensors; mask (broadcastable, True =
+    may attend) replaces the causal flag when given. Capped scores have no fused kernel, so they are
+    spelled out (Gemma-2); everything else goes through SDPA."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                              dropout_p=dropout, scale=scale)
+    scores = (q @ k.transpose(-2, -1)).float() * (q.size(-1) ** -0.5 if scale is None else scale)
+    scores = softcap * torch.tanh(scores / softcap)
+    if mask is None and causal:
+        mask = window_mask(q.size(-2), None, q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = F.dropout(scores.softmax(dim=-1), dropout).to(v.dtype)
+    return weights @ v
+
+
+def window_mask(T: int, window: int | None, device) -> torch.Tensor:
+    """(T, T) causal mask, True where query i may see key j: j <= i, and j > i - window if a window is set."""
+    i = torch.arange(T, device=device)
+    mask = i[None, :] <= i[:, None]
+    if window is not None:
+        mask &= i[None, :] > i[:, None] - window
+    return mask
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head attention where n_kv_head key/value heads are shared by groups of query heads
-    (n_kv_head = n_head: classic MHA; 1: multi-query). Fewer KV heads shrink the KV cache."""
+    (n_kv_head = n_head: classic MHA; 1: multi-query). Fewer KV heads shrink the KV cache.
+    A layer listed in cfg.window_layers sees only the latest cfg.sliding_window tokens."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.dropout = cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout
         self.causal = cfg.causal
+        self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap
+        self.window = cfg.sliding_window if layer in cfg.window_layers else None
+
+    def _mask(self, T: int, device) -> torch.Tensor | None:
+        """The (T, T) mask of a windowed layer when the window cuts something off; else None (causal flag)."""
+        if self.window is None or T <= self.window:
+            return None
+        if not self.causal:
+            raise LmforgeError("sliding-window attention is only defined for causal models")
+        return window_mask(T, self.window, device)
 
     def forward(self, x, rotary: Rotary | None, positions: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None, step: CacheStep | None = None):
@@ -169,9 +261,8 @@ class CausalSelfAttention(nn.Module):
             rep = self.n_head // self.n_kv_head
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = attend(q, k, v, causal=self.causal, mask=self._mask(T, x.device), scale=self.scale,
+                   softcap=self.softcap, dropout=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
 
@@ -189,7 +280,7 @@ class CausalSelfAttention(nn.Module):
                 rep = self.n_head // self.n_kv_head
                 k = k.repeat_interleave(rep, dim=1)
                 v = v.repeat_interleave(rep, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = attend(q, k, v, causal=True, mask=self._mask(T, q.device), scale=self.scale, softcap=self.softcap)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * hd))
         # Decode, one token per row: store its key/value at the row's own slot, then attend to the
         # row's slots 0..position. Instead of copying the cached heads out to every query head,
@@ -204,18 +295,21 @@ class CausalSelfAttention(nn.Module):
         keys = k_buf[:, :, :step.length].to(q.dtype)
         values = v_buf[:, :, :step.length].to(q.dtype)
         q = q.reshape(B, self.n_kv_head, self.n_head // self.n_kv_head, hd)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask)
+        mask = step.mask
+        if self.window is not None:  # and no further back than the window
+            mask = mask & (torch.arange(step.length, device=q.device) > slots[:, None] - self.window).view(B, 1, 1, -1)
+        y = attend(q, keys, values, causal=False, mask=mask, scale=self.scale, softcap=self.softcap)
         return self.o_proj(y.reshape(B, 1, self.n_head * hd))
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: SwiGLU (Llama), GELU (GPT-2) or squared ReLU (Primer)."""
+    """Position-wise feed-forward: SwiGLU (Llama), GeGLU (Gemma), GELU (GPT-2) or squared ReLU (Primer)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.kind = cfg.mlp
         hidden = cfg.hidden_dim
-        if self.kind == "swiglu":
+        if self.kind in ("swiglu", "geglu"):
             self.gate_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.up_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
@@ -223,6 +317,8 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.kind == "swiglu":
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        elif self.kind == "geglu":
+            h = F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)
         elif self.kind == "gelu":
             h = F.gelu(self.up_proj(x), approximate="tanh")
         else:
@@ -231,19 +327,23 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). (Llama's names: the
+    post_attention_layernorm is the norm in front of the MLP.) With sandwich_norm each branch's output
+    is normalised again before it is added (Gemma-2's post-attention and post-feed-forward norms)."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = make_norm(cfg)
-        self.self_attn = CausalSelfAttention(cfg)
+        self.self_attn = CausalSelfAttention(cfg, layer)
+        self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else nn.Identity()
         self.post_attention_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
+        self.mlp_out_norm = make_norm(cfg) if cfg.sandwich_norm else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rotary, positions, kv=None, step=None):
-        x = x + self.drop(self.self_attn(self.input_layernorm(x), rotary, positions, kv, step))
-        x = x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+        x = x + self.drop(self.attn_out_norm(self.self_attn(self.input_layernorm(x), rotary, positions, kv, step)))
+        x = x + self.drop(self.mlp_out_norm(self.mlp(self.post_attention_layernorm(x))))
         return x
 
 
@@ -300,9 +400,9 @@ class GPT(LanguageModel):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
-        self.rotary = Rotary(cfg.head_dim, cfg.block_size, cfg.rope_theta) if cfg.pos == "rope" else None
+        self.rotary = Rotary(cfg) if cfg.pos == "rope" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -313,8 +413,11 @@ class GPT(LanguageModel):
         std = self.config.init_std
         for name, p in self.named_parameters():
             if p.dim() < 2:
-                # norm gains start at 1, biases at 0
-                nn.init.ones_(p) if name.endswith("norm.weight") or "layernorm" in name else nn.init.zeros_(p)
+                # norm gains start at 1 (offset + weight), biases at 0
+                if name.endswith("norm.weight") or "layernorm" in name:
+                    nn.init.constant_(p, 1.0 - self.config.norm_offset)
+                else:
+                    nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 # Residual-branch outputs scaled down so the residual stream's variance does not grow
                 # with depth (GPT-2's 1/sqrt(2 * n_layer)).
@@ -331,7 +434,9 @@ class GPT(LanguageModel):
         return self.config.n_embd
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        cap = self.config.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def output_head_names(self) -> list[str]:
         return [] if self.config.tie_embeddings else ["lm_head.weight"]
@@ -356,6 +461,16 @@ class GPT(LanguageModel):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-100, reduction=reduction)
 
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (scaled by sqrt(n_embd) for Gemma, in their own dtype as Gemma does) plus
+        learned position embeddings if the model has them."""
+        x = self.embed_tokens(idx)
+        if self.config.embed_scale:
+            x = x * torch.tensor(self.config.n_embd ** 0.5, dtype=x.dtype)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        return x
+
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         """The final normed hidden states (B, T, n_embd): the forward pass without the LM head (what a
         reward model's or value function's scalar head reads)."""
@@ -364,10 +479,7 @@ class GPT(LanguageModel):
             raise LmforgeError(f"sequence of {T} tokens is longer than the model's context window "
                                f"({self.config.block_size})")
         positions = torch.arange(T, device=idx.device)
-        x = self.embed_tokens(idx)
-        if self.wpe is not None:
-            x = x + self.wpe(positions)
-        x = self.drop(x)
+        x = self.drop(self.embed(idx, positions))
         for layer in self.layers:
             x = layer(x, self.rotary, positions)
         return self.norm(x)
@@ -403,9 +515,7 @@ class GPT(LanguageModel):
         if self.rotary is not None:
             cos, sin = self.rotary.cos[:T], self.rotary.sin[:T]
         step = CacheStep(cos, sin, None, T, None)
-        x = self.embed_tokens(idx)
-        if self.wpe is not None:
-            x = x + self.wpe(positions)
+        x = self.embed(idx, positions)
         for layer, k_buf, v_buf in zip(self.layers, cache.k, cache.v):
             x = layer(x, self.rotary, positions, (k_buf, v_buf), step)
         if last is None:
@@ -413,7 +523,7 @@ class GPT(LanguageModel):
         else:
             x = x[torch.arange(B, device=idx.device), last.to(idx.device)]
         # Only the wanted positions go through the head: vocab x T logits would dominate a long prefill.
-        return self.lm_head(self.norm(x)).float()
+        return self.logits_from_hidden(self.norm(x))
 
     def decode(self, idx: torch.Tensor, cache: KVCache, positions: list[int], step_fn=None) -> torch.Tensor:
         """One cached step: idx (B, 1) holds each row's next token, at position positions[b] (the
@@ -444,12 +554,10 @@ class GPT(LanguageModel):
         # has one shape of graph.
         mask = (torch.arange(length, device=idx.device) <= pos[:, None]).view(B, 1, 1, length)
         step = CacheStep(cos, sin, write, length, mask)
-        x = self.embed_tokens(idx)
-        if self.wpe is not None:
-            x = x + self.wpe(pos.view(B, 1))
+        x = self.embed(idx, pos.view(B, 1))
         for layer, k_buf, v_buf in zip(self.layers, k_bufs, v_bufs):
             x = layer(x, self.rotary, pos.view(B, 1), (k_buf, v_buf), step)
-        return self.lm_head(self.norm(x[:, -1])).float()
+        return self.logits_from_hidden(self.norm(x[:, -1]))
 
     # ------------------------------------------------------------------ accounting
 

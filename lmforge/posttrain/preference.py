@@ -213,7 +213,7 @@ class EncodedPair:
 
 
 def encode_response(tok, text: str) -> list[int]:
-    return tok.encode(text) + [tok.special_id("<|assistant_end|>")]
+    return tok.encode(text) + [tok.end_of_turn_id]
 
 
 def fit_window(prompt: list[int], response: list[int], max_len: int) -> tuple[list[int], list[int], bool]:

@@ -98,7 +98,7 @@ def generate_replies(engine, prompts: list[list[int]], max_new_tokens: int, *, t
         return [Reply(r.tokens, r.action_mask, r.text, r.finish_reason == "stop")
                 for r in generate_with_tools_batch(engine, prompts, max_new_tokens=max_new_tokens,
                                                    tools=select_tools(tool_names), **sampling)]
-    end = engine.tokenizer.special_id("<|assistant_end|>")
+    end = engine.tokenizer.end_of_turn_id
     out = []
     for c in engine.generate(prompts, max_new_tokens, **sampling):
         ended = c.finish_reason == "stop" and c.stop == end

@@ -405,22 +405,31 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         mode, forced = tool_choice_mode(req.tool_choice, req.tools)
         # The built-in tools, run here, for a request that brings none of its own and does not
         # refuse tools: the model calls them as it was fine-tuned to (no tool list in the prompt).
-        run_tools = cfg.tools == "builtin" and not req.tools and req.tool_choice is None
+        # An imported model's own chat template lists the tools itself (and has its own tool-call tokens,
+        # if any); the built-in tool loop speaks lmforge's template only.
+        imported = hasattr(tokenizer, "chat_ids")
+        if req.tools and mode != "none" and tokenizer.tool_call_ids is None:
+            raise APIError(400, "this model's chat template has no tool-call tokens (<tool_call>...</tool_call>), "
+                           "so it cannot call tools", param="tools")
+        run_tools = cfg.tools == "builtin" and not imported and not req.tools and req.tool_choice is None
         messages = chat_messages(req.messages)
-        if req.tools and mode != "none":  # the tool definitions go into the system prompt
+        template_tools = None
+        if req.tools and mode != "none" and imported:
+            template_tools = [t.model_dump(exclude_none=True) for t in req.tools]
+        elif req.tools and mode != "none":  # the tool definitions go into the system prompt
             text = tools_system_text(req.tools)
             if messages[0]["role"] == "system" and isinstance(messages[0]["content"], str):
                 messages[0] = {**messages[0], "content": messages[0]["content"] + "\n\n" + text}
             else:
                 messages.insert(0, {"role": "system", "content": text})
         try:
-            ids = render_messages(tokenizer, messages)
+            ids = render_messages(tokenizer, messages, tools=template_tools)
         except LmforgeError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
         prefix = None
         if mode == "required":  # force a call: the reply starts inside one (with the name, if chosen)
             prefix = "" if forced is None else '{"name": ' + json.dumps(forced) + ', "arguments": '
-            ids = ids + [tokenizer.special_id("<|tool_call_start|>")] + tokenizer.encode(prefix)
+            ids = ids + [tokenizer.tool_call_ids[0]] + tokenizer.encode(prefix)
         srv.check_prompt(ids, "messages")
         jobs = [(ids, srv.params_for(req, max_tokens, i, tools=mode != "none" or run_tools,
                                       ban_tool_tokens=mode == "none" and not run_tools, tool_prefix=prefix))

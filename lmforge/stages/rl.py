@@ -190,7 +190,7 @@ class RLTask:
         self.eval_tasks = opts.eval_tasks or opts.tasks
         for t in self.eval_tasks:
             prompt_source(t, "test")  # bad names fail now, not at the first evaluation
-        self.end_id = tok.special_id("<|assistant_end|>")
+        self.end_id = tok.end_of_turn_id
         self.rollouts = 0  # rollouts made so far (the seed of the next one)
         self.current: Rollout | None = None
         self.policy = None  # set by the runner: the raw model the engine generates with

@@ -11,6 +11,7 @@ mid-save leaves the previous checkpoint as the latest valid one.
 from __future__ import annotations
 
 import base64
+import json
 import random
 import re
 import shutil
@@ -103,21 +104,60 @@ def model_state_for_saving(model) -> dict[str, torch.Tensor]:
             if id(v) in seen:
                 continue
             seen.add(id(v))
-        sd[k] = v.detach().cpu().contiguous()
+        sd[k] = v.detach() if v.is_meta else v.detach().cpu().contiguous()  # meta: names and shapes only
     return sd
 
 
+SAFETENSORS_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                     torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors_stream(path: Path, spec: list[tuple[str, tuple, torch.dtype]], produce) -> None:
+    """Write a safetensors file one tensor at a time: `spec` lists (name, shape, dtype) in file order and
+    produce(name) makes that tensor when its turn comes, so memory holds one tensor, not the model
+    (safetensors' save_file serialises everything in memory first). The format: an 8-byte little-endian
+    header size, a JSON header of names, dtypes, shapes and byte ranges, then the raw bytes."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype in spec:
+        size = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    from tqdm import tqdm
+
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for name, shape, dtype in tqdm(spec, desc="writing tensors", unit="tensor", disable=None, leave=False):
+            t = produce(name)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise LmforgeError(f"{name}: made a {t.dtype} tensor of shape {tuple(t.shape)}, "
+                                   f"expected {dtype} {tuple(shape)}")
+            f.write(t.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+
+
 def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizers=None, state: dict | None = None,
-                    keep: int | None = None, files: dict[str, bytes] | None = None) -> Path:
+                    keep: int | None = None, files: dict[str, bytes] | None = None, weights=None) -> Path:
     """Write checkpoints/step_{step}/ atomically; prune to the newest `keep` checkpoints.
-    `files` are extra small files stored alongside (the tokenizer, so a checkpoint is self-contained)."""
+    `files` are extra small files stored alongside (the tokenizer, so a checkpoint is self-contained).
+    `weights`: (spec, produce) for write_safetensors_stream, to write tensors made one at a time
+    (an import) instead of the model's; the model then only gives the family and config (it may be on
+    the meta device)."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"step_{step:06d}"
     tmp = ckpt_root / f"step_{step:06d}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(model_state_for_saving(model), str(tmp / "model.safetensors"))
+    if weights is not None:
+        try:
+            write_safetensors_stream(tmp / "model.safetensors", *weights)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+            raise
+    else:
+        save_file(model_state_for_saving(model), str(tmp / "model.safetensors"))
     for name, data in (files or {}).items():
         (tmp / name).write_bytes(data)
     full_state = {"format": "lmforge-checkpoint", "version": 1, "step": step,
@@ -247,19 +287,37 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple:
     model = build_model(checkpoint_family(state), checkpoint_model_config(ckpt, state))
     if state.get("quantization"):
         prepare_quantized(model, state["quantization"])  # empty quantized layers to load into
+    else:
+        stored = stored_float_dtype(ckpt / "model.safetensors")
+        if stored is not None and stored != torch.float32:
+            model.to(stored)  # bf16 weights (an imported model) stay bf16 in memory
     load_model_weights(model, ckpt, tuple(head["prefixes"]) if head else ())
     return model.to(device).eval(), state
 
 
+def stored_float_dtype(path: Path) -> torch.dtype | None:
+    """The one floating dtype of a safetensors file's tensors (read from its header), or None if mixed."""
+    from safetensors import safe_open
+
+    codes = {v: k for k, v in SAFETENSORS_CODES.items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {codes.get(f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise LmforgeError(f"cannot read {path}: {e}") from None
+    floats = {d for d in found if d is not None and d.is_floating_point}
+    return floats.pop() if len(floats) == 1 else None
+
+
 def load_checkpoint_tokenizer(ckpt_dir: str | Path):
     """The tokenizer stored in a checkpoint folder, checked against the fingerprint recorded at training."""
-    from lmforge.tokenizer import Tokenizer
+    from lmforge.hub_tokenizer import load_tokenizer
 
     ckpt_dir = resolve_checkpoint(ckpt_dir)
     path = ckpt_dir / "tokenizer.json"
     if not path.is_file():
         raise LmforgeError(f"checkpoint {ckpt_dir} has no tokenizer.json")
-    tok = Tokenizer.load(path)
+    tok = load_tokenizer(path)
     want = read_checkpoint_state(ckpt_dir).get("tokenizer_fingerprint")
     if want and tok.fingerprint != want:
         raise LmforgeError(f"tokenizer in {ckpt_dir} does not match the one the model was trained with")

@@ -54,6 +54,9 @@ def load_start(checkpoint: str | Path) -> Start:
     base = resolve_checkpoint(checkpoint)
     model, _ = load_model(base)
     require_decoding(model, "post-training (SFT, reward model, DPO, RL)")
+    # Weights stored in bf16 (an imported model) train as fp32 master weights; --dtype bf16 still
+    # runs the matrix products in bf16.
+    model.float()
     return Start(model, load_checkpoint_tokenizer(base), base)
 
 
