@@ -51,7 +51,7 @@ from lmforge.train.checkpoint import (
 )
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "gemma2": "Gemma2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "gemma2": "Gemma2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 # What each Gemma-2 model has that a Llama does not (all or none: anything in between has no HF class).
 GEMMA2_FEATURES = dict(mlp="geglu", norm="rms", norm_offset=1.0, sandwich_norm=True, embed_scale=True,
                        bias=False, qkv_bias=False, qk_norm=False)
@@ -89,6 +89,16 @@ class HFConversion:
 def hf_family(cfg: GPTConfig) -> str:
     """The HF architecture ("llama", "qwen3" or "gpt2") that computes exactly what `cfg` computes.
     Raises LmforgeError naming what has no HF equivalent."""
+    if cfg.n_experts:
+        wanted = dict(pos="rope", norm="rms", mlp="swiglu", qk_norm=True, moe_gate="softmax", moe_shared=0,
+                      moe_capacity=None, bias=False, qkv_bias=False, attn_scale=None)
+        wrong = [f"{k}={getattr(cfg, k)!r}" for k, want in wanted.items() if getattr(cfg, k) != want]
+        wrong += [k for k in GEMMA2_ONLY if getattr(cfg, k)]
+        if wrong:
+            raise LmforgeError("cannot export to Hugging Face: a mixture of experts maps onto Qwen3-MoE, which "
+                               "needs RoPE, RMSNorm, SwiGLU experts, QK-norm, a softmax router, no shared experts "
+                               f"and no capacity limit; this model has {', '.join(wrong)}")
+        return "qwen3_moe"
     if cfg.pos == "rope":
         if cfg.mlp == "geglu" or any(getattr(cfg, k) for k in GEMMA2_ONLY):
             wrong = [f"{k}={getattr(cfg, k)!r}" for k, want in GEMMA2_FEATURES.items() if getattr(cfg, k) != want]
@@ -166,6 +176,11 @@ def hf_config(cfg: GPTConfig, family: str, token_ids: dict, dtype: str = "float3
                               for i in range(cfg.n_layer)])
     else:
         d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
+    if family == "qwen3_moe":
+        # every layer sparse (decoder_sparse_step 1, no mlp_only_layers); 4.x reads num_experts, 5.x both
+        d.update(num_experts=cfg.n_experts, num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.moe_top_k,
+                 moe_intermediate_size=cfg.expert_hidden, norm_topk_prob=cfg.moe_norm_topk, decoder_sparse_step=1,
+                 mlp_only_layers=[], router_aux_loss_coef=cfg.moe_aux_coef, output_router_logits=False)
     return d
 
 
@@ -247,7 +262,14 @@ def _rotary_fields(hf: dict, family: str, unsupported) -> dict:
                   head_size=None if head_dim * n_head == n_embd else head_dim,
                   mlp_hidden=hf.get("intermediate_size", 11008), norm="rms", pos="rope",
                   rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), **scaling,
-                  qk_norm=family == "qwen3", norm_eps=hf.get("rms_norm_eps", 1e-6))
+                  qk_norm=family in ("qwen3", "qwen3_moe"), norm_eps=hf.get("rms_norm_eps", 1e-6))
+    if family == "qwen3_moe":
+        if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+            unsupported("dense layers among the sparse ones (mlp_only_layers / decoder_sparse_step)")
+        n_experts = hf.get("num_experts") or hf.get("num_local_experts") or 128
+        fields.update(n_experts=n_experts, moe_top_k=hf.get("num_experts_per_tok", 8),
+                      moe_hidden=hf.get("moe_intermediate_size", 768), moe_norm_topk=bool(hf.get("norm_topk_prob")),
+                      moe_aux_coef=hf.get("router_aux_loss_coef", 0.001))
     if gemma:
         if hf.get("attention_bias"):
             unsupported("attention_bias=True")
@@ -279,6 +301,10 @@ GEMMA2_NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm"
 LAYER_MODULE = re.compile(r"^layers\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
+# Qwen3-MoE's router is `mlp.gate` (not to be confused with an MLP's gate_proj).
+MOE_ROUTER = (".mlp.gate.weight", ".mlp.router.weight")
+
+
 def _rename_layer_module(name: str, table: dict[str, str]) -> str:
     m = LAYER_MODULE.match(name)
     if m and m.group(2) in table:
@@ -302,6 +328,11 @@ def to_hf_tensors(model: GPT, family: str) -> dict[str, torch.Tensor]:
         if family == "gemma2":
             ours_to_hf = {v: k for k, v in GEMMA2_NORMS.items()}
             params = {_rename_layer_module(n, ours_to_hf): p for n, p in params.items()}
+        if family == "qwen3_moe":
+            if any(m.expert_bias.any() for m in model.moe_layers()):
+                raise LmforgeError("cannot export to Hugging Face: this mixture of experts was balanced with "
+                                   "routing biases (moe_balance='bias'), which Qwen3-MoE's router does not have")
+            params = {n.replace(MOE_ROUTER[1], MOE_ROUTER[0]): p for n, p in params.items()}
         # lmforge uses Llama's names, without the `model.` prefix of the decoder stack.
         return {n if n == "lm_head.weight" else f"model.{n}": p for n, p in params.items()}
 
@@ -344,7 +375,9 @@ def import_plan(names: list[str], family: str, cfg: GPTConfig) -> dict[str, tupl
             if name.endswith("rotary_emb.inv_freq"):  # old checkpoints saved the RoPE table
                 continue
             ours = name.removeprefix("model.")
-            plan[_rename_layer_module(ours, GEMMA2_NORMS) if family == "gemma2" else ours] = (name, None)
+            if family == "gemma2":
+                ours = _rename_layer_module(ours, GEMMA2_NORMS)
+            plan[ours.replace(*MOE_ROUTER) if family == "qwen3_moe" else ours] = (name, None)
     else:
         prefix = "transformer." if any(n.startswith("transformer.") for n in names) else ""
         for name in names:
@@ -442,7 +475,8 @@ def converted_tensors(weights: HFWeights, family: str, cfg: GPTConfig, source: P
         expected = model_state_for_saving(GPT(cfg))
     plan = import_plan(weights.names(), family, cfg)
     dtype = weights.dtype()
-    missing = [n for n in expected if n not in plan and not n.endswith(".bias")]
+    # zero-filled if absent: biases lmforge's single switch adds, an MoE's routing biases (HF has none)
+    missing = [n for n in expected if n not in plan and not n.endswith((".bias", ".expert_bias"))]
     unexpected = [n for n in plan if n not in expected]
     gpt2_missing = [n for n, (hf_name, _) in plan.items() if hf_name not in weights.files]
     if missing or unexpected or gpt2_missing:
@@ -450,8 +484,8 @@ def converted_tensors(weights: HFWeights, family: str, cfg: GPTConfig, source: P
                            f"unexpected {[plan[n][0] for n in unexpected][:5]}")
 
     def produce(name: str) -> torch.Tensor:
-        if name not in plan:  # a bias HF leaves out but lmforge's single bias switch has (it adds nothing)
-            return torch.zeros(expected[name].shape, dtype=dtype)
+        if name not in plan:  # a bias HF leaves out (it adds nothing); routing biases start at 0
+            return torch.zeros(expected[name].shape, dtype=torch.float32 if name.endswith("expert_bias") else dtype)
         hf_name, transform = plan[name]
         t = weights.get(hf_name)
         t = (transform(t) if transform else t).contiguous()
@@ -460,7 +494,8 @@ def converted_tensors(weights: HFWeights, family: str, cfg: GPTConfig, source: P
                                f"{tuple(t.shape)}, the model needs {tuple(expected[name].shape)}")
         return t
 
-    spec = [(n, tuple(p.shape), weights.dtype_of(plan[n][0]) if n in plan else dtype) for n, p in expected.items()]
+    spec = [(n, tuple(p.shape), weights.dtype_of(plan[n][0]) if n in plan
+             else torch.float32 if n.endswith("expert_bias") else dtype) for n, p in expected.items()]
     return spec, produce
 
 

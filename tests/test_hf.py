@@ -77,6 +77,12 @@ HF_CASES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**LLAMA, "head_dim": 16}),
     # heads x head_dim != hidden_size, as in Qwen3-0.6B/4B/14B/32B
     "qwen3-wide-heads": ("Qwen3Config", "Qwen3ForCausalLM", {**LLAMA, "head_dim": 32}),
+    # a mixture of 4 experts, top 2, on every layer (both settings of norm_topk_prob)
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  {**LLAMA, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
+    "qwen3-moe-norm-topk": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                            {**LLAMA, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                             "moe_intermediate_size": 32, "norm_topk_prob": True}),
     # GeGLU, sandwich norms, (1 + w) gains, scaled embeddings, a query scale that is not 1/sqrt(head_dim),
     # soft-capped attention and logits (caps low enough to bite), a window of 8 on every other layer
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
@@ -141,6 +147,7 @@ LMFORGE_CASES = {  # preset, overrides, expected HF class
     "llama-tied-bias": ("cpu", dict(qk_norm=False, tie_embeddings=True, bias=True), "LlamaForCausalLM"),
     "gpt2-classic": ("gpt2-classic", {}, "GPT2LMHeadModel"),
     "gpt2-untied-no-bias": ("gpt2-classic", dict(tie_embeddings=False, bias=False), "GPT2LMHeadModel"),
+    "moe": ("cpu", dict(n_experts=4, moe_top_k=2, moe_hidden=96), "Qwen3MoeForCausalLM"),
 }
 
 
@@ -229,6 +236,8 @@ def test_exported_chat_template_keeps_forged_turn_markers_as_text(tmp_path, toke
     (dict(pos="learned", norm="layer", mlp="gelu", n_kv_head=2), "grouped-query"),
     (dict(pos="learned", norm="layer", mlp="gelu", n_kv_head=None, qk_norm=True), "QK-norm"),
     (dict(bias=True), "MLP biases"),  # QK-norm -> Qwen3, which has none
+    (dict(n_experts=4, moe_shared=1), "moe_shared=1"),
+    (dict(n_experts=4, moe_gate="sigmoid"), "moe_gate='sigmoid'"),
 ])
 def test_export_refuses_what_hf_cannot_represent(kw, match, tmp_path, tokenizer):
     save_lmforge(tmp_path, small("cpu", tokenizer, **kw), tokenizer)

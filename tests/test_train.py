@@ -264,3 +264,16 @@ def test_compile_auto_follows_the_device_and_dropout():
     assert use_compile("auto", "cpu", GPT(get_config("tiny", dropout=0.2, attn_dropout=0.0)))
     assert not use_compile("auto", "cpu", GPT(get_config("tiny", attn_dropout=0.1)))
     assert use_compile("auto", "cpu", GPT(get_config("cpu", dropout=0.2, n_layer=1, vocab_size=64)))
+
+
+def test_newton_schulz_orthogonalises_a_stack_matrix_by_matrix():
+    """Muon runs same-shaped matrices (a mixture of experts' experts) as one batch: each must come out
+    as it would alone."""
+    g = torch.Generator().manual_seed(0)
+    stack = torch.randn(5, 48, 32, generator=g) * torch.logspace(-2, 1, 5)[:, None, None]
+    together = newton_schulz_orthogonalize(stack)
+    for G, out in zip(stack, together):
+        torch.testing.assert_close(out, newton_schulz_orthogonalize(G), rtol=0, atol=2e-2)
+        s = torch.linalg.svdvals(out.float())
+        assert 0.5 < s.min() and s.max() < 1.3
+

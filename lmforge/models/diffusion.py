@@ -69,8 +69,8 @@ class MaskedDiffusionLM(LanguageModel):
     def param_groups(self):
         return self.model.param_groups()
 
-    def num_params(self, non_embedding: bool = False) -> int:
-        return self.model.num_params(non_embedding)
+    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
+        return self.model.num_params(non_embedding, active)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         return self.model.flops_per_token(seq_len)

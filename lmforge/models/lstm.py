@@ -246,7 +246,7 @@ class LSTMLM(LanguageModel):
 
     # ------------------------------------------------------------------ accounting
 
-    def num_params(self, non_embedding: bool = False) -> int:
+    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
         """Parameter count (a tied table counted once); non_embedding drops the input table, as for
         the transformer (a tied table counts as the head and stays)."""
         n = sum(p.numel() for p in self.parameters())

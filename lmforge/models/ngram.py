@@ -509,7 +509,7 @@ class NgramLM(LanguageModel):
     def param_groups(self) -> dict:
         return {}  # nothing to train
 
-    def num_params(self, non_embedding: bool = False) -> int:
+    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
         """The number of stored n-gram entries (all orders): a counted model's size."""
         return sum(len(k) for k in self._keys)
 

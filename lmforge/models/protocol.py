@@ -63,8 +63,16 @@ Generation (a decode state: "cache" for short)
                       by that token; returns float32 logits (B, vocab). step_fn: a compiled version
                       of the family's `decode_step` if it has one (`engine.compiled_decode_step`).
 
+    after_step()      called by the Trainer after every optimizer step (a mixture of experts moves
+                      its balancing biases here, from the step's loads summed over processes)
+    train_metrics()   the model's own numbers since the previous log, logged beside the loss (a
+                      mixture of experts: "lm_loss" without its balancing loss, "moe_aux_loss", each
+                      expert's share of the tokens, the max violation); forward's training loss
+                      already includes any auxiliary loss, so that is the only channel it needs
+
 Accounting
-    num_params(non_embedding=False), flops_per_token(seq_len=None)
+    num_params(non_embedding=False, active=False), flops_per_token(seq_len=None): active (and the
+                      FLOPs) count only the experts a token goes through
 """
 from __future__ import annotations
 
@@ -161,7 +169,15 @@ class LanguageModel(nn.Module):
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         raise LmforgeError(f"the {self.family} family has no hidden states for a reward or value head")
 
-    def num_params(self, non_embedding: bool = False) -> int:
+    def after_step(self) -> None:
+        """Called by the Trainer after every optimizer step (MoE bias balancing); default nothing."""
+
+    def train_metrics(self) -> dict[str, float]:
+        """The model's own training numbers since the previous log (MoE: LM loss without the balancing
+        loss, expert loads, max violation); default none."""
+        return {}
+
+    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int | None = None) -> float:

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
+from lmforge.models.moe import MoE
 from lmforge.models.protocol import LanguageModel, ModelConfig, ModelFamily
 
 
@@ -60,6 +61,20 @@ class GPTConfig(ModelConfig):
     logit_softcap: float | None = None  # the same on the output logits (Gemma-2)
     sliding_window: int | None = None  # the layers in window_layers attend to this many latest tokens
     window_layers: tuple[int, ...] = ()
+    # Mixture of experts (lmforge/models/moe.py): n_experts > 0 makes every block's MLP a router over
+    # n_experts expert MLPs of moe_hidden units, moe_top_k of them per token, plus moe_shared experts
+    # every token goes through.
+    n_experts: int = 0
+    moe_top_k: int = 2
+    moe_shared: int = 0
+    moe_hidden: int | None = None  # None = hidden_dim
+    moe_gate: str = "softmax"  # "softmax" | "sigmoid"
+    moe_norm_topk: bool = True  # renormalise the chosen experts' weights to sum to 1
+    moe_capacity: float | None = None  # capacity factor; None = dropless
+    moe_balance: str = "aux"  # "aux" (Switch loss) | "bias" (DeepSeek-V3, loss-free) | "none"
+    moe_aux_coef: float = 0.01
+    moe_z_coef: float = 0.0  # router z-loss
+    moe_bias_rate: float = 1e-3
     dropout: float = 0.0  # on the embeddings and each residual branch's output
     attn_dropout: float | None = None  # on the attention weights; None = dropout (nanoGPT's single knob)
     init_std: float = 0.02
@@ -91,6 +106,14 @@ class GPTConfig(ModelConfig):
         for name in ("attn_softcap", "logit_softcap", "sliding_window"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 bad(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_experts < 0 or (self.n_experts and not 1 <= self.moe_top_k <= self.n_experts):
+            bad(f"moe_top_k must be in 1..n_experts ({self.n_experts}), got {self.moe_top_k}")
+        if self.n_experts and (self.moe_gate not in ("softmax", "sigmoid")
+                               or self.moe_balance not in ("aux", "bias", "none")):
+            bad(f"moe_gate must be softmax or sigmoid and moe_balance aux, bias or none; got "
+                f"{self.moe_gate!r}, {self.moe_balance!r}")
+        if self.moe_capacity is not None and self.moe_capacity <= 0:
+            bad(f"moe_capacity must be positive, got {self.moe_capacity}")
         if self.window_layers and (self.sliding_window is None
                                    or not all(0 <= i < self.n_layer for i in self.window_layers)):
             bad(f"window_layers {list(self.window_layers)} need a sliding_window and indices below n_layer")
@@ -112,6 +135,10 @@ class GPTConfig(ModelConfig):
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head if self.head_size is None else self.head_size
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.hidden_dim if self.moe_hidden is None else self.moe_hidden
 
     @property
     def hidden_dim(self) -> int:
@@ -305,16 +332,16 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     """Position-wise feed-forward: SwiGLU (Llama), GeGLU (Gemma), GELU (GPT-2) or squared ReLU (Primer)."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, hidden: int | None = None):
         super().__init__()
         self.kind = cfg.mlp
-        hidden = cfg.hidden_dim
+        hidden = cfg.hidden_dim if hidden is None else hidden
         if self.kind in ("swiglu", "geglu"):
             self.gate_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.up_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x):
+    def forward(self, x, valid=None):  # valid: see MoE.forward (a dense MLP treats every token alike)
         if self.kind == "swiglu":
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         elif self.kind == "geglu":
@@ -337,14 +364,24 @@ class Block(nn.Module):
         self.self_attn = CausalSelfAttention(cfg, layer)
         self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else nn.Identity()
         self.post_attention_layernorm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = make_mlp(cfg)
         self.mlp_out_norm = make_norm(cfg) if cfg.sandwich_norm else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rotary, positions, kv=None, step=None):
+    def forward(self, x, rotary, positions, kv=None, step=None, valid=None):
         x = x + self.drop(self.attn_out_norm(self.self_attn(self.input_layernorm(x), rotary, positions, kv, step)))
-        x = x + self.drop(self.mlp_out_norm(self.mlp(self.post_attention_layernorm(x))))
+        x = x + self.drop(self.mlp_out_norm(self.mlp(self.post_attention_layernorm(x), valid)))
         return x
+
+
+def make_mlp(cfg: GPTConfig) -> nn.Module:
+    """The block's feed-forward layer: one MLP, or a mixture of expert MLPs (lmforge/models/moe.py)."""
+    if not cfg.n_experts:
+        return MLP(cfg)
+    shared = MLP(cfg, cfg.moe_shared * cfg.expert_hidden) if cfg.moe_shared else None
+    return MoE(cfg.n_embd, cfg.n_experts, cfg.moe_top_k, lambda: MLP(cfg, cfg.expert_hidden), shared=shared,
+               gate=cfg.moe_gate, norm_topk=cfg.moe_norm_topk, capacity=cfg.moe_capacity, balance=cfg.moe_balance,
+               aux_coef=cfg.moe_aux_coef, z_coef=cfg.moe_z_coef, bias_rate=cfg.moe_bias_rate)
 
 
 # ----------------------------------------------------------------------------- key/value cache
@@ -425,6 +462,32 @@ class GPT(LanguageModel):
             else:
                 nn.init.normal_(p, 0.0, std)
 
+    # ------------------------------------------------------------------ mixture of experts
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+
+    _lm_loss: torch.Tensor | float = 0.0  # the language-model part of the training loss since the last log
+    _lm_n: int = 0
+
+    def after_step(self) -> None:
+        for m in self.moe_layers():
+            m.after_step()
+
+    def train_metrics(self) -> dict[str, float]:
+        """Since the last log: the LM loss without the balancing losses, the balancing loss, each expert's
+        share of the routed tokens (mean over layers), and the max violation (worst layer and mean)."""
+        stats = [s for s in (m.pop_stats() for m in self.moe_layers()) if s is not None]
+        if not stats:
+            return {}
+        lm, self._lm_loss, n, self._lm_n = float(self._lm_loss), 0.0, max(self._lm_n, 1), 0
+        out = {"lm_loss": lm / n, "moe_aux_loss": sum(s["aux_loss"] for s in stats),
+               "moe_max_violation": max(s["max_violation"] for s in stats),
+               "moe_mean_violation": sum(s["max_violation"] for s in stats) / len(stats)}
+        for e in range(self.config.n_experts):
+            out[f"moe_share_{e}"] = sum(s["share"][e] for s in stats) / len(stats)
+        return {k: round(v, 6) for k, v in out.items()}
+
     @property
     def context_limit(self) -> int:
         return self.config.block_size
@@ -442,11 +505,14 @@ class GPT(LanguageModel):
         return [] if self.config.tie_embeddings else ["lm_head.weight"]
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Token and position tables and the output head (tied or not) are lookups; every other
-        matrix is a hidden weight; norm gains and biases are vectors."""
+        """Token and position tables and the output head (tied or not) are lookups; so are MoE routers
+        (a small classifier over experts, trained like the output head: AdamW, no decay); every other
+        matrix is a hidden weight, each expert's on its own (Muon orthogonalises per expert); norm
+        gains and biases are vectors."""
         tables = [self.embed_tokens.weight] + ([self.wpe.weight] if self.wpe is not None else [])
         if not self.config.tie_embeddings:
             tables.append(self.lm_head.weight)
+        tables += [m.router.weight for m in self.moe_layers()]
         table_ids = {id(p) for p in tables}
         rest = [p for p in self.parameters() if id(p) not in table_ids]
         return {"matrix": [p for p in rest if p.ndim == 2], "embedding": tables,
@@ -455,11 +521,17 @@ class GPT(LanguageModel):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
         """idx: (B, T) token ids. Without targets: logits (B, T, vocab) in float32.
         With targets (B, T; -100 = ignore): the cross-entropy loss (`reduction` as in F.cross_entropy)."""
-        logits = self.logits_from_hidden(self.hidden_states(idx))  # float32 softmax statistics even under bf16
+        valid = targets != -100 if targets is not None and self.config.n_experts else None
+        logits = self.logits_from_hidden(self.hidden_states(idx, valid))  # float32 statistics even under bf16
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-100, reduction=reduction)
+        if self.training and self.config.n_experts and reduction == "mean":
+            self._lm_loss = self._lm_loss + loss.detach()
+            self._lm_n += 1
+            loss = loss + sum(m.aux_loss for m in self.moe_layers())  # the routers' balancing losses
+        return loss
 
     def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Token embeddings (scaled by sqrt(n_embd) for Gemma, in their own dtype as Gemma does) plus
@@ -471,9 +543,10 @@ class GPT(LanguageModel):
             x = x + self.wpe(positions)
         return x
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """The final normed hidden states (B, T, n_embd): the forward pass without the LM head (what a
-        reward model's or value function's scalar head reads)."""
+        reward model's or value function's scalar head reads). valid (B, T): the tokens MoE routers
+        count toward their loads and losses (default all)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise LmforgeError(f"sequence of {T} tokens is longer than the model's context window "
@@ -481,7 +554,7 @@ class GPT(LanguageModel):
         positions = torch.arange(T, device=idx.device)
         x = self.drop(self.embed(idx, positions))
         for layer in self.layers:
-            x = layer(x, self.rotary, positions)
+            x = layer(x, self.rotary, positions, valid=valid)
         return self.norm(x)
 
     # ------------------------------------------------------------------ cached inference
@@ -561,10 +634,19 @@ class GPT(LanguageModel):
 
     # ------------------------------------------------------------------ accounting
 
-    def num_params(self, non_embedding: bool = False) -> int:
+    def inactive_expert_params(self) -> int:
+        """Parameters of the experts a token does not go through (n_experts - top_k per MoE layer)."""
+        cfg = self.config
+        per_expert = sum(p.numel() for m in self.moe_layers()[:1] for p in m.experts[0].parameters())
+        return per_expert * (cfg.n_experts - cfg.moe_top_k) * len(self.moe_layers())
+
+    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
         """Parameter count (shared tied weights counted once). non_embedding drops the token and
-        position tables, the convention of scaling-law papers."""
+        position tables, the convention of scaling-law papers; active counts, of a mixture of experts,
+        only the top_k experts a token goes through."""
         n = sum(p.numel() for p in self.parameters())
+        if active:
+            n -= self.inactive_expert_params()
         if non_embedding:
             n -= self.embed_tokens.weight.numel() if not self.config.tie_embeddings else 0
             n -= self.wpe.weight.numel() if self.wpe is not None else 0
@@ -576,7 +658,9 @@ class GPT(LanguageModel):
         12 * n_layer * n_head * head_dim * T (the PaLM accounting, full causal T as is customary)."""
         cfg = self.config
         T = cfg.block_size if seq_len is None else seq_len
+        # a token goes through top_k of the experts: only their weights count
         matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        matmul_params -= self.inactive_expert_params()
         return 6.0 * matmul_params + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
 

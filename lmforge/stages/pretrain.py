@@ -108,9 +108,10 @@ def pretrain(opts: PretrainOptions, train_cfg: TrainConfig) -> dict:
     else:
         def describe(trainer):
             if trainer.is_main:
-                n = model.num_params()
+                n, active = model.num_params(), model.num_params(active=True)
                 print(f"model: {family.name} {preset} {n / 1e6:.2f}M parameters "
-                      f"({model.num_params(True) / 1e6:.2f}M non-embedding), "
+                      + (f"({active / 1e6:.2f}M active per token) " if active != n else "")
+                      + f"({model.num_params(True) / 1e6:.2f}M non-embedding), "
                       f"{model.flops_per_token(seq_len) / 1e6:.1f} MFLOPs/token; "
                       f"{opts.batch_size * seq_len * train_cfg.grad_accum * trainer.world:,} tokens/step; "
                       f"train {train.num_tokens:,} tokens" + (f", val {val.num_tokens:,}" if val else ""))

@@ -1,4 +1,5 @@
-"""A run's log (log.jsonl, one JSON record per line) and its loss-curve plot."""
+"""A run's log (log.jsonl, one JSON record per line), its loss-curve plot and, for a mixture of
+experts, its routing plot."""
 from __future__ import annotations
 
 import json
@@ -48,4 +49,32 @@ def plot_loss_curve(log_path: str | Path, png_path: str | Path) -> Path | None:
         ax.set_title(f"final val: ≤ {last['val_loss_bound']:.3f} nats/token, ≤ {last['val_bpb_bound']:.3f} "
                      f"± {last['val_bpb_bound_stderr']:.3f} bits/byte" if bound else
                      f"final val: {last['val_loss']:.3f} nats/token, {last['val_bpb']:.3f} bits/byte")
+    return save_figure(fig, png_path)
+
+
+def plot_expert_loads(log_path: str | Path, png_path: str | Path) -> Path | None:
+    """A mixture of experts' routing over training: each expert's share of the routed tokens (mean over
+    layers) and the max violation (max load / mean load - 1; worst layer and mean over layers) against
+    tokens seen. A balanced auxiliary loss with collapsed routing shows here, not in the loss curve."""
+    train = [r for r in read_log(log_path) if "moe_max_violation" in r]
+    if not train:
+        return None
+    from lmforge.common import new_figure, save_figure
+
+    fig, share_ax = new_figure((11, 4.2))
+    share_ax.remove()
+    share_ax, vio_ax = fig.subplots(1, 2)
+    xs = [r["tokens"] for r in train]
+    experts = sorted((k for k in train[-1] if k.startswith("moe_share_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    for k in experts:
+        share_ax.plot(xs, [r[k] for r in train], lw=1.0, label=f"expert {k.rsplit('_', 1)[1]}")
+    share_ax.axhline(1 / max(len(experts), 1), color="k", lw=0.8, ls="--", label="balanced")
+    share_ax.set_xlabel("tokens seen")
+    share_ax.set_ylabel("share of routed tokens (mean over layers)")
+    share_ax.legend(fontsize=7, ncol=2)
+    vio_ax.plot(xs, [r["moe_max_violation"] for r in train], color="C3", label="max violation, worst layer")
+    vio_ax.plot(xs, [r["moe_mean_violation"] for r in train], color="C1", label="max violation, mean over layers")
+    vio_ax.set_xlabel("tokens seen")
+    vio_ax.set_ylabel("max load / mean load - 1")
+    vio_ax.set_yscale("symlog", linthresh=0.1)
     return save_figure(fig, png_path)

@@ -25,7 +25,7 @@ from lmforge.common import LmforgeError
 from lmforge.train import checkpoint as ckpt_io
 from lmforge.train.config import TrainConfig  # noqa: F401 (also imported from here)
 from lmforge.train.distributed import all_reduce_max, all_reduce_mean, all_reduce_sum, setup_distributed
-from lmforge.train.logs import plot_loss_curve
+from lmforge.train.logs import plot_expert_loads, plot_loss_curve
 from lmforge.train.optim import build_optimizers, lr_multiplier
 from lmforge.train.precision import autocast_dtype, use_compile
 
@@ -297,16 +297,21 @@ class Trainer:
             opt.step()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        if hasattr(self.raw_model, "after_step"):  # a language model (a head around one has none)
+            self.raw_model.after_step()  # e.g. MoE bias balancing, from this step's loads
         self.step += 1
         self.tokens_seen += int(all_reduce_sum([ntok], self.device)[0])
         self.current_lr_mult = mult
         return loss_mean
 
     def _task_metrics(self) -> dict[str, float]:
-        """The task's train_metrics(), averaged over the processes (each reports the same names)."""
-        if not hasattr(self.task, "train_metrics"):
+        """The model's and the task's train_metrics(), averaged over the processes (each reports the same
+        names)."""
+        metrics = dict(self.raw_model.train_metrics()) if hasattr(self.raw_model, "train_metrics") else {}
+        if hasattr(self.task, "train_metrics"):
+            metrics.update(self.task.train_metrics())
+        if not metrics:
             return {}
-        metrics = self.task.train_metrics()
         if self.world > 1:
             names = sorted(metrics)
             metrics = {k: round(v / self.world, 6)
@@ -363,6 +368,7 @@ class Trainer:
         self.save()
         if self.is_main:
             plot_loss_curve(self.log_path, self.out_dir / "loss.png")
+            plot_expert_loads(self.log_path, self.out_dir / "experts.png")  # nothing unless a mixture of experts
         return {"step": self.step, "tokens": self.tokens_seen, "train_time": self.train_time,
                 "train_loss": last_loss, **{f"val_{k}": v for k, v in metrics.items()}}
 

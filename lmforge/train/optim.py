@@ -22,20 +22,21 @@ def newton_schulz_orthogonalize(G: torch.Tensor, steps: int = 5) -> torch.Tensor
 
     The coefficients (3.4445, -4.7750, 2.0315) are the published Muon choice: they push singular
     values into roughly [0.7, 1.2] in five steps rather than converging exactly, which is enough for
-    an optimizer update and runs fast in bfloat16."""
-    assert G.ndim == 2
+    an optimizer update and runs fast in bfloat16. G may be a stack (..., m, n) of same-shaped
+    matrices, each orthogonalised on its own in one batched iteration."""
+    assert G.ndim >= 2
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(torch.bfloat16)
-    transposed = X.size(0) > X.size(1)
+    transposed = X.size(-2) > X.size(-1)
     if transposed:  # iterate on the smaller Gram matrix
-        X = X.T
-    X = X / (X.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
-        A = X @ X.T
+        A = X @ X.mT
         B = b * A + c * (A @ A)
         X = a * X + B @ X
     if transposed:
-        X = X.T
+        X = X.mT
     return X.to(G.dtype)
 
 
@@ -56,6 +57,9 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
+            # Matrices of one shape are orthogonalised together, one batched iteration per shape: a
+            # mixture of experts has dozens of same-shaped expert matrices per layer.
+            by_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -65,13 +69,16 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                update = newton_schulz_orthogonalize(g, group["ns_steps"])
+                by_shape.setdefault((tuple(p.shape), p.dtype, p.device), []).append((p, g))
+            for (shape, _, _), pairs in by_shape.items():
+                updates = newton_schulz_orthogonalize(torch.stack([g for _, g in pairs]), group["ns_steps"])
                 # An orthogonal matrix has RMS entry 1/sqrt(max dim); rescale so tall and wide
                 # matrices move by a comparable amount per step.
-                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * scale)
+                scale = max(1.0, shape[0] / shape[1]) ** 0.5
+                for (p, _), update in zip(pairs, updates.unbind(0)):
+                    if group["weight_decay"]:
+                        p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(update, alpha=-group["lr"] * scale)
 
 
 def build_optimizers(model: nn.Module, *, name: str, lr: float, weight_decay: float,
