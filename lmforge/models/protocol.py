@@ -63,6 +63,10 @@ Generation (a decode state: "cache" for short)
                       by that token; returns float32 logits (B, vocab). step_fn: a compiled version
                       of the family's `decode_step` if it has one (`engine.compiled_decode_step`).
 
+    shard_units(), tensor_parallel_plan()
+                      how parallelism applied from outside splits the model (lmforge/train/parallel.py):
+                      the submodules FSDP2 shards one by one, and which linear layers tensor
+                      parallelism splits by output columns or input rows
     after_step()      called by the Trainer after every optimizer step (a mixture of experts moves
                       its balancing biases here, from the step's loads summed over processes)
     train_metrics()   the model's own numbers since the previous log, logged beside the loss (a
@@ -168,6 +172,15 @@ class LanguageModel(nn.Module):
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         raise LmforgeError(f"the {self.family} family has no hidden states for a reward or value head")
+
+    def shard_units(self) -> list[nn.Module]:
+        """The submodules FSDP2 shards one by one (a transformer's blocks); default none: the whole
+        model is one unit (lmforge/train/parallel.py)."""
+        return []
+
+    def tensor_parallel_plan(self) -> dict[str, str]:
+        """{linear layer name: "colwise" | "rowwise"} for tensor parallelism; default none."""
+        return {}
 
     def after_step(self) -> None:
         """Called by the Trainer after every optimizer step (MoE bias balancing); default nothing."""

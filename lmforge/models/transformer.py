@@ -273,24 +273,26 @@ class CausalSelfAttention(nn.Module):
         """Without kv: causal attention over x (training and plain inference). With kv (this layer's
         key/value cache buffers) and step: cached inference, see GPT.prefill and GPT.decode."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        # Head counts from the projections' widths, not the config: under tensor parallelism a rank
+        # holds only its share of the heads (lmforge/train/parallel.py), and the code is the same.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if kv is not None:
             return self._forward_cached(q, k, v, kv, step)
         if rotary is not None:
             q, k = rotary(q, positions), rotary(k, positions)
-        if self.n_kv_head != self.n_head:
+        if k.size(1) != q.size(1):
             # Expand shared KV heads to the query heads (a view-and-copy; SDPA's enable_gqa does the
             # same but not on every backend).
-            rep = self.n_head // self.n_kv_head
+            rep = q.size(1) // k.size(1)
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         y = attend(q, k, v, causal=self.causal, mask=self._mask(T, x.device), scale=self.scale,
                    softcap=self.softcap, dropout=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        y = y.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(y)
 
     def _forward_cached(self, q, k, v, kv, step: CacheStep):
@@ -473,6 +475,25 @@ class GPT(LanguageModel):
     def after_step(self) -> None:
         for m in self.moe_layers():
             m.after_step()
+
+    # ------------------------------------------------------------------ parallelism (applied from outside)
+
+    def shard_units(self) -> list[nn.Module]:
+        return list(self.layers)
+
+    def tensor_parallel_plan(self) -> dict[str, str]:
+        """Megatron's split: q/k/v and gate/up by output columns (each rank a share of the heads and of
+        the MLP's units), o and down by input rows (their partial sums all-reduced). A mixture of experts'
+        experts are not split (expert parallelism is another plan)."""
+        plan = {}
+        for i, layer in enumerate(self.layers):
+            plan.update({f"layers.{i}.self_attn.{x}_proj": "colwise" for x in "qkv"})
+            plan[f"layers.{i}.self_attn.o_proj"] = "rowwise"
+            if isinstance(layer.mlp, MLP):
+                ups = [x for x in ("gate", "up") if hasattr(layer.mlp, f"{x}_proj")]
+                plan.update({f"layers.{i}.mlp.{x}_proj": "colwise" for x in ups})
+                plan[f"layers.{i}.mlp.down_proj"] = "rowwise"
+        return plan
 
     def train_metrics(self) -> dict[str, float]:
         """Since the last log: the LM loss without the balancing losses, the balancing loss, each expert's

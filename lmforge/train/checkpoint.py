@@ -138,12 +138,14 @@ def write_safetensors_stream(path: Path, spec: list[tuple[str, tuple, torch.dtyp
 
 
 def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizers=None, state: dict | None = None,
-                    keep: int | None = None, files: dict[str, bytes] | None = None, weights=None) -> Path:
+                    keep: int | None = None, files: dict[str, bytes] | None = None, weights=None,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoints/step_{step}/ atomically; prune to the newest `keep` checkpoints.
     `files` are extra small files stored alongside (the tokenizer, so a checkpoint is self-contained).
     `weights`: (spec, produce) for write_safetensors_stream, to write tensors made one at a time
     (an import) instead of the model's; the model then only gives the family and config (it may be on
-    the meta device)."""
+    the meta device). `state_dict`: full tensors to write instead of the model's own (a sharded model's,
+    gathered)."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"step_{step:06d}"
     tmp = ckpt_root / f"step_{step:06d}.tmp"
@@ -157,7 +159,10 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizers=None, st
             shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
             raise
     else:
-        save_file(model_state_for_saving(model), str(tmp / "model.safetensors"))
+        tensors = model_state_for_saving(model) if state_dict is None else dict(state_dict)
+        if state_dict is not None and getattr(model.config, "tie_embeddings", False):
+            tensors.pop("lm_head.weight", None)  # stored once, as the embedding (as model_state_for_saving does)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
     for name, data in (files or {}).items():
         (tmp / name).write_bytes(data)
     full_state = {"format": "lmforge-checkpoint", "version": 1, "step": step,

@@ -47,6 +47,9 @@ class TrainConfig:
                            "if compiling fails; "
                            "see docs/benchmarks.md)", choices=("auto", "on", "off"))
     device: str = setting("auto", "cpu, cuda, cuda:N or auto")
+    parallel: str = setting("ddp", "under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: "
+                            "parameters, gradients and optimizer state sharded over the processes)",
+                            choices=("ddp", "fsdp"))
     progress: bool = setting(True, "progress bar")
 
     @classmethod

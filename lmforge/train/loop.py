@@ -99,6 +99,14 @@ class Trainer:
 
         self.raw_model = model.to(self.device)
         self.amp_dtype = autocast_dtype(self.device.split(":")[0], cfg.dtype)
+        self.fsdp = self.world > 1 and cfg.parallel == "fsdp"
+        if self.fsdp:
+            if resume:
+                raise LmforgeError("--resume with --parallel fsdp is not supported yet (its checkpoints hold the "
+                                   "model, gathered, but not the sharded optimizer state); resume with ddp")
+            from lmforge.train.parallel import shard_model
+
+            shard_model(self.raw_model, self.world, self.device)  # before the optimizers: they hold the shards
         self.optimizers = build_optimizers(
             self.raw_model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
             betas=(cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum,
@@ -129,6 +137,8 @@ class Trainer:
     def _wrap(self, model: nn.Module, compiled: bool) -> nn.Module:
         """The module the training step calls: optionally compiled, then DDP-wrapped (parallelism
         applied from outside; the model itself knows nothing about it)."""
+        if self.fsdp:  # sharded in place in __init__; not compiled (untested together here)
+            return model
         if compiled:
             model = torch.compile(model)
         if self.world > 1:
@@ -227,8 +237,15 @@ class Trainer:
         rank's RNG state and the task's data position are gathered so resume is exact."""
         # The step checks stop a NaN before it reaches the weights; this is the last line of defence
         # for "the last good checkpoint".
-        if not all(torch.isfinite(p).all() for p in self.raw_model.parameters()):
+        # a rank's own shard under FSDP2 (a plain tensor where it has just been gathered, e.g. after eval)
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.raw_model.parameters()]
+        if not all(torch.isfinite(p).all() for p in local):  # a rank's own shard: every rank checks
             self._diverged(f"the weights are not finite after step {self.step}; not saved")
+        full = None
+        if self.fsdp:  # gathered to full tensors: the checkpoint loads in any number of processes
+            from lmforge.train.parallel import full_state_dict
+
+            full = full_state_dict(self.raw_model)
         rng = ckpt_io.capture_rng()
         if self.world > 1:
             gathered = [None] * self.world
@@ -240,8 +257,9 @@ class Trainer:
             state = {"tokens_seen": self.tokens_seen, "train_time": self.train_time,
                      "task": self.task.state_dict(), "rng": rngs, "train_config": asdict(self.cfg),
                      "last_eval": self.last_eval, "world_size": self.world, **self.extra_state}
-            ckpt_io.save_checkpoint(self.ckpt_root, self.step, self.raw_model, self.optimizers, state,
-                                    keep=self.cfg.keep_checkpoints, files=self.extra_files)
+            ckpt_io.save_checkpoint(self.ckpt_root, self.step, self.raw_model, None if self.fsdp else self.optimizers,
+                                    state, keep=self.cfg.keep_checkpoints, files=self.extra_files,
+                                    state_dict=full)
         if self.world > 1:
             dist.barrier()
 
@@ -287,6 +305,10 @@ class Trainer:
         # is of the gradients after DDP's all-reduce, so every rank sees the same one and stops.
         grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if self.fsdp:
+            from lmforge.train.parallel import full_tensor
+
+            grad_norm = full_tensor(grad_norm)  # the norm of the whole gradient, not of this rank's shard
         if not torch.isfinite(grad_norm):
             self._diverged(f"the gradient norm became {grad_norm.item()} at step {self.step + 1} "
                            f"(loss {loss_mean:.4f})")

@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lmforge.common import LmforgeError
 from lmforge.models.protocol import trainable_groups
@@ -69,13 +70,18 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                by_shape.setdefault((tuple(p.shape), p.dtype, p.device), []).append((p, g))
+                # A sharded (FSDP2) matrix is orthogonalised whole: every rank gathers it and computes
+                # the same update, then keeps its own shard of it.
+                g = g.full_tensor() if isinstance(g, DTensor) else g
+                by_shape.setdefault((tuple(p.shape), g.dtype, g.device), []).append((p, g))
             for (shape, _, _), pairs in by_shape.items():
                 updates = newton_schulz_orthogonalize(torch.stack([g for _, g in pairs]), group["ns_steps"])
                 # An orthogonal matrix has RMS entry 1/sqrt(max dim); rescale so tall and wide
                 # matrices move by a comparable amount per step.
                 scale = max(1.0, shape[0] / shape[1]) ** 0.5
                 for (p, _), update in zip(pairs, updates.unbind(0)):
+                    if isinstance(p, DTensor):
+                        update = distribute_tensor(update, p.device_mesh, p.placements)
                     if group["weight_decay"]:
                         p.mul_(1 - group["lr"] * group["weight_decay"])
                     p.add_(update, alpha=-group["lr"] * scale)

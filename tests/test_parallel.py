@@ -1,0 +1,79 @@
+"""Parallelism beyond DDP (lmforge/train/parallel.py), with two gloo processes on this CPU: FSDP2
+trains like one process on the same global batch and halves what each rank holds; tensor
+parallelism gives the whole model's logits; a checkpoint written by two sharded ranks loads in one."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+
+from lmforge.train import checkpoint as ckpt_io
+from lmforge.train.logs import read_log
+
+
+def torchrun(*argv, timeout=300, check=True):
+    with socket.socket() as sock:  # a port nobody holds right now
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        *map(str, argv)], env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO, capture_output=True,
+                       text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_tensor_parallel_logits_and_fsdp_memory_per_rank(tmp_path):
+    torchrun(REPO / "tests" / "parallel_worker.py", tmp_path)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rep in reports:
+        assert rep["tp_max_abs_diff"] < 1e-5  # two ranks, half the heads and MLP units each: the same logits
+        assert rep["tp_local_q_rows"] == 32  # of 64: each rank computes half the query heads
+        # FSDP2: each rank holds half the parameters, half the gradients and half the optimizer state
+        assert rep["local_params"] == pytest.approx(rep["full_params"] / 2, rel=0.01)
+        assert rep["local_grads"] == rep["local_params"]
+        assert rep["local_optimizer_state"] <= 2 * rep["local_params"] * 1.01  # AdamW's two moments at most
+    assert sum(r["local_params"] for r in reports) == reports[0]["full_params"]
+
+
+ARGV = ["pretrain", "--model", "tiny", "--seq-len", "32", "--max-steps", "4", "--eval-every", "0", "--ckpt-every", "0",
+        "--eval-tokens", "1024", "--log-every", "1", "--warmup-steps", "1", "--dtype", "fp32", "--compile", "off",
+        "--device", "cpu", "--no-progress"]
+
+
+def test_fsdp_trains_like_one_process_and_its_checkpoint_loads_in_one(tiny_data, tmp_path):
+    """2 sharded ranks of 2 rows == 1 process of 4 rows, step by step (AdamW: see test_lstm's DDP test for
+    why Muon's bf16 iteration is not the tool to compare summation orders), and the checkpoint, gathered
+    from the shards, is an ordinary one."""
+    argv = [*ARGV, "--data-dir", tiny_data, "--optimizer", "adamw"]
+    code, _, err = run_cli(*argv, "--batch-size", "4", "--out", tmp_path / "one")
+    assert code == 0, err
+    torchrun("-m", "lmforge.cli", *argv, "--batch-size", "2", "--parallel", "fsdp", "--out", tmp_path / "two")
+
+    def losses(out):
+        return [r["loss"] for r in read_log(out / "log.jsonl") if "loss" in r]
+
+    assert len(losses(tmp_path / "two")) == 4
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4, abs=1e-5)
+    a = ckpt_io.load_model(tmp_path / "one")[0].state_dict()
+    b = ckpt_io.load_model(tmp_path / "two")[0].state_dict()  # written by two ranks, read by one
+    torch.manual_seed(1337)  # pretrain's seed: where both started
+    from lmforge.models.transformer import GPT, get_config
+    start = GPT(get_config("tiny", vocab_size=268)).state_dict()
+    for k in a:
+        assert (a[k] - b[k]).norm() <= 1e-4 * (a[k] - start[k]).norm() + 1e-7, k
+
+
+def test_fsdp_with_muon_learns_and_refuses_resume(tiny_data, tmp_path):
+    argv = [*ARGV, "--data-dir", tiny_data, "--batch-size", "2", "--parallel", "fsdp", "--out", tmp_path / "run"]
+    torchrun("-m", "lmforge.cli", *argv)
+    log = [r["loss"] for r in read_log(tmp_path / "run" / "log.jsonl") if "loss" in r]
+    assert log[-1] < log[0]
+    r = torchrun("-m", "lmforge.cli", *argv, "--resume", check=False)
+    assert r.returncode != 0 and "--resume with --parallel fsdp" in r.stdout + r.stderr
