@@ -67,10 +67,11 @@ def restore_rng(state: dict) -> None:
 
 
 def _split_optimizer_state(optimizers) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Optimizer state dicts -> (flat tensors for safetensors, JSON-able remainder)."""
+    """Optimizer state dicts -> (flat tensors for safetensors, JSON-able remainder). `optimizers` are
+    optimizers or their state dicts (a sharded run's, gathered to full tensors: the same layout)."""
     tensors, meta = {}, []
     for i, opt in enumerate(optimizers):
-        sd = opt.state_dict()
+        sd = opt if isinstance(opt, dict) else opt.state_dict()
         state_meta = {}
         for pid, pstate in sd["state"].items():
             entry = {}
@@ -359,10 +360,21 @@ def load_optimizer_states(optimizers, ckpt_dir: str | Path, state: dict) -> None
         raise LmforgeError(f"checkpoint {ckpt_dir} has optimizer state for "
                            f"{0 if meta is None else len(meta)} optimizers, this run uses {len(optimizers)} "
                            "(was it trained with a different --optimizer?)")
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     tensors = _load_tensors(Path(ckpt_dir) / "optimizer.safetensors")
     for i, opt in enumerate(optimizers):
+        sd = _join_optimizer_state(tensors, meta, i)
+        # A sharded (FSDP2) run keeps each parameter's state sharded like the parameter: the saved full
+        # tensors are cut to this rank's shard (so the number of processes may change between runs).
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for pid, pstate in sd["state"].items():
+            p = params[pid] if pid < len(params) else None
+            if isinstance(p, DTensor):
+                sd["state"][pid] = {k: distribute_tensor(v, p.device_mesh, p.placements)
+                                    if torch.is_tensor(v) and v.shape == p.shape else v for k, v in pstate.items()}
         try:
-            opt.load_state_dict(_join_optimizer_state(tensors, meta, i))
+            opt.load_state_dict(sd)
         except (ValueError, KeyError) as e:  # torch checks group sizes; a changed grouping lands here
             raise LmforgeError(f"checkpoint {ckpt_dir}: its optimizer state does not fit this run's parameter "
                                f"groups ({e}); it was written by a version that grouped parameters differently. "

@@ -101,11 +101,11 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.device.split(":")[0], cfg.dtype)
         self.fsdp = self.world > 1 and cfg.parallel == "fsdp"
         if self.fsdp:
-            if resume:
-                raise LmforgeError("--resume with --parallel fsdp is not supported yet (its checkpoints hold the "
-                                   "model, gathered, but not the sharded optimizer state); resume with ddp")
             from lmforge.train.parallel import shard_model
 
+            found = ckpt_io.list_checkpoints(self.ckpt_root) if resume else []
+            if found:  # the whole model's weights go in before it is cut into shards
+                ckpt_io.load_model_weights(self.raw_model, found[-1])
             shard_model(self.raw_model, self.world, self.device)  # before the optimizers: they hold the shards
         self.optimizers = build_optimizers(
             self.raw_model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -187,8 +187,9 @@ class Trainer:
         for key in ("tokenizer_fingerprint",):
             if key in self.extra_state and state.get(key) not in (None, self.extra_state[key]):
                 raise LmforgeError(f"--resume: checkpoint {path} used a different tokenizer than this run's data")
-        ckpt_io.load_model_weights(self.raw_model, path)
-        self.raw_model.to(self.device)
+        if not self.fsdp:  # (a sharded model got its weights before sharding, in __init__)
+            ckpt_io.load_model_weights(self.raw_model, path)
+            self.raw_model.to(self.device)
         ckpt_io.load_optimizer_states(self.optimizers, path, state)
         self.task.load_state_dict(state["task"])
         ckpt_io.restore_rng(state["rng"][str(self.rank)] if str(self.rank) in state["rng"] else state["rng"]["0"])
@@ -241,11 +242,12 @@ class Trainer:
         local = [p.to_local() if hasattr(p, "to_local") else p for p in self.raw_model.parameters()]
         if not all(torch.isfinite(p).all() for p in local):  # a rank's own shard: every rank checks
             self._diverged(f"the weights are not finite after step {self.step}; not saved")
-        full = None
+        full, optimizers = None, self.optimizers
         if self.fsdp:  # gathered to full tensors: the checkpoint loads in any number of processes
-            from lmforge.train.parallel import full_state_dict
+            from lmforge.train.parallel import full_optimizer_state, full_state_dict
 
             full = full_state_dict(self.raw_model)
+            optimizers = [full_optimizer_state(opt) for opt in self.optimizers]
         rng = ckpt_io.capture_rng()
         if self.world > 1:
             gathered = [None] * self.world
@@ -257,9 +259,8 @@ class Trainer:
             state = {"tokens_seen": self.tokens_seen, "train_time": self.train_time,
                      "task": self.task.state_dict(), "rng": rngs, "train_config": asdict(self.cfg),
                      "last_eval": self.last_eval, "world_size": self.world, **self.extra_state}
-            ckpt_io.save_checkpoint(self.ckpt_root, self.step, self.raw_model, None if self.fsdp else self.optimizers,
-                                    state, keep=self.cfg.keep_checkpoints, files=self.extra_files,
-                                    state_dict=full)
+            ckpt_io.save_checkpoint(self.ckpt_root, self.step, self.raw_model, optimizers, state,
+                                    keep=self.cfg.keep_checkpoints, files=self.extra_files, state_dict=full)
         if self.world > 1:
             dist.barrier()
 

@@ -10,8 +10,9 @@
     which by input rows — o, down), so a block's attention heads and MLP units are spread over the
     ranks and one all-reduce per sublayer joins them.
 
-The state these produce is gathered back to ordinary full tensors for checkpoints (`full_state_dict`),
-so a checkpoint written by N ranks loads in one process (sample, export) and in M ranks.
+The state these produce is gathered back to ordinary full tensors for checkpoints (`full_state_dict`,
+`full_optimizer_state`), so a checkpoint written by N sharded ranks loads in one process (sample,
+export), resumes in M ranks, sharded or not (`load_optimizer_states` cuts the state back to shards).
 Never run on GPUs or several nodes here: tested with gloo processes on one CPU.
 """
 from __future__ import annotations
@@ -71,6 +72,15 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """The optimizer's state_dict with every sharded tensor gathered whole (all ranks must call it):
+    the layout one process would save, so checkpoints move between DDP, FSDP2 and any process count."""
+    sd = opt.state_dict()
+    sd["state"] = {pid: {k: full_tensor(v).cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                   for pid, s in sd["state"].items()}
+    return sd
 
 
 def local_numel(model: nn.Module) -> int:
