@@ -99,3 +99,29 @@ def test_fsdp_with_muon_resumes_exactly_and_in_one_process(tiny_data, tmp_path):
     code, _, err = run_cli(*single, "--max-steps", "7", "--out", tmp_path / "one", "--resume")
     assert code == 0, err
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "straight")[5:7], rel=1e-3)
+
+
+def test_two_nodes_on_loopback_train_like_one_process(tiny_data, tmp_path):
+    """`torchrun --nnodes 2 --rdzv-backend c10d`, started twice as two "nodes" of one process each on
+    this machine: they meet at the rendezvous and train as one DDP job of two ranks."""
+    argv = [*ARGV, "--data-dir", tiny_data, "--optimizer", "adamw"]
+    code, _, err = run_cli(*argv, "--batch-size", "4", "--out", tmp_path / "one")
+    assert code == 0, err
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=lmforge-test",
+                               "-m", "lmforge.cli", *map(str, argv), "--batch-size", "2", "--out",
+                               str(tmp_path / "two")],
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [n.communicate(timeout=300) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), [o[1][-2000:] for o in outs]
+
+    def losses(out):
+        return [r["loss"] for r in read_log(out / "log.jsonl") if "loss" in r]
+
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4, abs=1e-5)
+    state = json.loads((ckpt_io.resolve_checkpoint(tmp_path / "two") / "state.json").read_text())
+    assert state["world_size"] == 2

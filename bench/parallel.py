@@ -1,0 +1,107 @@
+"""Benchmark: what each process holds and how long a step takes, DDP against FSDP2, at 2 processes.
+
+For the `cpu` preset and the GPT-2-small-shaped `gpt2-classic` preset (124M), two gloo processes on
+this CPU each train a few steps on random tokens (batch 4 x 256 per process, Muon + AdamW as in
+pretraining, fp32), wrapped by DDP (every process holds everything) or sharded by FSDP2
+(`lmforge.train.parallel.shard_model`). Reported per process: parameter + gradient + optimizer-state
+bytes it holds after a step, its peak RSS, and the median step time. The same script measures one
+process alone as the reference. Each configuration runs in fresh processes.
+
+    python bench/parallel.py [--presets cpu gpt2-classic] [--steps 6]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+WORKER = r"""
+import json, os, resource, statistics, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch, torch.distributed as dist
+from lmforge.models.transformer import GPT, get_config
+from lmforge.train.optim import build_optimizers
+from lmforge.train.parallel import shard_model
+
+preset, mode, steps = sys.argv[2], sys.argv[3], int(sys.argv[4])
+world = int(os.environ.get("WORLD_SIZE", "1"))
+if world > 1:
+    dist.init_process_group("gloo")
+rank = dist.get_rank() if world > 1 else 0
+torch.manual_seed(0)
+model = GPT(get_config(preset, vocab_size=50304 if preset == "gpt2-classic" else 4096, block_size=256))
+if mode == "fsdp":
+    shard_model(model, world, "cpu")
+    step_model = model
+elif mode == "ddp":
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    step_model = DDP(model)
+else:
+    step_model = model
+opts = build_optimizers(model, name="muon", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), muon_lr=0.02,
+                        muon_momentum=0.95)
+g = torch.Generator().manual_seed(rank)
+times = []
+for _ in range(steps):
+    x = torch.randint(0, model.config.vocab_size, (4, 256), generator=g)
+    t0 = time.perf_counter()
+    step_model(x, x).backward()
+    for o in opts:
+        o.step()
+    held = sum(t.numel() * t.element_size() for t in (
+        [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+        + [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters()
+           if p.grad is not None]
+        + [v.to_local() if hasattr(v, "to_local") else v for o in opts for s in o.state.values()
+           for v in s.values() if torch.is_tensor(v)]))
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    times.append(time.perf_counter() - t0)
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"rank": rank, "held_mib": held / 2**20, "rss_mib": rss, "step_s": statistics.median(times[1:])}),
+      flush=True)
+if world > 1:
+    dist.destroy_process_group()
+"""
+
+
+def run(preset: str, mode: str, steps: int) -> list[dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if mode == "single":
+        cmd = [sys.executable, "-c", WORKER, str(REPO), preset, mode, str(steps)]
+    else:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        script = Path("/tmp") / "lmforge_parallel_worker.py"
+        script.write_text(WORKER)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               str(script), str(REPO), preset, mode, str(steps)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    return sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")), key=lambda d: d["rank"])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--presets", nargs="+", default=["cpu", "gpt2-classic"])
+    ap.add_argument("--steps", type=int, default=6)
+    args = ap.parse_args()
+    print("| preset | how | processes | held per process MiB (params + grads + optimizer) | peak RSS MiB | step s |")
+    print("|---|---|---|---|---|---|")
+    for preset in args.presets:
+        for mode in ("single", "ddp", "fsdp"):
+            rows = run(preset, mode, args.steps)
+            held = max(r["held_mib"] for r in rows)
+            rss = max(r["rss_mib"] for r in rows)
+            step = max(r["step_s"] for r in rows)
+            print(f"| {preset} | {mode} | {len(rows)} | {held:,.1f} | {rss:,.0f} | {step:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
