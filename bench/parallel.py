@@ -1,4 +1,10 @@
-"""Benchmark: what each process holds and how long a step takes, DDP against FSDP2, at 2 processes.
+"""Benchmark: parallelism at 2 processes: pipeline schedules' idle time against theory, and what each
+process holds and how long a step takes, DDP against FSDP2.
+
+Pipeline: the `cpu` preset cut into two stages of two blocks (GPT.pipeline_stage), a global batch of
+16 x 256 in m micro-batches, GPipe and 1F1B. Idle fraction = 1 - (m x the time the slower stage
+takes for one micro-batch alone, forward + backward) / the measured step time; the theory for p
+stages is (p - 1) / (m + p - 1). Communication and the stages' imbalance count as idle here.
 
 For the `cpu` preset and the GPT-2-small-shaped `gpt2-classic` preset (124M), two gloo processes on
 this CPU each train a few steps on random tokens (batch 4 x 256 per process, Muon + AdamW as in
@@ -7,7 +13,7 @@ pretraining, fp32), wrapped by DDP (every process holds everything) or sharded b
 bytes it holds after a step, its peak RSS, and the median step time. The same script measures one
 process alone as the reference. Each configuration runs in fresh processes.
 
-    python bench/parallel.py [--presets cpu gpt2-classic] [--steps 6]
+    python bench/parallel.py [--presets cpu gpt2-classic] [--steps 6] [--pipeline-only]
 """
 from __future__ import annotations
 
@@ -71,6 +77,63 @@ if world > 1:
 """
 
 
+PIPE_WORKER = r"""
+import json, statistics, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch, torch.distributed as dist, torch.nn.functional as F
+from lmforge.models.transformer import GPT, get_config
+from lmforge.train.parallel import pipeline
+
+schedule_name, m, batch = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+cfg = get_config("cpu", vocab_size=4096)
+x = torch.randint(0, 4096, (batch, 256), generator=torch.Generator().manual_seed(0))
+
+def loss_fn(logits, y):
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+
+torch.manual_seed(0)
+model = GPT(cfg)
+schedule, stage = pipeline(model, rank, world, n_microbatches=m, loss_fn=loss_fn, schedule=schedule_name)
+# This stage's own work on one micro-batch, alone: forward and backward, no communication.
+mb = x[: batch // m]
+inp = mb if rank == 0 else torch.randn(batch // m, 256, cfg.n_embd, requires_grad=True)
+alone = []
+for _ in range(4):
+    t0 = time.perf_counter()
+    out = stage(inp)
+    (loss_fn(out, mb) if rank == world - 1 else out.square().mean()).backward()
+    alone.append(time.perf_counter() - t0)
+model.zero_grad()
+steps = []
+for _ in range(4):
+    dist.barrier()
+    t0 = time.perf_counter()
+    if rank == 0:
+        schedule.step(x)
+    else:
+        schedule.step(target=x, losses=[])
+    steps.append(time.perf_counter() - t0)
+    model.zero_grad()
+t_mb, t_step = statistics.median(alone[1:]), statistics.median(steps[1:])
+print(json.dumps({"rank": rank, "busy": m * t_mb, "step": t_step}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def run_pipeline(schedule: str, m: int, batch: int) -> list[dict]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path("/tmp") / "lmforge_pipeline_worker.py"
+    script.write_text(PIPE_WORKER)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        str(script), str(REPO), schedule, str(m), str(batch)], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), check=True)
+    return sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")), key=lambda d: d["rank"])
+
+
 def run(preset: str, mode: str, steps: int) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if mode == "single":
@@ -91,7 +154,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", nargs="+", default=["cpu", "gpt2-classic"])
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--pipeline-only", action="store_true")
     args = ap.parse_args()
+    print("| schedule | micro-batches m | step s | busy s (m x one micro-batch alone, slower stage) "
+          "| measured idle fraction | theory (p-1)/(m+p-1) |")
+    print("|---|---|---|---|---|---|")
+    for schedule in ("gpipe", "1f1b"):
+        for m in (1, 2, 4, 8) if schedule == "gpipe" else (2, 4, 8):  # 1F1B needs m >= stages
+            rows = run_pipeline(schedule, m, 16)
+            step = max(r["step"] for r in rows)
+            busy = max(r["busy"] for r in rows)
+            print(f"| {schedule} | {m} | {step:.3f} | {busy:.3f} | {1 - busy / step:.2f} | {1 / (m + 1):.2f} |",
+                  flush=True)
+    if args.pipeline_only:
+        return
     print("| preset | how | processes | held per process MiB (params + grads + optimizer) | peak RSS MiB | step s |")
     print("|---|---|---|---|---|---|")
     for preset in args.presets:

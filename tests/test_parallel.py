@@ -65,6 +65,7 @@ def test_fsdp_trains_like_one_process_and_its_checkpoint_loads_in_one(tiny_data,
     b = ckpt_io.load_model(tmp_path / "two")[0].state_dict()  # written by two ranks, read by one
     torch.manual_seed(1337)  # pretrain's seed: where both started
     from lmforge.models.transformer import GPT, get_config
+
     start = GPT(get_config("tiny", vocab_size=268)).state_dict()
     for k in a:
         assert (a[k] - b[k]).norm() <= 1e-4 * (a[k] - start[k]).norm() + 1e-7, k
@@ -125,3 +126,20 @@ def test_two_nodes_on_loopback_train_like_one_process(tiny_data, tmp_path):
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4, abs=1e-5)
     state = json.loads((ckpt_io.resolve_checkpoint(tmp_path / "two") / "state.json").read_text())
     assert state["world_size"] == 2
+
+
+def test_pipeline_stages_give_the_whole_models_loss_and_gradients(tmp_path):
+    """Two stages of two blocks, four micro-batches, GPipe and 1F1B: the mean micro-batch loss is the
+    whole batch's, and each stage's gradients are the one-process gradients of its own parameters."""
+    torchrun(REPO / "tests" / "pipeline_worker.py", tmp_path)
+    first, last = (json.loads((tmp_path / f"pipe{r}.json").read_text()) for r in range(2))
+    for name in ("gpipe", "1f1b"):
+        assert last[name]["loss"] == pytest.approx(last[name]["want_loss"], rel=1e-5)
+        for stage in (first, last):
+            assert stage[name]["params"] > 0 and stage[name]["others_have_no_grad"]
+            assert stage[name]["max_grad_diff"] < 1e-6
+    # the stages split the model: every parameter in exactly one
+    from lmforge.models.transformer import GPT, get_config
+
+    n_params = len(list(GPT(get_config("tiny", vocab_size=300, n_layer=4)).parameters()))
+    assert first["gpipe"]["params"] + last["gpipe"]["params"] == n_params

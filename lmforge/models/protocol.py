@@ -63,10 +63,10 @@ Generation (a decode state: "cache" for short)
                       by that token; returns float32 logits (B, vocab). step_fn: a compiled version
                       of the family's `decode_step` if it has one (`engine.compiled_decode_step`).
 
-    shard_units(), tensor_parallel_plan()
+    shard_units(), tensor_parallel_plan(), pipeline_stage(i, n)
                       how parallelism applied from outside splits the model (lmforge/train/parallel.py):
-                      the submodules FSDP2 shards one by one, and which linear layers tensor
-                      parallelism splits by output columns or input rows
+                      the submodules FSDP2 shards one by one, which linear layers tensor parallelism
+                      splits by output columns or input rows, and the slice pipeline stage i runs
     after_step()      called by the Trainer after every optimizer step (a mixture of experts moves
                       its balancing biases here, from the step's loads summed over processes)
     train_metrics()   the model's own numbers since the previous log, logged beside the loss (a
@@ -181,6 +181,11 @@ class LanguageModel(nn.Module):
     def tensor_parallel_plan(self) -> dict[str, str]:
         """{linear layer name: "colwise" | "rowwise"} for tensor parallelism; default none."""
         return {}
+
+    def pipeline_stage(self, index: int, n_stages: int) -> nn.Module:
+        """The module pipeline stage `index` of `n_stages` runs (ids or activations in, activations or
+        logits out); a family that cannot be cut into stages says so."""
+        raise LmforgeError(f"the {self.family} family cannot be split into pipeline stages")
 
     def after_step(self) -> None:
         """Called by the Trainer after every optimizer step (MoE bias balancing); default nothing."""

@@ -481,6 +481,17 @@ class GPT(LanguageModel):
     def shard_units(self) -> list[nn.Module]:
         return list(self.layers)
 
+    def pipeline_stage(self, index: int, n_stages: int) -> nn.Module:
+        """Stage `index` of `n_stages` for pipeline parallelism: consecutive blocks (as even as they
+        divide), the first stage also embedding the tokens, the last also producing the logits."""
+        if not 0 <= index < n_stages <= self.config.n_layer:
+            raise LmforgeError(f"cannot cut {self.config.n_layer} blocks into {n_stages} pipeline stages")
+        if self.config.tie_embeddings and n_stages > 1:
+            raise LmforgeError("a model whose output head is tied to its embedding cannot be cut into pipeline "
+                               "stages (the first and the last stage would share one weight)")
+        bounds = [round(i * self.config.n_layer / n_stages) for i in range(n_stages + 1)]
+        return GPTStage(self, index == 0, index == n_stages - 1, bounds[index], bounds[index + 1])
+
     def tensor_parallel_plan(self) -> dict[str, str]:
         """Megatron's split: q/k/v and gate/up by output columns (each rank a share of the heads and of
         the MLP's units), o and down by input rows (their partial sums all-reduced). A mixture of experts'
@@ -683,6 +694,34 @@ class GPT(LanguageModel):
         matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         matmul_params -= self.inactive_expert_params()
         return 6.0 * matmul_params + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+
+
+class GPTStage(nn.Module):
+    """A slice of a GPT for pipeline parallelism (GPT.pipeline_stage): token ids -> hidden states on
+    the first stage, hidden states -> hidden states in between, -> float32 logits on the last."""
+
+    def __init__(self, model: GPT, first: bool, last: bool, lo: int, hi: int):
+        super().__init__()
+        self.first, self.last = first, last
+        self.embed_tokens = model.embed_tokens if first else None
+        self.wpe = model.wpe if first else None
+        self.drop = model.drop
+        self.rotary = model.rotary
+        self.layers = nn.ModuleList(model.layers[lo:hi])
+        self.norm = model.norm if last else None
+        self.lm_head = model.lm_head if last else None
+        self._model = [model]  # for embed and logits_from_hidden, not registered (its weights are not all ours)
+
+    def forward(self, x):
+        T = x.size(1)
+        positions = torch.arange(T, device=x.device)
+        if self.first:
+            x = self.drop(self._model[0].embed(x, positions))
+        for layer in self.layers:
+            x = layer(x, self.rotary, positions)
+        if self.last:
+            x = self._model[0].logits_from_hidden(self.norm(x))
+        return x
 
 
 # ----------------------------------------------------------------------------- presets

@@ -5,6 +5,8 @@
     the parameters, gradients and optimizer state; a block's parameters are all-gathered just before
     it runs and freed after. Numerics are those of one process on the global batch: autocast decides
     the matmul dtype as before, gradients are averaged by reduce-scatter.
+  * Pipeline parallel (`pipeline`): the model cut by layers into one stage per rank
+    (`pipeline_stage(i, n)`), micro-batches scheduled by `torch.distributed.pipelining` (GPipe, 1F1B).
   * Tensor parallel (`tensor_parallel`): DTensor's `parallelize_module` with the model's own plan
     (`tensor_parallel_plan()`: which linear layers split by output columns — q/k/v, gate/up — and
     which by input rows — o, down), so a block's attention heads and MLP units are spread over the
@@ -54,6 +56,26 @@ def tensor_parallel(model: nn.Module, world: int, device: str) -> nn.Module:
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
     parallelize_module(model, _mesh(world, device), {name: styles[kind]() for name, kind in plan.items()})
     return model
+
+
+SCHEDULES = ("gpipe", "1f1b")
+
+
+def pipeline(model: nn.Module, rank: int, world: int, n_microbatches: int, loss_fn, schedule: str = "1f1b",
+             device: str = "cpu"):
+    """(schedule, stage module) for pipeline parallelism: this rank runs stage `rank` of `world`
+    (`model.pipeline_stage`), micro-batches flow through `torch.distributed.pipelining`'s GPipe (all
+    forwards, then all backwards) or 1F1B (one forward, one backward, interleaved once the pipe is
+    full) schedule. The first rank calls `schedule.step(ids)`, the last `schedule.step(target=...,
+    losses=[...])`, the rest `schedule.step()`. Idle time per step, in theory: (p - 1) / (m + p - 1)."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    if schedule not in SCHEDULES:
+        raise LmforgeError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    stage_module = model.pipeline_stage(rank, world)
+    stage = PipelineStage(stage_module, rank, world, torch.device(device))
+    cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+    return cls(stage, n_microbatches=n_microbatches, loss_fn=loss_fn), stage_module
 
 
 def is_sharded(t: torch.Tensor) -> bool:
