@@ -256,3 +256,28 @@ def check_exact_resume(run, tmp_path, monkeypatch) -> tuple[dict, dict]:
     for k in a:
         assert torch.equal(a[k], b[k]), k
     return straight, resumed
+
+
+def free_port() -> int:
+    """A loopback port nobody holds right now (for a torchrun rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*argv, nproc: int = 2, timeout: float = 300, check: bool = True):
+    """`python -m torch.distributed.run --nproc_per_node=N ARGV...` from the repository, one thread per
+    process; the finished process (stdout/stderr captured). check: its exit code must be 0."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                        f"--master_port={free_port()}", *map(str, argv)], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+

@@ -3,14 +3,11 @@ resume, DDP and generation paths as the transformer, with a fixed-size (h, c) de
 context window."""
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO, check_exact_resume, context_free_loss, run_cli
+from conftest import check_exact_resume, context_free_loss, run_cli, torchrun
 
 from lmforge.common import LmforgeError
 from lmforge.models.lstm import FAMILY, LSTMLM, LSTMConfig, LSTMState
@@ -308,14 +305,7 @@ def test_ddp_two_processes_train_like_one(tiny_data, tmp_path):
             "--no-progress"]
     code, _, err = run_cli(*argv, "--batch-size", "4", "--out", tmp_path / "one")
     assert code == 0, err
-    with socket.socket() as sock:  # a port nobody holds right now
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                        "-m", "lmforge.cli", *argv, "--batch-size", "2", "--out", str(tmp_path / "two")],
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun("-m", "lmforge.cli", *argv, "--batch-size", "2", "--out", tmp_path / "two")
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 4
     assert two == pytest.approx(one, rel=1e-4, abs=1e-5)

@@ -4,14 +4,10 @@ two DDP processes), the optimizer groups, the accounting, and decoding through t
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, check_exact_resume, run_cli
+from conftest import check_exact_resume, run_cli, torchrun
 
 from lmforge.models.moe import MoE
 from lmforge.models.protocol import check_param_groups
@@ -197,14 +193,7 @@ def test_ddp_two_processes_share_the_loads(tiny_data, tmp_path):
             "--set", "moe_bias_rate=0.01"]
     code, _, err = run_cli(*argv, "--batch-size", "4", "--out", tmp_path / "one")
     assert code == 0, err
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                        "-m", "lmforge.cli", *argv, "--batch-size", "2", "--out", str(tmp_path / "two")],
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun("-m", "lmforge.cli", *argv, "--batch-size", "2", "--out", tmp_path / "two")
 
     def records(out):
         return [r for r in read_log(out / "log.jsonl") if "loss" in r]

@@ -5,28 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, free_port, run_cli, torchrun
 
 from lmforge.train import checkpoint as ckpt_io
 from lmforge.train.logs import read_log
-
-
-def torchrun(*argv, timeout=300, check=True):
-    with socket.socket() as sock:  # a port nobody holds right now
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                        *map(str, argv)], env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO, capture_output=True,
-                       text=True, timeout=timeout)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
 
 
 def test_tensor_parallel_logits_and_fsdp_memory_per_rank(tmp_path):
@@ -108,9 +95,7 @@ def test_two_nodes_on_loopback_train_like_one_process(tiny_data, tmp_path):
     argv = [*ARGV, "--data-dir", tiny_data, "--optimizer", "adamw"]
     code, _, err = run_cli(*argv, "--batch-size", "4", "--out", tmp_path / "one")
     assert code == 0, err
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=lmforge-test",
                                "-m", "lmforge.cli", *map(str, argv), "--batch-size", "2", "--out",
