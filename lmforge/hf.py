@@ -485,7 +485,7 @@ def converted_tensors(weights: HFWeights, family: str, cfg: GPTConfig, source: P
 
     def produce(name: str) -> torch.Tensor:
         if name not in plan:  # a bias HF leaves out (it adds nothing); routing biases start at 0
-            return torch.zeros(expected[name].shape, dtype=torch.float32 if name.endswith("expert_bias") else dtype)
+            return torch.zeros(expected[name].shape, dtype=dtype)
         hf_name, transform = plan[name]
         t = weights.get(hf_name)
         t = (transform(t) if transform else t).contiguous()
@@ -494,8 +494,8 @@ def converted_tensors(weights: HFWeights, family: str, cfg: GPTConfig, source: P
                                f"{tuple(t.shape)}, the model needs {tuple(expected[name].shape)}")
         return t
 
-    spec = [(n, tuple(p.shape), weights.dtype_of(plan[n][0]) if n in plan
-             else torch.float32 if n.endswith("expert_bias") else dtype) for n, p in expected.items()]
+    # in the weights' dtype, zero-filled ones too: a bf16 model's checkpoint is all bf16 and loads as bf16
+    spec = [(n, tuple(p.shape), weights.dtype_of(plan[n][0]) if n in plan else dtype) for n, p in expected.items()]
     return spec, produce
 
 

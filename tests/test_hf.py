@@ -345,3 +345,17 @@ def test_import_converts_gpt2_regex_byte_level_tokenizer(tmp_path, tokenizer):
     tok, hf = load_checkpoint_tokenizer(res.path), HFTokenizer.from_file(str(path))
     for text in TEXTS + ["I'll say it's 2024's   best\n\n  ok"]:
         assert tok.encode(text) == hf.encode(text, add_special_tokens=False).ids, text
+
+
+def test_bf16_mixture_of_experts_imports_and_loads_as_bf16(tmp_path):
+    """The routing biases lmforge adds (HF has none) are written in the weights' dtype, so a bf16 Qwen3-MoE
+    checkpoint is all bf16 and loads as bf16, not silently widened to fp32."""
+    config_cls, model_cls, kw = HF_CASES["qwen3-moe"]
+    torch.manual_seed(0)
+    original = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw)).to(torch.bfloat16)
+    original.save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    model, _ = load_model(tmp_path / "ckpt")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(m.expert_bias.dtype == torch.bfloat16 and not m.expert_bias.any() for m in model.moe_layers())
+

@@ -153,9 +153,9 @@ def test_sft_lora_dpo_grpo_quantize_and_export_back(hub, imported, tmp_path):
     ok(run_cli("quantize", "--checkpoint", imported, "--out", tmp_path / "int8"))
     qtok = load_checkpoint_tokenizer(tmp_path / "int8")
     assert isinstance(qtok, HubTokenizer)
-    monkeypatch_free_chat = ok(run_cli("generate", "--checkpoint", tmp_path / "int8", "Paris", "--max-new-tokens", 6,
-                                       "--temperature", "0"))
-    assert monkeypatch_free_chat.strip()
+    generated = ok(run_cli("generate", "--checkpoint", tmp_path / "int8", "Paris", "--max-new-tokens", 6,
+                           "--temperature", "0"))
+    assert generated.strip()
 
     # export back: transformers loads the same model and the same tokenizer (bf16 kept by default)
     ok(run_cli("export", "--checkpoint", imported, tmp_path / "back"))
