@@ -13,6 +13,10 @@ pretraining, fp32), wrapped by DDP (every process holds everything) or sharded b
 bytes it holds after a step, its peak RSS, and the median step time. The same script measures one
 process alone as the reference. Each configuration runs in fresh processes.
 
+Then an FSDP2 checkpoint of the last preset, saved either way: gathered whole to the first process
+(`--checkpoint-format full`) or each process writing its own shards with torch.distributed.checkpoint
+(`sharded`): save time and how far saving raises each process's peak RSS.
+
     python bench/parallel.py [--presets cpu gpt2-classic] [--steps 6] [--pipeline-only]
 """
 from __future__ import annotations
@@ -70,8 +74,23 @@ for _ in range(steps):
         o.zero_grad(set_to_none=True)
     times.append(time.perf_counter() - t0)
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"rank": rank, "held_mib": held / 2**20, "rss_mib": rss, "step_s": statistics.median(times[1:])}),
-      flush=True)
+report = {"rank": rank, "held_mib": held / 2**20, "rss_mib": rss, "step_s": statistics.median(times[1:])}
+if len(sys.argv) > 5:  # then save a checkpoint the given way: its time and how far it raises the peak RSS
+    from lmforge.train import checkpoint as ckpt_io
+    from lmforge.train.parallel import full_optimizer_state, full_state_dict
+    root = sys.argv[5]
+    dist.barrier()
+    t0 = time.perf_counter()
+    if sys.argv[6] == "sharded":
+        ckpt_io.save_sharded_checkpoint(root, 1, model, opts, {})
+    else:
+        full, states = full_state_dict(model), [full_optimizer_state(o) for o in opts]
+        if rank == 0:
+            ckpt_io.save_checkpoint(root, 1, model, states, {}, state_dict=full)
+        dist.barrier()
+    report["save_s"] = time.perf_counter() - t0
+    report["save_peak_rise_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss
+print(json.dumps(report), flush=True)
 if world > 1:
     dist.destroy_process_group()
 """
@@ -134,7 +153,7 @@ def run_pipeline(schedule: str, m: int, batch: int) -> list[dict]:
     return sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")), key=lambda d: d["rank"])
 
 
-def run(preset: str, mode: str, steps: int) -> list[dict]:
+def run(preset: str, mode: str, steps: int, *save) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if mode == "single":
         cmd = [sys.executable, "-c", WORKER, str(REPO), preset, mode, str(steps)]
@@ -145,7 +164,7 @@ def run(preset: str, mode: str, steps: int) -> list[dict]:
         script = Path("/tmp") / "lmforge_parallel_worker.py"
         script.write_text(WORKER)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-               str(script), str(REPO), preset, mode, str(steps)]
+               str(script), str(REPO), preset, mode, str(steps), *save]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     return sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")), key=lambda d: d["rank"])
 
@@ -177,6 +196,17 @@ def main():
             rss = max(r["rss_mib"] for r in rows)
             step = max(r["step_s"] for r in rows)
             print(f"| {preset} | {mode} | {len(rows)} | {held:,.1f} | {rss:,.0f} | {step:.3f} |", flush=True)
+    print("\nFSDP2 checkpoint of the last preset at 2 processes: gathered to the first process (full) or each "
+          "process writing its shards (sharded)")
+    print("| checkpoint | save s | peak RSS rise per process MiB (first, second) |")
+    print("|---|---|---|")
+    import tempfile
+
+    for how in ("full", "sharded"):
+        with tempfile.TemporaryDirectory() as root:
+            rows = run(args.presets[-1], "fsdp", 2, root, how)
+        rises = ", ".join(f"{r['save_peak_rise_mib']:,.0f}" for r in rows)
+        print(f"| {how} | {max(r['save_s'] for r in rows):.2f} | {rises} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ class SpeedrunPreset:
     max_steps: int
     time_budget: float | None  # seconds of pretraining; None: max_steps decides
     gpu_memory_gib: float | None = None  # per device; None on CPU
+    parallel: str = "ddp"  # with nproc > 1: ddp (whole model per device) or fsdp (FSDP2, 1/nproc of it each)
     # Post-training and evaluation (one process; the step or time budget, whichever ends first).
     sft_steps: int = 300
     sft_time_budget: float | None = None
@@ -125,12 +126,13 @@ def check_preset(p: SpeedrunPreset) -> dict:
         raise LmforgeError(f"preset {p.name}: {p.total_batch_tokens} tokens per step is not a multiple of "
                            f"batch_size x seq_len x nproc = {micro}")
     fp = training_footprint(cfg, batch_size=p.batch_size, seq_len=p.seq_len, grad_accum=p.grad_accum,
-                            world=p.nproc)
+                            world=p.nproc, parallel=p.parallel)
     gib = 2.0 ** 30
     if p.gpu_memory_gib is not None and fp.total / gib > p.gpu_memory_gib:
         raise LmforgeError(f"preset {p.name}: an estimated {fp.total / gib:.1f} GiB per device does not fit "
-                           f"{p.gpu_memory_gib:.0f} GiB; lower batch_size")
-    out = {"params": fp.params, "grad_accum": p.grad_accum, "memory_gib": fp.total / gib}
+                           f"{p.gpu_memory_gib:.0f} GiB; lower batch_size"
+                           + (" or shard the model (--parallel fsdp)" if p.nproc > 1 and p.parallel == "ddp" else ""))
+    out = {"params": fp.params, "grad_accum": p.grad_accum, "memory_gib": fp.total / gib, "footprint": fp}
     if p.time_budget is None:  # a step budget fixes the tokens; a time budget depends on the machine
         out["tokens"] = p.total_batch_tokens * p.max_steps
         out["tokens_per_param"] = out["tokens"] / fp.params

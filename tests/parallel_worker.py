@@ -46,5 +46,15 @@ grads = sum(p.grad.to_local().numel() for p in model.parameters() if p.grad is n
 state = sum(v.to_local().numel() if hasattr(v, "to_local") else v.numel()
             for o in opts for s in o.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
 report.update(full_params=full, local_params=local_numel(model), local_grads=grads, local_optimizer_state=state)
+
+# FSDP2's mixed precision: blocks gathered and computed in bf16, the shards and their gradients fp32
+torch.manual_seed(0)
+model = shard_model(GPT(get_config("tiny", vocab_size=300)), world, "cpu", param_dtype=torch.bfloat16)
+seen = []
+model.layers[0].mlp.register_forward_pre_hook(lambda m, args: seen.append(str(m.up_proj.weight.dtype)))
+model(ids, ids).backward()
+report["mp_gathered_dtype"] = seen[0]
+report["mp_shard_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
+report["mp_grad_dtypes"] = sorted({str(p.grad.dtype) for p in model.parameters()})
 (out / f"rank{rank}.json").write_text(json.dumps(report))
 dist.destroy_process_group()

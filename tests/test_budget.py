@@ -1,6 +1,8 @@
 """Tests for lmforge.train.budget: memory and compute estimates of a training step."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from lmforge.models.transformer import GPT, get_config
@@ -39,6 +41,21 @@ def test_footprint_arithmetic():
     assert adam.total == adam.weights + adam.gradients + adam.optimizer + adam.activations
 
 
+def test_fsdp_footprint_shards_the_state_and_keeps_two_blocks_and_the_root_whole():
+    cfg = get_config("cpu", vocab_size=4096)
+    model = GPT(cfg)
+    n = model.num_params()
+    block = sum(p.numel() for p in model.shard_units()[0].parameters())
+    root = n - cfg.n_layer * block  # embeddings, final norm, output head: gathered through the whole step
+    ddp = training_footprint(cfg, batch_size=2, seq_len=64, world=4)
+    fsdp = training_footprint(cfg, batch_size=2, seq_len=64, world=4, parallel="fsdp")
+    assert fsdp.optimizer == pytest.approx(ddp.optimizer / 4)
+    assert fsdp.weights == pytest.approx(4 * n / 4 + 2 * root + 2 * 2 * block)
+    assert fsdp.gradients == pytest.approx(4 * n / 4 + 2 * root + 2 * 2 * block)
+    assert fsdp.activations == ddp.activations and fsdp.flops_per_step == ddp.flops_per_step
+    assert training_footprint(cfg, batch_size=2, seq_len=64, world=1, parallel="fsdp").total == ddp.total
+
+
 def test_dry_run_prints_the_estimate_without_training(tiny_data, tmp_path, capsys):
     from lmforge.cli import main
 
@@ -48,3 +65,22 @@ def test_dry_run_prints_the_estimate_without_training(tiny_data, tmp_path, capsy
     assert "4 sequences x 64 tokens x 2 accumulation steps x 1 processes = 512 tokens per step" in out
     assert "memory per device (estimate)" in out and "TFLOP per step" in out
     assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_for_sharded_processes(tiny_data, tmp_path, capsys):
+    from lmforge.cli import main
+
+    argv = ["pretrain", "--data-dir", str(tiny_data), "--out", str(tmp_path / "run"), "--model", "gpt2-classic",
+            "--batch-size", "1", "--seq-len", "64", "--nproc", "4", "--dry-run"]
+
+    def memory(*more) -> dict:
+        assert main(argv + list(more)) == 0
+        m = re.search(r"([\d.]+) GiB = weights ([\d.]+) \+ gradients ([\d.]+) \+ optimizer ([\d.]+)",
+                      capsys.readouterr().out)
+        return dict(zip(("total", "weights", "gradients", "optimizer"), map(float, m.groups())))
+
+    ddp, fsdp = memory(), memory("--parallel", "fsdp")
+    assert fsdp["optimizer"] == pytest.approx(ddp["optimizer"] / 4, abs=0.01)
+    assert fsdp["total"] < ddp["total"] / 3  # nearly all of it is the model's state at this tiny batch
+    assert main(argv + ["--tensor-parallel", "2"]) == 2
+    assert "does not estimate tensor parallelism" in capsys.readouterr().err

@@ -34,6 +34,22 @@ def test_cpu_preset_is_the_default_model_on_a_time_budget():
     assert r["grad_accum"] == 1
 
 
+def test_gpu8_fsdp_option_and_dry_run(capsys):
+    """The gpu-8 preset with --parallel fsdp: the estimate per device shrinks by the sharded state, and
+    a batch that does not fit under ddp is told to shard."""
+    gpu8 = SPEEDRUN_PRESETS["gpu-8"]
+    ddp, fsdp = check_preset(gpu8), check_preset(replace(gpu8, parallel="fsdp"))
+    state = lambda f: f.weights + f.gradients + f.optimizer  # noqa: E731
+    assert state(fsdp["footprint"]) < state(ddp["footprint"]) / 4
+    assert fsdp["footprint"].activations == ddp["footprint"].activations
+    with pytest.raises(LmforgeError, match="shard the model"):
+        check_preset(replace(gpu8, batch_size=64, total_batch_tokens=64 * 2048 * 8))
+    assert main(["speedrun", "--preset", "gpu-8", "--parallel", "fsdp", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "each holds 1/8 of the model (fsdp)" in out and "fits a 80 GiB device" in out
+    assert f"{fsdp['memory_gib']:.2f} GiB" in out
+
+
 def test_check_preset_names_the_problem():
     gpu8 = SPEEDRUN_PRESETS["gpu-8"]
     with pytest.raises(LmforgeError, match="GiB per device does not fit 80 GiB"):

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import json
 
-from lmforge.cli.common import add_model_args, add_options, add_train_args, model_overrides, train_config
+from lmforge.cli.common import (
+    add_model_args,
+    add_options,
+    add_train_args,
+    model_overrides,
+    positive_int,
+    train_config,
+)
 from lmforge.common import LmforgeError
 
 
@@ -40,24 +47,23 @@ def print_training_estimate(args):
     from lmforge.common import dist_info
     from lmforge.models.transformer import get_config
     from lmforge.stages.pretrain import load_data_tokenizer
-    from lmforge.train.budget import training_footprint
+    from lmforge.train.budget import footprint_lines, training_footprint
 
     if args.arch != "transformer":
         raise LmforgeError(f"--dry-run estimates the transformer family only, not {args.arch}")
+    if args.tensor_parallel > 1:
+        raise LmforgeError("--dry-run does not estimate tensor parallelism (only ddp and fsdp)")
     tok, _ = load_data_tokenizer(args.data_dir)
     preset = args.model_preset or "cpu"
     cfg = get_config(preset, **{**model_overrides(args), "vocab_size": tok.vocab_size})
     seq_len = args.seq_len or cfg.block_size
-    world = dist_info()[2]
+    world = args.nproc or dist_info()[2]
     f = training_footprint(cfg, batch_size=args.batch_size, seq_len=seq_len, grad_accum=args.grad_accum,
-                           world=world, optimizer=args.optimizer)
-    gib = 2.0 ** 30
+                           world=world, optimizer=args.optimizer, parallel=args.parallel)
     print(f"model: {preset}, {f.params / 1e6:.2f}M parameters, context {cfg.block_size}")
-    print(f"batch: {args.batch_size} sequences x {seq_len} tokens x {args.grad_accum} accumulation steps x "
-          f"{world} processes = {args.batch_size * seq_len * args.grad_accum * world:,} tokens per step")
-    print(f"memory per device (estimate): {f.total / gib:.2f} GiB = weights {f.weights / gib:.2f} + gradients "
-          f"{f.gradients / gib:.2f} + optimizer {f.optimizer / gib:.2f} + activations {f.activations / gib:.2f}")
-    print(f"compute: {f.flops_per_step / 1e12:.2f} TFLOP per step (all devices)")
+    for line in footprint_lines(f, batch_size=args.batch_size, seq_len=seq_len, grad_accum=args.grad_accum,
+                                world=world, parallel=args.parallel):
+        print(line)
 
 
 def add_commands(sub) -> None:
@@ -67,6 +73,8 @@ def add_commands(sub) -> None:
     pt.add_argument("--data-dir", required=True, help="folder written by `lmforge data prepare`")
     pt.add_argument("--dry-run", action="store_true",
                     help="print parameters, tokens per step, memory per device and FLOPs per step; do not train")
+    pt.add_argument("--nproc", type=positive_int, default=None,
+                    help="processes (devices) the --dry-run estimate is for (default: this run's, under torchrun)")
     add_model_args(pt, family=True)
     g = add_train_args(pt)
     add_options(g, PretrainOptions)

@@ -50,7 +50,7 @@ def apply_preset(args):
     preset = get_speedrun_preset(args.speedrun_preset)
     overrides = {k: getattr(args, k) for k in ("sft_steps", "sft_time_budget", "rl_steps", "rl_time_budget",
                                                 "eval_limit", "task_eval_n") if getattr(args, k) is not None}
-    preset = replace(preset, **overrides)
+    preset = replace(preset, **overrides, parallel=args.parallel)
     for name in ("data", "max_chars", "vocab_size", "tokenizer_chars", "batch_size", "max_steps", "time_budget"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(preset, name))
@@ -63,6 +63,26 @@ def apply_preset(args):
         # Keep the preset's tokens per step whatever the micro-batch: accumulate the difference.
         args.grad_accum = max(1, preset.total_batch_tokens // (args.batch_size * args.seq_len * preset.nproc))
     return preset
+
+
+def print_preset_estimate(preset, args):
+    """`speedrun --dry-run`: the pretraining step as these options make it (batch, model, processes,
+    ddp or fsdp), its memory per device and whether it fits the preset's GPUs; nothing is run."""
+    from dataclasses import replace
+
+    from lmforge.speedrun import check_preset
+    from lmforge.train.budget import footprint_lines
+
+    p = replace(preset, model=args.model_preset, batch_size=args.batch_size, seq_len=args.seq_len,
+                total_batch_tokens=args.batch_size * args.seq_len * args.grad_accum * preset.nproc)
+    r = check_preset(p)
+    print(f"speedrun preset {p.name}: model {p.model}, {r['params'] / 1e6:.1f}M parameters, "
+          f"{p.nproc} process(es) on {p.device}")
+    for line in footprint_lines(r["footprint"], batch_size=p.batch_size, seq_len=p.seq_len, grad_accum=p.grad_accum,
+                                world=p.nproc, parallel=p.parallel):
+        print(line)
+    if p.gpu_memory_gib is not None:
+        print(f"fits a {p.gpu_memory_gib:.0f} GiB device")
 
 
 def pretrain_settings(args, data_dir, run_dir):
@@ -100,6 +120,8 @@ def cmd_speedrun(args):
         raise LmforgeError("--val-fraction 0 leaves no validation data, but the speedrun reports the "
                            "pretrained model's validation bits per byte; give a fraction > 0 (default 0.05)")
     preset = apply_preset(args)
+    if args.dry_run:
+        return print_preset_estimate(preset, args)
     if preset.gpu_memory_gib is not None:
         check_preset(preset)  # fail before the tokenizer and data stages spend hours, not after
     last = SPEEDRUN_STAGES.index(args.stop_after)
@@ -312,6 +334,9 @@ def add_commands(sub) -> None:
     s.add_argument("--top-p", type=top_p_value, default=0.95)
     s.add_argument("--stop-after", choices=SPEEDRUN_STAGES, default="report",
                    help="run the stages up to this one (e.g. pretrain: a base model only)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the pretraining step's tokens, memory per device and FLOPs for these options; "
+                        "run nothing")
     g = s.add_argument_group("post-training and evaluation (default: the preset's)")
     g.add_argument("--sft-steps", type=positive_int, default=None)
     g.add_argument("--sft-time-budget", type=positive_float, default=None, help="seconds of SFT training")

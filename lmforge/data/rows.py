@@ -23,6 +23,15 @@ class ProcessShare:
         self.rank = env_rank if rank is None else rank
         self.world = env_world if world is None else world
 
+    @classmethod
+    def of_data_parallel(cls, tensor_parallel: int = 1) -> ProcessShare:
+        """The share of a process whose group of `tensor_parallel` consecutive ranks splits one model
+        copy: the group reads one batch together (rank // tp of world // tp groups)."""
+        from lmforge.train.distributed import data_parallel_size
+
+        rank, _, world = dist_info()
+        return cls(rank // tensor_parallel, data_parallel_size(world, tensor_parallel))
+
     def batch(self, draw, batch_size: int) -> tuple[list, list]:
         """(this process's rows, the whole global batch): batch_size * world rows drawn in order."""
         rows = [draw() for _ in range(batch_size * self.world)]

@@ -109,21 +109,24 @@ def windows_nll(model, batches, token_bytes: torch.Tensor, *, draws: int = BOUND
 
 
 def split_loss(model, split, token_bytes: torch.Tensor, *, batch_size: int, seq_len: int, max_batches: int,
-               device: str, draws: int = BOUND_DRAWS) -> dict[str, float]:
+               device: str, draws: int = BOUND_DRAWS, share=None) -> dict[str, float]:
     """Mean next-token loss and bits per byte (nats summed over target tokens / (ln 2 * their UTF-8
     bytes), independent of the tokenizer) of a model over a shard split's windows, this process's
     share of them, summed over the processes: pretraining's validation and `lmforge eval --data-dir`.
     A model whose likelihood is a bound reports "loss_bound", "bpb_bound" and "bpb_bound_stderr"
-    instead (never as if it were a likelihood)."""
+    instead (never as if it were a likelihood). `share`: this process's part of the windows (a
+    tensor-parallel group's processes share theirs, so each window is counted once per group)."""
+    from lmforge.common import dist_info
     from lmforge.data.loader import eval_batches
     from lmforge.data.rows import ProcessShare
     from lmforge.train.distributed import all_reduce_sum
 
-    share = ProcessShare()
+    share = share or ProcessShare()
     batches = ((x.to(device), y.to(device)) for x, y in eval_batches(
         split, batch_size, seq_len, max_batches=max_batches, rank=share.rank, world_size=share.world))
     nll, variance, ntok, nbytes = windows_nll(model, batches, token_bytes, draws=draws)
-    nll, variance, ntok, nbytes = all_reduce_sum([nll, variance, ntok, nbytes], device)
+    copies = dist_info()[2] // share.world if torch.distributed.is_initialized() else 1
+    nll, variance, ntok, nbytes = (v / copies for v in all_reduce_sum([nll, variance, ntok, nbytes], device))
     if ntok == 0:
         return {}
     per_byte = 1.0 / (math.log(2) * max(nbytes, 1))

@@ -15,6 +15,7 @@ import torch.nn as nn
 from lmforge.common import LmforgeError, dist_info
 from lmforge.data.loader import BatchLoader, SplitMissing, TokenSplit
 from lmforge.data.prepare import load_manifest
+from lmforge.data.rows import ProcessShare
 from lmforge.eval.lm import split_loss
 from lmforge.models.protocol import DEFAULT_SEQ_LEN
 from lmforge.models.registry import build_model, get_family
@@ -31,15 +32,15 @@ class NextTokenTask:
     which does not depend on the tokenizer and so compares models with different vocabularies."""
 
     def __init__(self, train: TokenSplit, val: TokenSplit | None, token_bytes: torch.Tensor, *,
-                 batch_size: int, seq_len: int, seed: int, device: str, eval_tokens: int):
-        rank, _, world = dist_info()
-        self.loader = BatchLoader(train, batch_size, seq_len, seed=seed, rank=rank, world_size=world,
-                                  device=device)
+                 batch_size: int, seq_len: int, seed: int, device: str, eval_tokens: int,
+                 share: ProcessShare | None = None):
+        self.share = share or ProcessShare()  # which batches are this process's (tensor-parallel groups share)
+        self.loader = BatchLoader(train, batch_size, seq_len, seed=seed, rank=self.share.rank,
+                                  world_size=self.share.world, device=device)
         self.val = val
         self.batch_size, self.seq_len, self.device = batch_size, seq_len, device
-        self.rank, self.world = rank, world
         self.token_bytes = token_bytes.to(device)
-        self.eval_batches = max(1, eval_tokens // (batch_size * seq_len * world))
+        self.eval_batches = max(1, eval_tokens // (batch_size * seq_len * self.share.world))
 
     def next_batch(self):
         return self.loader.next_batch()
@@ -52,7 +53,7 @@ class NextTokenTask:
         if self.val is None:
             return {}
         return split_loss(model, self.val, self.token_bytes, batch_size=self.batch_size, seq_len=self.seq_len,
-                          max_batches=self.eval_batches, device=self.device)
+                          max_batches=self.eval_batches, device=self.device, share=self.share)
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
@@ -99,7 +100,7 @@ def pretrain(opts: PretrainOptions, train_cfg: TrainConfig) -> dict:
     device = stage_device(train_cfg)  # where the task's batches land: the Trainer's device
     task = NextTokenTask(train, val, torch.tensor(tok.token_byte_lengths(), dtype=torch.long),
                          batch_size=opts.batch_size, seq_len=seq_len, seed=train_cfg.seed, device=device,
-                         eval_tokens=opts.eval_tokens)
+                         eval_tokens=opts.eval_tokens, share=ProcessShare.of_data_parallel(train_cfg.tensor_parallel))
     extra = {"tokenizer_fingerprint": tok.fingerprint, "tokenizer_path": str(tok_path),
              "data_dir": str(Path(opts.data_dir).resolve()), "model": family.name, "preset": preset,
              "batch_size": opts.batch_size, "seq_len": seq_len}
@@ -113,7 +114,7 @@ def pretrain(opts: PretrainOptions, train_cfg: TrainConfig) -> dict:
                       + (f"({active / 1e6:.2f}M active per token) " if active != n else "")
                       + f"({model.num_params(True) / 1e6:.2f}M non-embedding), "
                       f"{model.flops_per_token(seq_len) / 1e6:.1f} MFLOPs/token; "
-                      f"{opts.batch_size * seq_len * train_cfg.grad_accum * trainer.world:,} tokens/step; "
+                      f"{opts.batch_size * seq_len * train_cfg.grad_accum * trainer.data_world:,} tokens/step; "
                       f"train {train.num_tokens:,} tokens" + (f", val {val.num_tokens:,}" if val else ""))
 
         result = run_stage("pretrain", model, task, train_cfg, extra=extra, resume=opts.resume,

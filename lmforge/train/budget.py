@@ -11,6 +11,11 @@ Memory per device under data parallelism (DDP: every rank holds the whole model 
     activations: the tensors autograd keeps for the backward pass, per token of the micro-batch,
               plus the gradient of the logits (6 bytes per vocabulary entry and token) at its peak
 
+Under FSDP2 (`parallel="fsdp"`) each of the N devices keeps 1/N of the fp32 weights, gradients and
+optimizer state, plus what is whole for a moment: the bf16 copy of the block being computed and of
+the next one (prefetched), with their bf16 gradients before they are reduce-scattered, and the root's
+(embeddings, final norm, output head), which stays gathered through the step.
+
 Activations are not guessed from a textbook formula (which depends on every detail of the block):
 they are measured, by running a 1-layer and a 2-layer model of the same widths forward on a short
 sequence under bf16 autocast and counting every tensor saved for backward once. The difference is
@@ -77,9 +82,10 @@ class TrainingFootprint:
 
 
 def training_footprint(cfg: GPTConfig, *, batch_size: int, seq_len: int, grad_accum: int = 1, world: int = 1,
-                       optimizer: str = "muon") -> TrainingFootprint:
+                       optimizer: str = "muon", parallel: str = "ddp") -> TrainingFootprint:
     """Per-device memory and per-step FLOPs of training `cfg` with `batch_size` sequences of
-    `seq_len` tokens per micro-step on each of `world` data-parallel devices."""
+    `seq_len` tokens per micro-step on each of `world` data-parallel devices, each holding the whole
+    model (parallel="ddp") or 1/world of it (parallel="fsdp")."""
     with torch.device("meta"):  # shapes only: no memory for the weights of a big model
         model = GPT(cfg)
     n = model.num_params()  # a tied matrix counts once
@@ -91,5 +97,27 @@ def training_footprint(cfg: GPTConfig, *, batch_size: int, seq_len: int, grad_ac
     # Plus the backward pass's largest transient: the logits' gradient, in fp32 and then bf16.
     acts = tokens * (cfg.n_layer * per_layer + rest + 6.0 * cfg.vocab_size)
     flops = model.flops_per_token(seq_len) * tokens * grad_accum * world
-    return TrainingFootprint(params=n, weights=6.0 * n, gradients=4.0 * n, optimizer=opt_bytes,
+    weights, gradients = 6.0 * n, 4.0 * n
+    if parallel == "fsdp" and world > 1:
+        block = max(sum(p.numel() for p in unit.parameters()) for unit in model.shard_units())
+        gathered = 2.0 * (n - cfg.n_layer * block) + 2.0 * min(2, cfg.n_layer) * block  # bf16: root + 2 blocks
+        weights = 4.0 * n / world + gathered
+        gradients = 4.0 * n / world + gathered  # the same tensors' bf16 gradients, before reduce-scatter
+        opt_bytes /= world
+    elif parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"parallel must be ddp or fsdp, got {parallel!r}")
+    return TrainingFootprint(params=n, weights=weights, gradients=gradients, optimizer=opt_bytes,
                              activations=acts, flops_per_step=flops)
+
+
+def footprint_lines(f: TrainingFootprint, *, batch_size: int, seq_len: int, grad_accum: int, world: int,
+                    parallel: str = "ddp") -> list[str]:
+    """The estimate as `--dry-run` prints it."""
+    gib = 2.0 ** 30
+    how = f"each holds 1/{world} of the model (fsdp)" if parallel == "fsdp" and world > 1 else (
+        "each holds the whole model (ddp)" if world > 1 else "one process")
+    return [f"batch: {batch_size} sequences x {seq_len} tokens x {grad_accum} accumulation steps x {world} processes "
+            f"= {batch_size * seq_len * grad_accum * world:,} tokens per step; {how}",
+            f"memory per device (estimate): {f.total / gib:.2f} GiB = weights {f.weights / gib:.2f} + gradients "
+            f"{f.gradients / gib:.2f} + optimizer {f.optimizer / gib:.2f} + activations {f.activations / gib:.2f}",
+            f"compute: {f.flops_per_step / 1e12:.2f} TFLOP per step (all devices)"]

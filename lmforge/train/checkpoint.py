@@ -5,16 +5,27 @@ A checkpoint is a folder `checkpoints/step_000123/` holding
   optimizer.safetensors  optimizer state tensors (absent for weights-only exports)
   state.json             model family and config, step, data position, RNG states, optimizer hyper-parameters,
                          training config and anything the stage adds (tokenizer fingerprint, ...)
+or, written by sharded processes (FSDP2, tensor parallel), instead of the two safetensors files
+  sharded/               a torch.distributed.checkpoint folder: every process wrote its own shards of
+                         the weights ("model.*") and optimizer state ("optimizer.*"), plus the
+                         .metadata that maps them to whole tensors, so any number of processes (or
+                         one, for sample/export) reads back the pieces it needs.
 It is written into `step_000123.tmp/` and renamed into place only when complete, so a crash
 mid-save leaves the previous checkpoint as the latest valid one.
+
+This file is long because both layouts are one format: finding, resolving, loading and resuming
+treat them alike (a reader never asks which layout it has), and split in two they would import each
+other.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +196,109 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizers=None, st
     return final
 
 
+SHARDED = "sharded"  # the torch.distributed.checkpoint folder of a sharded checkpoint
+
+
+def is_sharded_checkpoint(ckpt_dir: str | Path) -> bool:
+    return (Path(ckpt_dir) / SHARDED / ".metadata").is_file()
+
+
+def has_weights(ckpt_dir: str | Path) -> bool:
+    return (Path(ckpt_dir) / "model.safetensors").is_file() or is_sharded_checkpoint(ckpt_dir)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def model_shards(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state as this process holds it (DTensor shards under FSDP2 or tensor parallelism,
+    whole tensors otherwise), by parameter name: what torch.distributed.checkpoint saves or fills."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model)
+
+
+def save_sharded_checkpoint(ckpt_root: str | Path, step: int, model, optimizers, state: dict | None = None,
+                            keep: int | None = None, files: dict[str, bytes] | None = None) -> Path:
+    """Every process calls this: each writes its own shards of the weights and the optimizer state
+    with torch.distributed.checkpoint (nothing is gathered, so no process needs room for the whole
+    model); the first also writes state.json and the small files, and renames the folder into place
+    once all have finished. `state` matters on the first process only. Several machines need a folder
+    they all see (a shared filesystem)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    distributed = _distributed()
+    main = not distributed or dist.get_rank() == 0
+    ckpt_root = Path(ckpt_root)
+    final, tmp = ckpt_root / f"step_{step:06d}", ckpt_root / f"step_{step:06d}.tmp"
+    if main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / SHARDED).mkdir(parents=True)
+    if distributed:
+        dist.barrier()
+    tensors, meta = _split_optimizer_state(optimizers or [])
+    with _single_process_quietly():
+        dcp.save({"model": model_shards(model), "optimizer": tensors}, checkpoint_id=str(tmp / SHARDED),
+                 no_dist=not distributed)
+    if main:
+        for name, data in (files or {}).items():
+            (tmp / name).write_bytes(data)
+        full_state = {"format": "lmforge-checkpoint", "version": 1, "step": step,
+                      "model_family": family_of(model), "model_config": model.config.to_dict(),
+                      "weights": SHARDED, **(state or {})}
+        if optimizers:
+            full_state["optimizer"] = meta
+        atomic_write_json(tmp / "state.json", full_state)  # last file: its presence marks completeness
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if keep:
+            for old in list_checkpoints(ckpt_root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    if distributed:
+        dist.barrier()
+    return final
+
+
+def _sharded_metadata(ckpt_dir: Path):
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        return dcp.FileSystemReader(str(ckpt_dir / SHARDED)).read_metadata()
+    except Exception as e:  # a damaged or half-copied folder: many exception types
+        raise LmforgeError(f"cannot read {ckpt_dir / SHARDED}: {type(e).__name__}: {e}") from None
+
+
+def _load_sharded(ckpt_dir: Path, wanted: dict) -> None:
+    """Fill `wanted` ({"model": {...}, "optimizer": {...}} of tensors or DTensor shards) in place."""
+    stored = _sharded_metadata(ckpt_dir).state_dict_metadata
+    absent = [f"{group}.{k}" for group, d in wanted.items() for k in d if f"{group}.{k}" not in stored]
+    if absent:
+        raise LmforgeError(f"checkpoint {ckpt_dir} does not fit the model: missing {absent[:5]}")
+    _dcp_load(ckpt_dir, wanted)
+
+
+@contextlib.contextmanager
+def _single_process_quietly():
+    """torch.distributed.checkpoint warns when used without a process group; here that is intended
+    (one process reading a sharded checkpoint, or writing one)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (load|save) in a single process")
+        yield
+
+
+def _dcp_load(ckpt_dir: Path, wanted: dict) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with _single_process_quietly():
+        dcp.load(wanted, checkpoint_id=str(ckpt_dir / SHARDED), no_dist=not _distributed())
+
+
 def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
     """Complete checkpoints under ckpt_root, oldest first."""
     ckpt_root = Path(ckpt_root)
@@ -193,7 +307,7 @@ def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
     found = []
     for p in ckpt_root.iterdir():
         m = CKPT_RE.match(p.name)
-        if m and (p / "state.json").is_file() and (p / "model.safetensors").is_file():
+        if m and (p / "state.json").is_file() and has_weights(p):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
@@ -202,7 +316,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint folder, a `checkpoints/` folder or a run folder; return the newest
     complete checkpoint folder."""
     path = Path(path)
-    if (path / "state.json").is_file() and (path / "model.safetensors").is_file():
+    if (path / "state.json").is_file() and has_weights(path):
         return path
     for root in (path / "checkpoints", path):
         found = list_checkpoints(root)
@@ -211,7 +325,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise LmforgeError(f"checkpoint not found: {path}")
     raise LmforgeError(f"no complete checkpoint in {path} (expected step_NNNNNN/ folders with "
-                       "model.safetensors and state.json)")
+                       "state.json and model.safetensors or sharded/)")
 
 
 def checkpoint_shapes(path: str | Path) -> tuple[Path, dict, nn.Module]:
@@ -256,7 +370,16 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_model_weights(model, ckpt_dir: str | Path, ignore_prefixes: tuple[str, ...] = ()) -> None:
     """Load a checkpoint's tensors into `model`, leaving out those whose names start with
-    `ignore_prefixes` (a head's, when only the language model under it is wanted)."""
+    `ignore_prefixes` (a head's, when only the language model under it is wanted). A sharded
+    checkpoint fills whatever the model holds: whole tensors in one process, its own shards in a
+    sharded one (all processes must call it then), however many processes wrote it."""
+    if is_sharded_checkpoint(ckpt_dir):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        sd = {k: v for k, v in model_shards(model).items() if not k.startswith(ignore_prefixes)}
+        _load_sharded(Path(ckpt_dir), {"model": sd})
+        set_model_state_dict(model, sd, options=StateDictOptions(strict=not ignore_prefixes))
+        return
     sd = _load_tensors(Path(ckpt_dir) / "model.safetensors")
     if ignore_prefixes:
         sd = {k: v for k, v in sd.items() if not k.startswith(ignore_prefixes)}
@@ -294,17 +417,25 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple:
     if state.get("quantization"):
         prepare_quantized(model, state["quantization"])  # empty quantized layers to load into
     else:
-        stored = stored_float_dtype(ckpt / "model.safetensors")
+        stored = stored_float_dtype(ckpt)
         if stored is not None and stored != torch.float32:
             model.to(stored)  # bf16 weights (an imported model) stay bf16 in memory
     load_model_weights(model, ckpt, tuple(head["prefixes"]) if head else ())
     return model.to(device).eval(), state
 
 
-def stored_float_dtype(path: Path) -> torch.dtype | None:
-    """The one floating dtype of a safetensors file's tensors (read from its header), or None if mixed."""
+def stored_float_dtype(ckpt: Path) -> torch.dtype | None:
+    """The one floating dtype of a checkpoint's weights (read from the file's header or the sharded
+    checkpoint's metadata), or None if mixed."""
     from safetensors import safe_open
 
+    if is_sharded_checkpoint(ckpt):
+        stored = _sharded_metadata(ckpt).state_dict_metadata
+        found = {getattr(getattr(m, "properties", None), "dtype", None) for k, m in stored.items()
+                 if k.startswith("model.")}
+        floats = {d for d in found if d is not None and d.is_floating_point}
+        return floats.pop() if len(floats) == 1 else None
+    path = ckpt / "model.safetensors"
     codes = {v: k for k, v in SAFETENSORS_CODES.items()}
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -362,7 +493,10 @@ def load_optimizer_states(optimizers, ckpt_dir: str | Path, state: dict) -> None
                            "(was it trained with a different --optimizer?)")
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    tensors = _load_tensors(Path(ckpt_dir) / "optimizer.safetensors")
+    if is_sharded_checkpoint(ckpt_dir):
+        tensors = _optimizer_shards(optimizers, Path(ckpt_dir), meta)
+    else:
+        tensors = _load_tensors(Path(ckpt_dir) / "optimizer.safetensors")
     for i, opt in enumerate(optimizers):
         sd = _join_optimizer_state(tensors, meta, i)
         # A sharded (FSDP2) run keeps each parameter's state sharded like the parameter: the saved full
@@ -372,13 +506,41 @@ def load_optimizer_states(optimizers, ckpt_dir: str | Path, state: dict) -> None
             p = params[pid] if pid < len(params) else None
             if isinstance(p, DTensor):
                 sd["state"][pid] = {k: distribute_tensor(v, p.device_mesh, p.placements)
-                                    if torch.is_tensor(v) and v.shape == p.shape else v for k, v in pstate.items()}
+                                    if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape
+                                    else v for k, v in pstate.items()}
         try:
             opt.load_state_dict(sd)
         except (ValueError, KeyError) as e:  # torch checks group sizes; a changed grouping lands here
             raise LmforgeError(f"checkpoint {ckpt_dir}: its optimizer state does not fit this run's parameter "
                                f"groups ({e}); it was written by a version that grouped parameters differently. "
                                "Start a new run from its weights instead of --resume") from None
+
+
+def _optimizer_shards(optimizers, ckpt_dir: Path, meta: list[dict]) -> dict[str, torch.Tensor]:
+    """A sharded checkpoint's optimizer tensors as this run holds them: a state tensor shaped like its
+    parameter is read as the parameter is held (this process's shard of a DTensor, else whole), any
+    other (a step count) whole; names as _split_optimizer_state gives them."""
+    stored = _sharded_metadata(ckpt_dir).state_dict_metadata
+    wanted = {}
+    for i, opt in enumerate(optimizers):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for pid, entry in meta[i]["state"].items():
+            p = params[int(pid)] if int(pid) < len(params) else None
+            for k, v in entry.items():
+                if v != "tensor":
+                    continue
+                name = f"opt{i}.{pid}.{k}"
+                info = stored.get(f"optimizer.{name}")
+                if info is None or not hasattr(info, "size"):
+                    raise LmforgeError(f"checkpoint {ckpt_dir}: optimizer state {name} is missing")
+                dtype = info.properties.dtype
+                if p is not None and tuple(info.size) == tuple(p.shape):
+                    wanted[name] = torch.empty_like(p, dtype=dtype)
+                else:
+                    wanted[name] = torch.empty(tuple(info.size), dtype=dtype,
+                                               device=p.device if p is not None else "cpu")
+    _dcp_load(ckpt_dir, {"optimizer": wanted})
+    return wanted
 
 
 # ----------------------------------------------------------------------------- quantized checkpoints

@@ -48,8 +48,17 @@ class TrainConfig:
                            "see docs/benchmarks.md)", choices=("auto", "on", "off"))
     device: str = setting("auto", "cpu, cuda, cuda:N or auto")
     parallel: str = setting("ddp", "under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: "
-                            "parameters, gradients and optimizer state sharded over the processes)",
+                            "parameters, gradients and optimizer state sharded over the processes; with bf16 "
+                            "the weights are gathered in bf16 and gradients reduced in fp32)",
                             choices=("ddp", "fsdp"))
+    tensor_parallel: int = setting(1, "under torchrun: processes that split each weight matrix (Megatron-style "
+                                   "tensor parallelism, pretraining only); with --parallel fsdp and more processes "
+                                   "than this, a 2-D mesh (tensor parallel within groups, FSDP2 across)",
+                                   check="positive")
+    checkpoint_format: str = setting("auto", "full: one safetensors file gathered on the first process; sharded: "
+                                     "torch.distributed.checkpoint, each process writes its own shards (loads in "
+                                     "any number of processes, or one); auto: sharded when the weights are "
+                                     "(fsdp, tensor parallel)", choices=("auto", "full", "sharded"))
     progress: bool = setting(True, "progress bar")
 
     @classmethod

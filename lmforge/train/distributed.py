@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lmforge.common import default_device, dist_info
+from lmforge.common import LmforgeError, default_device, dist_info
 
 
 def setup_distributed(device: str) -> tuple[int, int, int, str]:
@@ -21,6 +21,15 @@ def setup_distributed(device: str) -> tuple[int, int, int, str]:
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return rank, local_rank, world, device
+
+
+def data_parallel_size(world: int, tensor_parallel: int) -> int:
+    """How many groups of `tensor_parallel` processes (each one model copy, reading one batch) the
+    world holds, or one clear error."""
+    if tensor_parallel > 1 and (world == 1 or world % tensor_parallel):
+        raise LmforgeError(f"--tensor-parallel {tensor_parallel} needs a multiple of {tensor_parallel} processes "
+                           f"under torchrun (this run has {world})")
+    return world // tensor_parallel
 
 
 def all_reduce_mean(value: float, device: str) -> float:

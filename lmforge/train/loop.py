@@ -24,7 +24,13 @@ from tqdm import tqdm
 from lmforge.common import LmforgeError
 from lmforge.train import checkpoint as ckpt_io
 from lmforge.train.config import TrainConfig  # noqa: F401 (also imported from here)
-from lmforge.train.distributed import all_reduce_max, all_reduce_mean, all_reduce_sum, setup_distributed
+from lmforge.train.distributed import (
+    all_reduce_max,
+    all_reduce_mean,
+    all_reduce_sum,
+    data_parallel_size,
+    setup_distributed,
+)
 from lmforge.train.logs import plot_expert_loads, plot_loss_curve
 from lmforge.train.optim import build_optimizers, lr_multiplier
 from lmforge.train.precision import autocast_dtype, use_compile
@@ -99,14 +105,13 @@ class Trainer:
 
         self.raw_model = model.to(self.device)
         self.amp_dtype = autocast_dtype(self.device.split(":")[0], cfg.dtype)
-        self.fsdp = self.world > 1 and cfg.parallel == "fsdp"
-        if self.fsdp:
-            from lmforge.train.parallel import shard_model
-
-            found = ckpt_io.list_checkpoints(self.ckpt_root) if resume else []
-            if found:  # the whole model's weights go in before it is cut into shards
-                ckpt_io.load_model_weights(self.raw_model, found[-1])
-            shard_model(self.raw_model, self.world, self.device)  # before the optimizers: they hold the shards
+        self.tp = cfg.tensor_parallel
+        self.data_world = self._check_parallel(model, task)  # processes that read different data
+        self.fsdp = cfg.parallel == "fsdp" and self.data_world > 1
+        self.sharded = self.fsdp or self.tp > 1  # the weights are DTensors: split over the processes
+        self.compiled = use_compile(cfg.compile, self.device, self.raw_model)
+        if self.sharded:
+            self._parallelize(resume)  # before the optimizers: they hold the shards
         self.optimizers = build_optimizers(
             self.raw_model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
             betas=(cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum,
@@ -131,13 +136,51 @@ class Trainer:
             if self.is_main and self.log_path.exists():
                 self.log_path.unlink()  # a fresh run starts a fresh log
 
-        self.compiled = use_compile(cfg.compile, self.device, self.raw_model)
         self.model = self._wrap(self.raw_model, self.compiled)
+
+    def _check_parallel(self, model: nn.Module, task) -> int:
+        """The data-parallel world size, after one clear error for a combination that cannot run."""
+        tp, world = self.tp, self.world
+        if data_parallel_size(world, tp) == world:
+            return world
+        if world > tp and self.cfg.parallel != "fsdp":
+            raise LmforgeError(f"--tensor-parallel {tp} with {world} processes: add --parallel fsdp to shard the "
+                               f"data-parallel groups (a 2-D mesh); DDP over tensor-parallel weights is not offered")
+        share = getattr(task, "share", None)
+        if share is None or share.world != world // tp:
+            raise LmforgeError("tensor parallelism is offered for pretraining only: this stage's data is not "
+                               "divided by tensor-parallel groups")
+        from lmforge.train.parallel import check_tensor_parallel
+
+        check_tensor_parallel(model, tp)
+        return world // tp
+
+    def _parallelize(self, resume: bool) -> None:
+        """Tensor parallel inside groups of `tp` processes, then FSDP2 across the groups (a 2-D mesh),
+        each block compiled first when compiling. A whole-tensor checkpoint to resume goes in before the
+        weights are split; a sharded one is read into the shards later (_resume)."""
+        from lmforge.train import parallel
+
+        found = ckpt_io.list_checkpoints(self.ckpt_root) if resume else []
+        if found and not ckpt_io.is_sharded_checkpoint(found[-1]):
+            ckpt_io.load_model_weights(self.raw_model, found[-1])
+        mesh = parallel.device_mesh(self.world, self.device, self.tp)
+        if self.tp > 1:
+            parallel.tensor_parallel(self.raw_model, self.tp, self.device, mesh=mesh["tp"])
+        if self.fsdp:
+            parallel.shard_model(self.raw_model, self.data_world, self.device, mesh=mesh["dp"],
+                                 param_dtype=self.amp_dtype, compile_blocks=self.compiled)
+        elif self.compiled:
+            parallel.compile_units(self.raw_model)
 
     def _wrap(self, model: nn.Module, compiled: bool) -> nn.Module:
         """The module the training step calls: optionally compiled, then DDP-wrapped (parallelism
         applied from outside; the model itself knows nothing about it)."""
-        if self.fsdp:  # sharded in place in __init__; not compiled (untested together here)
+        if self.sharded:  # split in place in __init__ (each block compiled there when compiling)
+            if not compiled:
+                from lmforge.train.parallel import uncompile_units
+
+                uncompile_units(model)
             return model
         if compiled:
             model = torch.compile(model)
@@ -187,7 +230,7 @@ class Trainer:
         for key in ("tokenizer_fingerprint",):
             if key in self.extra_state and state.get(key) not in (None, self.extra_state[key]):
                 raise LmforgeError(f"--resume: checkpoint {path} used a different tokenizer than this run's data")
-        if not self.fsdp:  # (a sharded model got its weights before sharding, in __init__)
+        if not self.sharded or ckpt_io.is_sharded_checkpoint(path):  # (else loaded before sharding, in __init__)
             ckpt_io.load_model_weights(self.raw_model, path)
             self.raw_model.to(self.device)
         ckpt_io.load_optimizer_states(self.optimizers, path, state)
@@ -242,8 +285,10 @@ class Trainer:
         local = [p.to_local() if hasattr(p, "to_local") else p for p in self.raw_model.parameters()]
         if not all(torch.isfinite(p).all() for p in local):  # a rank's own shard: every rank checks
             self._diverged(f"the weights are not finite after step {self.step}; not saved")
+        sharded_format = self.cfg.checkpoint_format == "sharded" or (self.cfg.checkpoint_format == "auto"
+                                                                      and self.sharded)
         full, optimizers = None, self.optimizers
-        if self.fsdp:  # gathered to full tensors: the checkpoint loads in any number of processes
+        if self.sharded and not sharded_format:  # gathered to full tensors on every rank's way to the first
             from lmforge.train.parallel import full_optimizer_state, full_state_dict
 
             full = full_state_dict(self.raw_model)
@@ -255,10 +300,14 @@ class Trainer:
             rngs = {str(r): g for r, g in enumerate(gathered)}
         else:
             rngs = {"0": rng}
+        state = {"tokens_seen": self.tokens_seen, "train_time": self.train_time,
+                 "task": self.task.state_dict(), "rng": rngs, "train_config": asdict(self.cfg),
+                 "last_eval": self.last_eval, "world_size": self.world, **self.extra_state}
+        if sharded_format:  # every rank writes its own shards
+            ckpt_io.save_sharded_checkpoint(self.ckpt_root, self.step, self.raw_model, self.optimizers, state,
+                                            keep=self.cfg.keep_checkpoints, files=self.extra_files)
+            return
         if self.is_main:
-            state = {"tokens_seen": self.tokens_seen, "train_time": self.train_time,
-                     "task": self.task.state_dict(), "rng": rngs, "train_config": asdict(self.cfg),
-                     "last_eval": self.last_eval, "world_size": self.world, **self.extra_state}
             ckpt_io.save_checkpoint(self.ckpt_root, self.step, self.raw_model, optimizers, state,
                                     keep=self.cfg.keep_checkpoints, files=self.extra_files, state_dict=full)
         if self.world > 1:
@@ -289,9 +338,11 @@ class Trainer:
         loss_sum, ntok = 0.0, 0
         for micro in range(cfg.grad_accum):
             batch = self.task.next_batch()
-            # Only the last micro-batch all-reduces gradients under DDP.
-            sync = micro == cfg.grad_accum - 1 or self.world == 1
-            ctx = contextlib.nullcontext() if sync else self.model.no_sync()
+            # Only the last micro-batch all-reduces (DDP) or reduce-scatters (FSDP2) gradients.
+            sync = micro == cfg.grad_accum - 1 or self.data_world == 1
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(sync)
+            ctx = contextlib.nullcontext() if sync or self.sharded else self.model.no_sync()
             with ctx:
                 with self._autocast():
                     loss, n = self.task.loss(self.model, batch)
@@ -304,16 +355,21 @@ class Trainer:
         # A finite loss can still have an inf/NaN gradient (an overflow in the backward pass): one
         # such step would make every weight NaN, and the next checkpoint would save them. The norm
         # is of the gradients after DDP's all-reduce, so every rank sees the same one and stops.
-        grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        if self.fsdp:
-            from lmforge.train.parallel import full_tensor
+        if self.sharded:  # the norm of the whole gradient, not of this rank's shards
+            from lmforge.train.parallel import grad_norm as sharded_grad_norm
 
-            grad_norm = full_tensor(grad_norm)  # the norm of the whole gradient, not of this rank's shard
+            grad_norm = sharded_grad_norm(self.raw_model.parameters())
+        else:
+            grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         if not torch.isfinite(grad_norm):
             self._diverged(f"the gradient norm became {grad_norm.item()} at step {self.step + 1} "
                            f"(loss {loss_mean:.4f})")
-        if cfg.grad_clip > 0:
+        if cfg.grad_clip > 0 and self.sharded:
+            from lmforge.train.parallel import clip_grads_
+
+            clip_grads_(self.raw_model.parameters(), cfg.grad_clip, grad_norm)
+        elif cfg.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(self.raw_model.parameters(), cfg.grad_clip, grad_norm)
         self.last_grad_norm = grad_norm.item()
         for opt in self.optimizers:
@@ -323,7 +379,7 @@ class Trainer:
         if hasattr(self.raw_model, "after_step"):  # a language model (a head around one has none)
             self.raw_model.after_step()  # e.g. MoE bias balancing, from this step's loads
         self.step += 1
-        self.tokens_seen += int(all_reduce_sum([ntok], self.device)[0])
+        self.tokens_seen += int(all_reduce_sum([ntok], self.device)[0]) // self.tp  # a group reads one batch
         self.current_lr_mult = mult
         return loss_mean
 
