@@ -48,6 +48,10 @@ def test_fsdp_trains_like_one_process_and_its_checkpoint_loads_in_one(tiny_data,
 
     assert len(losses(tmp_path / "two")) == 4
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4, abs=1e-5)
+    # the same global batch as 2 accumulated micro-batches of 1 row: gradients reduce-scattered once per step
+    torchrun("-m", "lmforge.cli", *argv, "--batch-size", "1", "--grad-accum", "2", "--parallel", "fsdp",
+             "--out", tmp_path / "accum")
+    assert losses(tmp_path / "accum") == pytest.approx(losses(tmp_path / "one"), rel=1e-4, abs=1e-5)
     a = ckpt_io.load_model(tmp_path / "one")[0].state_dict()
     b = ckpt_io.load_model(tmp_path / "two")[0].state_dict()  # written by two ranks, read by one
     torch.manual_seed(1337)  # pretrain's seed: where both started
