@@ -6,7 +6,8 @@ text, batch 8, residual dropout 0.2 and weight decay 0.2, validation on the whol
   * the dense `cpu` preset (4 layers, width 256, SwiGLU MLP of 704 units; compiled: its default);
   * the same model with every MLP replaced by 8 experts of 352 units, top-2 — the same active
     parameters per token (plus the routers), 2.9x the parameters — balanced by the Switch auxiliary
-    loss (coefficient 0.01), and again balanced by DeepSeek-V3's loss-free routing biases (rate 1e-3).
+    loss (coefficient 0.01), and again balanced by DeepSeek-V3's loss-free routing biases (rate 1e-3,
+    DeepSeek-V3's, and 1e-2 for a run of a few hundred steps).
     Not compiled (their default: see lmforge/train/precision.py).
 Reported per row: validation bits per character, tokens/s, steps, parameters (total / active) and,
 for the MoE rows, the max violation (max expert load / mean - 1) at the end, worst layer and mean
@@ -36,7 +37,9 @@ MOE = dict(n_experts=8, moe_top_k=2, moe_hidden=352)
 ROWS = [  # label, model overrides
     ("dense cpu preset", {}),
     ("MoE 8x352 top-2, aux loss", {**MOE, "moe_balance": "aux", "moe_aux_coef": 0.01}),
-    ("MoE 8x352 top-2, loss-free biases", {**MOE, "moe_balance": "bias", "moe_bias_rate": 1e-3}),
+    ("MoE 8x352 top-2, loss-free biases at 1e-3", {**MOE, "moe_balance": "bias", "moe_bias_rate": 1e-3}),
+    # DeepSeek-V3's rate is for runs of ~10^5 steps; a few hundred steps need the biases to move faster.
+    ("MoE 8x352 top-2, loss-free biases at 1e-2", {**MOE, "moe_balance": "bias", "moe_bias_rate": 1e-2}),
 ]
 
 

@@ -17,7 +17,7 @@ Then an FSDP2 checkpoint of the last preset, saved either way: gathered whole to
 (`--checkpoint-format full`) or each process writing its own shards with torch.distributed.checkpoint
 (`sharded`): save time and how far saving raises each process's peak RSS.
 
-    python bench/parallel.py [--presets cpu gpt2-classic] [--steps 6] [--pipeline-only]
+    python bench/parallel.py [--presets cpu gpt2-classic] [--steps 6] [--pipeline-only | --no-pipeline]
 """
 from __future__ import annotations
 
@@ -90,14 +90,14 @@ if len(sys.argv) > 5:  # then save a checkpoint the given way: its time and how 
         dist.barrier()
     report["save_s"] = time.perf_counter() - t0
     report["save_peak_rise_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss
-print(json.dumps(report), flush=True)
+open(f"{os.environ['BENCH_OUT']}.{rank}", "w").write(json.dumps(report))  # not stdout: ranks' lines interleave
 if world > 1:
     dist.destroy_process_group()
 """
 
 
 PIPE_WORKER = r"""
-import json, statistics, sys, time
+import json, os, statistics, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch, torch.distributed as dist, torch.nn.functional as F
 from lmforge.models.transformer import GPT, get_config
@@ -136,7 +136,7 @@ for _ in range(4):
     steps.append(time.perf_counter() - t0)
     model.zero_grad()
 t_mb, t_step = statistics.median(alone[1:]), statistics.median(steps[1:])
-print(json.dumps({"rank": rank, "busy": m * t_mb, "step": t_step}), flush=True)
+open(f"{os.environ['BENCH_OUT']}.{rank}", "w").write(json.dumps({"rank": rank, "busy": m * t_mb, "step": t_step}))
 dist.destroy_process_group()
 """
 
@@ -147,14 +147,22 @@ def run_pipeline(schedule: str, m: int, batch: int) -> list[dict]:
         port = sock.getsockname()[1]
     script = Path("/tmp") / "lmforge_pipeline_worker.py"
     script.write_text(PIPE_WORKER)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                        str(script), str(REPO), schedule, str(m), str(batch)], capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), check=True)
-    return sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")), key=lambda d: d["rank"])
+    return _reports([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                     str(script), str(REPO), schedule, str(m), str(batch)])
+
+
+def _reports(cmd: list[str]) -> list[dict]:
+    """Run a benchmark job; each of its processes writes its report to BENCH_OUT.<rank>."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "report"
+        subprocess.run(cmd, capture_output=True, text=True, check=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", BENCH_OUT=str(out)))
+        return sorted((json.loads(f.read_text()) for f in Path(tmp).glob("report.*")), key=lambda d: d["rank"])
 
 
 def run(preset: str, mode: str, steps: int, *save) -> list[dict]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     if mode == "single":
         cmd = [sys.executable, "-c", WORKER, str(REPO), preset, mode, str(steps)]
     else:
@@ -165,8 +173,7 @@ def run(preset: str, mode: str, steps: int, *save) -> list[dict]:
         script.write_text(WORKER)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                str(script), str(REPO), preset, mode, str(steps), *save]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-    return sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")), key=lambda d: d["rank"])
+    return _reports(cmd)
 
 
 def main():
@@ -174,7 +181,16 @@ def main():
     ap.add_argument("--presets", nargs="+", default=["cpu", "gpt2-classic"])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--pipeline-only", action="store_true")
+    ap.add_argument("--no-pipeline", action="store_true")
     args = ap.parse_args()
+    if not args.no_pipeline:
+        pipeline_table()
+    if args.pipeline_only:
+        return
+    memory_table(args)
+
+
+def pipeline_table():
     print("| schedule | micro-batches m | step s | busy s (m x one micro-batch alone, slower stage) "
           "| measured idle fraction | theory (p-1)/(m+p-1) |")
     print("|---|---|---|---|---|---|")
@@ -185,8 +201,9 @@ def main():
             busy = max(r["busy"] for r in rows)
             print(f"| {schedule} | {m} | {step:.3f} | {busy:.3f} | {1 - busy / step:.2f} | {1 / (m + 1):.2f} |",
                   flush=True)
-    if args.pipeline_only:
-        return
+
+
+def memory_table(args):
     print("| preset | how | processes | held per process MiB (params + grads + optimizer) | peak RSS MiB | step s |")
     print("|---|---|---|---|---|---|")
     for preset in args.presets:

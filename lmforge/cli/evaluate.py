@@ -27,6 +27,10 @@ def cmd_eval(args):
         raise LmforgeError("nothing to evaluate: give --tasks (e.g. hellaswag,arc_easy), --text FILE or --data-dir DIR")
     tasks = parse_tasks(args.tasks) if args.tasks else []
     lm = load_eval_model(args.checkpoint, device=args.device, dtype=args.dtype)
+    if (tasks or args.text) and isinstance(lm, LmforgeModel):
+        from lmforge.models.protocol import require_text_probabilities
+
+        require_text_probabilities(lm.model, "benchmarks and --text")
     results = run_tasks(lm, tasks, limit=args.limit, fewshot=args.fewshot, seed=args.seed,
                         batch_size=args.batch_size, data_root=args.data_root, source=args.source,
                         max_new_tokens=args.max_new_tokens, progress=not args.no_progress,

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
-from lmforge.models.protocol import scoring_window
+from lmforge.models.protocol import require_text_probabilities, scoring_window
 
 
 class EvalModel(Protocol):
@@ -98,6 +98,7 @@ class LmforgeModel:
 
     @torch.inference_mode()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        require_text_probabilities(self.model, "scoring continuations")
         if getattr(self.model, "generation", "") == "diffusion":
             # Its logits predict masked tokens, not the next one: scoring them as next-token
             # log-probabilities would be silently wrong.

@@ -124,6 +124,8 @@ def split_loss(model, split, token_bytes: torch.Tensor, *, batch_size: int, seq_
     share = share or ProcessShare()
     batches = ((x.to(device), y.to(device)) for x, y in eval_batches(
         split, batch_size, seq_len, max_batches=max_batches, rank=share.rank, world_size=share.world))
+    if getattr(model, "likelihood", "exact") == "masked":
+        return masked_prediction_metrics(model, batches, device, share)
     nll, variance, ntok, nbytes = windows_nll(model, batches, token_bytes, draws=draws)
     copies = dist_info()[2] // share.world if torch.distributed.is_initialized() else 1
     nll, variance, ntok, nbytes = (v / copies for v in all_reduce_sum([nll, variance, ntok, nbytes], device))
@@ -134,6 +136,22 @@ def split_loss(model, split, token_bytes: torch.Tensor, *, batch_size: int, seq_
         return {"loss_bound": nll / ntok, "bpb_bound": nll * per_byte,
                 "bpb_bound_stderr": math.sqrt(variance) * per_byte}
     return {"loss": nll / ntok, "bpb": nll * per_byte}
+
+
+def masked_prediction_metrics(model, batches, device: str, share) -> dict[str, float]:
+    """An encoder's validation: the masked-token loss (nats) and accuracy over the windows, with the
+    same corruption every time (a fixed seed per process), so numbers from different steps compare."""
+    from lmforge.common import dist_info
+    from lmforge.train.distributed import all_reduce_sum
+
+    generator = torch.Generator(device=device).manual_seed(1234 + share.rank)
+    nll = correct = n = 0.0
+    for x, y in batches:
+        a, b, c = model.masked_prediction(x, y, generator=generator)
+        nll, correct, n = nll + a.item(), correct + b.item(), n + c.item()
+    copies = dist_info()[2] // share.world if torch.distributed.is_initialized() else 1
+    nll, correct, n = (v / copies for v in all_reduce_sum([nll, correct, n], device))
+    return {"mlm_loss": nll / n, "mlm_accuracy": correct / n} if n else {}
 
 
 @torch.inference_mode()
@@ -159,6 +177,8 @@ def evaluate_shards(model, tokenizer, data_dir: str | Path, split: str = "val", 
                        device=device, draws=draws)
     finally:
         model.train(was_training)
+    if "mlm_loss" in m:  # an encoder: masked-token prediction, not the text's probability
+        return m
     if "bpb_bound" in m:
         return {"loss_bound": m["loss_bound"], "perplexity_bound": math.exp(m["loss_bound"]),
                 "bits_per_byte_bound": m["bpb_bound"], "bits_per_byte_bound_stderr": m["bpb_bound_stderr"]}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
-from lmforge.models.protocol import tokens_left
+from lmforge.models.protocol import require_text_probabilities, tokens_left
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int,
@@ -159,6 +159,7 @@ def score_text(model, tokenizer, text: str) -> TextScore:
     device = model.device
     x = torch.tensor([seq[:-1]], device=device)
     y = torch.tensor(seq[1:], device=device)
+    require_text_probabilities(model, "scoring a text")
     with eval_mode(model):
         if getattr(model, "likelihood", "exact") == "bound":
             # No exact log p (masked diffusion): the evidence lower bound instead, each position's

@@ -24,7 +24,9 @@ Training
                       one-sample Monte-Carlo estimate of an upper bound on it (masked diffusion), so
                       validation averages several draws per window and reports "loss_bound" /
                       "bpb_bound" with their standard error instead of "loss" / "bpb"
-                      (lmforge/eval/lm.py `split_loss`)
+                      (lmforge/eval/lm.py `split_loss`); "masked": forward's loss is a masked-
+                      language-model loss (an encoder), not about the text's probability at all, so
+                      validation reports "mlm_loss" and "mlm_accuracy", and scoring refuses the model
     trainable         True: gradient training by the shared Trainer, with
     param_groups()    {"matrix": [...], "embedding": [...], "vector": [...]}: hidden weight matrices
                       (Muon when --optimizer muon, else AdamW with weight decay), lookup tables and
@@ -48,7 +50,8 @@ Generation (a decode state: "cache" for short)
     generation        "autoregressive": one token at a time through the decode state below (the
                       engine, the server's scheduler, chat and tools); "diffusion": whole blocks at
                       once with the samplers of lmforge/inference/diffusion.py, and everything that
-                      decodes token by token refuses the model up front (`require_decoding`)
+                      decodes token by token refuses the model up front (`require_decoding`);
+                      "none": it does not generate text (an encoder), and everything that does refuses it
     new_cache(batch_size, max_len=None, dtype=None)
                       an empty decode state for batch_size rows of up to max_len tokens (None: the
                       whole context window; families without a window ignore it). The state has
@@ -232,11 +235,23 @@ def trainable_groups(model) -> dict[str, list[nn.Parameter]]:
 def require_decoding(model, what: str) -> None:
     """One clear error when `what` (chat, the server, ...) needs token-by-token decoding and the
     model generates otherwise."""
-    if getattr(model, "generation", "autoregressive") != "autoregressive":
+    generation = getattr(model, "generation", "autoregressive")
+    if generation == "none":
+        raise LmforgeError(f"{what} needs a model that generates text; the {model.family} family only reads text "
+                           "(contextual vectors, text embeddings, classification heads)")
+    if generation != "autoregressive":
         raise LmforgeError(
             f"{what} decodes token by token, and a {model.family} model fills whole blocks of tokens at once "
             "with its samplers: use `lmforge sample` or `lmforge generate` with --steps N (a diffusion chat would "
             "need SFT on replies padded to a fixed length, LLaDA-style, which lmforge does not do yet)")
+
+
+def require_text_probabilities(model, what: str) -> None:
+    """One clear error when `what` (scoring, benchmarks) needs the probability of a text and the model
+    assigns none (an encoder: its loss is about masked tokens)."""
+    if getattr(model, "likelihood", "exact") == "masked":
+        raise LmforgeError(f"{what} needs the probability of a text, and the {model.family} family assigns none "
+                           "(evaluate it with `lmforge eval --data-dir`: masked-token loss and accuracy)")
 
 
 def tokens_left(model, used: int) -> int:

@@ -26,6 +26,7 @@ _BUILTIN = {
     "lstm": "lmforge.models.lstm",
     "ngram": "lmforge.models.ngram",
     "diffusion": "lmforge.models.diffusion",
+    "encoder": "lmforge.models.encoder",
 }
 
 

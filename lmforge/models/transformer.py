@@ -269,9 +269,11 @@ class CausalSelfAttention(nn.Module):
         return window_mask(T, self.window, device)
 
     def forward(self, x, rotary: Rotary | None, positions: torch.Tensor,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None, step: CacheStep | None = None):
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, step: CacheStep | None = None,
+                key_mask: torch.Tensor | None = None):
         """Without kv: causal attention over x (training and plain inference). With kv (this layer's
-        key/value cache buffers) and step: cached inference, see GPT.prefill and GPT.decode."""
+        key/value cache buffers) and step: cached inference, see GPT.prefill and GPT.decode.
+        key_mask (B, T) bool, bidirectional models only: False for padding, which no token attends to."""
         B, T, _ = x.shape
         # Head counts from the projections' widths, not the config: under tensor parallelism a rank
         # holds only its share of the heads (lmforge/train/parallel.py), and the code is the same.
@@ -290,7 +292,12 @@ class CausalSelfAttention(nn.Module):
             rep = q.size(1) // k.size(1)
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        y = attend(q, k, v, causal=self.causal, mask=self._mask(T, x.device), scale=self.scale,
+        mask = self._mask(T, x.device)
+        if key_mask is not None:
+            if self.causal:  # right padding is never attended to by a causal model's real tokens anyway
+                raise LmforgeError("a padding mask is for bidirectional attention (causal=False)")
+            mask = key_mask[:, None, None, :]  # (B, 1, 1, T): every query, every head
+        y = attend(q, k, v, causal=self.causal, mask=mask, scale=self.scale,
                    softcap=self.softcap, dropout=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(y)
@@ -370,8 +377,9 @@ class Block(nn.Module):
         self.mlp_out_norm = make_norm(cfg) if cfg.sandwich_norm else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rotary, positions, kv=None, step=None, valid=None):
-        x = x + self.drop(self.attn_out_norm(self.self_attn(self.input_layernorm(x), rotary, positions, kv, step)))
+    def forward(self, x, rotary, positions, kv=None, step=None, valid=None, key_mask=None):
+        x = x + self.drop(self.attn_out_norm(self.self_attn(self.input_layernorm(x), rotary, positions, kv, step,
+                                                            key_mask)))
         x = x + self.drop(self.mlp_out_norm(self.mlp(self.post_attention_layernorm(x), valid)))
         return x
 
@@ -575,18 +583,21 @@ class GPT(LanguageModel):
             x = x + self.wpe(positions)
         return x
 
-    def hidden_states(self, idx: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, valid: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The final normed hidden states (B, T, n_embd): the forward pass without the LM head (what a
         reward model's or value function's scalar head reads). valid (B, T): the tokens MoE routers
-        count toward their loads and losses (default all)."""
+        count toward their loads and losses (default all, or the attention mask's). attention_mask
+        (B, T) bool, bidirectional models only: False for padding, attended to by no token."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise LmforgeError(f"sequence of {T} tokens is longer than the model's context window "
                                f"({self.config.block_size})")
         positions = torch.arange(T, device=idx.device)
         x = self.drop(self.embed(idx, positions))
+        valid = attention_mask if valid is None else valid
         for layer in self.layers:
-            x = layer(x, self.rotary, positions, valid=valid)
+            x = layer(x, self.rotary, positions, valid=valid, key_mask=attention_mask)
         return self.norm(x)
 
     # ------------------------------------------------------------------ cached inference

@@ -23,10 +23,15 @@ def plot_loss_curve(log_path: str | Path, png_path: str | Path) -> Path | None:
     """Training loss (and validation loss / bits per byte when logged) against tokens seen."""
     train, val = log_series(log_path, "loss", "val_loss")
     bound = False
+    suffix = ""
     if not val:  # a model whose likelihood is a bound (masked diffusion) logs val_loss_bound: labelled as one
         val = log_series(log_path, "loss", "val_loss_bound")[1]
         bound = bool(val)
-    suffix = "_bound" if bound else ""
+        suffix = "_bound" if bound else ""
+    if not val:  # an encoder logs val_mlm_loss: the masked tokens' cross-entropy
+        val = log_series(log_path, "loss", "val_mlm_loss")[1]
+        suffix = "_mlm" if val else ""
+    masked = suffix == "_mlm"
     if not train:
         return None
     from lmforge.common import new_figure, save_figure
@@ -40,11 +45,16 @@ def plot_loss_curve(log_path: str | Path, png_path: str | Path) -> Path | None:
         smooth.append(ema / (1 - 0.9**i))
     ax.plot(xs, smooth, lw=1.6, color="C0", label="train loss (smoothed)")
     if val:
-        ax.plot([r["tokens"] for r in val], [r["val_loss" + suffix] for r in val], "o-", color="C1",
+        key = "val_mlm_loss" if masked else "val_loss" + suffix
+        ax.plot([r["tokens"] for r in val], [r[key] for r in val], "o-", color="C1",
                 label="val loss (upper bound)" if bound else "val loss")
     ax.set_xlabel("tokens seen")
-    ax.set_ylabel("diffusion loss, a bound (nats/token)" if bound else "cross-entropy (nats/token)")
-    if val and "val_bpb" + suffix in val[-1]:
+    ax.set_ylabel("diffusion loss, a bound (nats/token)" if bound else
+                  "masked-token cross-entropy (nats/token)" if masked else "cross-entropy (nats/token)")
+    if val and masked:
+        ax.set_title(f"final val: {val[-1]['val_mlm_loss']:.3f} nats per masked token, "
+                     f"accuracy {val[-1]['val_mlm_accuracy']:.1%}")
+    elif val and "val_bpb" + suffix in val[-1]:
         last = val[-1]
         ax.set_title(f"final val: ≤ {last['val_loss_bound']:.3f} nats/token, ≤ {last['val_bpb_bound']:.3f} "
                      f"± {last['val_bpb_bound_stderr']:.3f} bits/byte" if bound else
