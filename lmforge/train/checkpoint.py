@@ -149,6 +149,16 @@ def write_safetensors_stream(path: Path, spec: list[tuple[str, tuple, torch.dtyp
             f.write(t.detach().cpu().contiguous().view(torch.uint8).numpy().data)
 
 
+def _checkpoint_state(step: int, model, state: dict | None) -> dict:
+    """state.json's content but the optimizer's: what the model is, and what the stage adds."""
+    full_state = {"format": "lmforge-checkpoint", "version": 1, "step": step,
+                  "model_family": family_of(model), "model_config": model.config.to_dict()}
+    if callable(getattr(model, "head_record", None)):  # a reward or value head around the language model
+        full_state["head"] = model.head_record()
+    full_state.update(state or {})
+    return full_state
+
+
 def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizers=None, state: dict | None = None,
                     keep: int | None = None, files: dict[str, bytes] | None = None, weights=None,
                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
@@ -177,11 +187,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizers=None, st
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
     for name, data in (files or {}).items():
         (tmp / name).write_bytes(data)
-    full_state = {"format": "lmforge-checkpoint", "version": 1, "step": step,
-                  "model_family": family_of(model), "model_config": model.config.to_dict()}
-    if callable(getattr(model, "head_record", None)):  # a reward or value head around the language model
-        full_state["head"] = model.head_record()
-    full_state.update(state or {})
+    full_state = _checkpoint_state(step, model, state)
     if optimizers:
         tensors, meta = _split_optimizer_state(optimizers)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -248,9 +254,7 @@ def save_sharded_checkpoint(ckpt_root: str | Path, step: int, model, optimizers,
     if main:
         for name, data in (files or {}).items():
             (tmp / name).write_bytes(data)
-        full_state = {"format": "lmforge-checkpoint", "version": 1, "step": step,
-                      "model_family": family_of(model), "model_config": model.config.to_dict(),
-                      "weights": SHARDED, **(state or {})}
+        full_state = _checkpoint_state(step, model, state)
         if optimizers:
             full_state["optimizer"] = meta
         atomic_write_json(tmp / "state.json", full_state)  # last file: its presence marks completeness

@@ -288,7 +288,7 @@ class Trainer:
         sharded_format = self.cfg.checkpoint_format == "sharded" or (self.cfg.checkpoint_format == "auto"
                                                                       and self.sharded)
         full, optimizers = None, self.optimizers
-        if self.sharded and not sharded_format:  # gathered to full tensors on every rank's way to the first
+        if self.sharded and not sharded_format:  # --checkpoint-format full: gathered whole for the first rank
             from lmforge.train.parallel import full_optimizer_state, full_state_dict
 
             full = full_state_dict(self.raw_model)
