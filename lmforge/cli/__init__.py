@@ -9,6 +9,8 @@
     lmforge eval | judge | report-card                                   (cli/evaluate.py)
     lmforge serve                             OpenAI-compatible API and chat page (cli/serve.py)
     lmforge export | import | quantize        Hugging Face / ARPA interop, int8/int4 (cli/interop.py)
+    lmforge embed word2vec|neighbors|analogy|eval|export   word vectors (cli/embed.py)
+    lmforge retrieval eval (alias: eval retrieval)   BM25 / dense retrieval metrics (cli/retrieval.py)
 
 The modules share argument types and option groups through cli/common.py and never import each
 other; each imports heavy libraries only inside its command handlers, so `lmforge --help` stays fast.
@@ -20,10 +22,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmforge.cli import align, data, evaluate, generate, interop, posttrain, pretrain, serve, speedrun
+from lmforge.cli import align, data, embed, evaluate, generate, interop, posttrain, pretrain, retrieval, serve, speedrun
 from lmforge.common import LmforgeError
 
-COMMAND_GROUPS = (speedrun, data, pretrain, posttrain, align, generate, evaluate, serve, interop)
+COMMAND_GROUPS = (speedrun, data, pretrain, posttrain, align, generate, evaluate, serve, interop, embed, retrieval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["eval", "retrieval"]:  # `lmforge eval retrieval ...` is `lmforge retrieval eval ...`
+        argv = ["retrieval", "eval", *argv[2:]]
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         # `lmforge` or `lmforge tokenizer` without an action: show the relevant help, fail.
