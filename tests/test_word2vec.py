@@ -255,6 +255,17 @@ def test_planted_analogies_and_neighbours_are_learned(planted_models, model):
     assert evaluate_analogies(untrained, [("planted", PLANTED)])["accuracy"] < 0.2
 
 
+def test_hogwild_workers_learn_too():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        m = train_word2vec(planted_sentences(), small_config(workers=2))[0]
+        assert torch.get_num_threads() == 2  # training runs ops on one thread, then gives the setting back
+    finally:
+        torch.set_num_threads(before)
+    assert m.stats["workers"] == 2 and evaluate_analogies(m, [("planted", PLANTED)])["accuracy"] >= 0.9
+
+
 def test_training_is_reproducible_and_subsampling_changes_it():
     sentences = planted_sentences(300)
     corpus = build_corpus(sentences, min_count=1)

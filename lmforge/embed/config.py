@@ -30,8 +30,8 @@ class Word2VecConfig:
                               "CBOW); the original updates after every example: large batches run faster "
                               "but the summed updates of frequent words overshoot (8192 diverged on 10M "
                               "words of fairy tales)", check="positive")
-    workers: int = setting(2, "threads updating the vectors at once without locks (as the C tool and gensim): "
-                           "faster, but runs differ slightly; 1 is reproducible bit for bit", check="positive")
+    workers: int = setting(1, "threads updating the vectors at once without locks (Hogwild, as the C tool and "
+                           "gensim); runs then differ slightly; 1 is reproducible bit for bit", check="positive")
     seed: int = setting(1, "random seed (initialisation, subsampling, windows, noise words)", check="seed")
     progress: bool = setting(True, "progress bar")
 

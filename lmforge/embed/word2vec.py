@@ -383,7 +383,8 @@ def train(corpus: Corpus, config: Word2VecConfig | None = None) -> Word2Vec:
     is a task with its own random streams (subsampling, windows, noise), so its draws do not depend
     on which thread runs it. `workers` threads take tasks in corpus order and update the shared tables
     without locks (Hogwild, as the C tool and gensim do: a row written by both at once may lose one
-    of the two updates); torch then runs each operation on one thread."""
+    of the two updates). Torch runs each operation on one thread: a batch's operations are too small
+    for intra-op threads to pay (on 2 cores they made a run twice as slow; docs/embeddings.md)."""
     import torch
     from tqdm import tqdm
 
@@ -421,8 +422,7 @@ def train(corpus: Corpus, config: Word2VecConfig | None = None) -> Word2Vec:
     pool = ThreadPoolExecutor(cfg.workers) if cfg.workers > 1 else None
     start = time.perf_counter()
     try:
-        if pool is not None:
-            torch.set_num_threads(1)  # the workers are the parallelism; intra-op threads would compete
+        torch.set_num_threads(1)
         for (epoch, i, lo, hi), (loss, examples) in zip(tasks, pool.map(run, tasks) if pool else map(run, tasks)):
             if examples and not loss / examples < 3 * first_loss:  # NaN too
                 raise LmforgeError(f"training diverged: loss {loss / examples:.3g} per example in epoch {epoch + 1} "
@@ -445,7 +445,7 @@ def train(corpus: Corpus, config: Word2VecConfig | None = None) -> Word2Vec:
     stats = {"train_seconds": seconds, "words_per_second": cfg.epochs * corpus.raw_words / max(seconds, 1e-9),
              "raw_words": corpus.raw_words, "corpus_words": n, "sentences": corpus.n_sentences, "vocab": V,
              "examples": int(counts.sum()), "epoch_loss": (sums / np.maximum(counts, 1)).tolist(),
-             "workers": cfg.workers, "torch_threads": 1 if pool is not None else threads}
+             "workers": cfg.workers}
     return Word2Vec(corpus.words, corpus.counts, w_in, w_out, cfg, stats)
 
 
