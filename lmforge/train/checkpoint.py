@@ -192,12 +192,18 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizers=None, st
         tensors, meta = _split_optimizer_state(optimizers)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         full_state["optimizer"] = meta
-    atomic_write_json(tmp / "state.json", full_state)  # last file: its presence marks completeness
+    return _complete(tmp, final, full_state, keep)
+
+
+def _complete(tmp: Path, final: Path, full_state: dict, keep: int | None) -> Path:
+    """Write state.json last (its presence marks a complete checkpoint), move the folder into place,
+    and keep only the newest `keep` checkpoints."""
+    atomic_write_json(tmp / "state.json", full_state)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
     if keep:
-        for old in list_checkpoints(ckpt_root)[:-keep]:
+        for old in list_checkpoints(final.parent)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -257,13 +263,7 @@ def save_sharded_checkpoint(ckpt_root: str | Path, step: int, model, optimizers,
         full_state = _checkpoint_state(step, model, state)
         if optimizers:
             full_state["optimizer"] = meta
-        atomic_write_json(tmp / "state.json", full_state)  # last file: its presence marks completeness
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        if keep:
-            for old in list_checkpoints(ckpt_root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        _complete(tmp, final, full_state, keep)
     if distributed:
         dist.barrier()
     return final
