@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
-from lmforge.models.protocol import LanguageModel, ModelFamily, require_decoding
-from lmforge.models.transformer import GPT, GPTConfig
+from lmforge.models.masked_trunk import MaskedTrunk
+from lmforge.models.protocol import ModelFamily
+from lmforge.models.transformer import GPTConfig
 
 
 @dataclass(frozen=True)
@@ -48,32 +49,10 @@ class DiffusionConfig(GPTConfig):
         return GPTConfig(**{**shape, "vocab_size": self.vocab_size + 1})
 
 
-class MaskedDiffusionLM(LanguageModel):
+class MaskedDiffusionLM(MaskedTrunk):
     family = "diffusion"
     likelihood = "bound"  # validation reports "<= bpb +- stderr" (lmforge/eval/lm.py split_loss)
     generation = "diffusion"  # samplers in lmforge/inference/diffusion.py, not token-by-token decoding
-
-    def __init__(self, cfg: DiffusionConfig):
-        super().__init__()
-        self.config = cfg
-        self.model = GPT(cfg.trunk())
-
-    @property
-    def mask_id(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def context_limit(self) -> int:
-        return self.config.block_size
-
-    def param_groups(self):
-        return self.model.param_groups()
-
-    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
-        return self.model.num_params(non_embedding, active)
-
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        return self.model.flops_per_token(seq_len)
 
     def denoise(self, xt: torch.Tensor) -> torch.Tensor:
         """xt (B, T) ids, some of them `mask_id` -> float32 logits (B, T, vocab) of the clean tokens
@@ -119,14 +98,6 @@ class MaskedDiffusionLM(LanguageModel):
             return terms.sum()
         return terms.sum() / modelled.sum().clamp(min=1)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None):
-        require_decoding(self, "a decode state")
-
-    def prefill(self, idx, cache, last=None):
-        require_decoding(self, "prefill")
-
-    def decode(self, idx, cache, positions, step_fn=None):
-        require_decoding(self, "decode")
 
 
 def exact_bound(model: MaskedDiffusionLM, x: torch.Tensor) -> float:

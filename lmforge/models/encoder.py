@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
-from lmforge.models.protocol import LanguageModel, ModelFamily, require_decoding
-from lmforge.models.transformer import GPT, GPTConfig
+from lmforge.models.masked_trunk import MaskedTrunk
+from lmforge.models.protocol import ModelFamily
+from lmforge.models.transformer import GPTConfig
 
 POOLING = ("mean", "first")
 
@@ -57,39 +58,14 @@ class EncoderConfig(GPTConfig):
         return GPTConfig(**{**shape, "vocab_size": self.vocab_size + 1})
 
 
-class Encoder(LanguageModel):
+class Encoder(MaskedTrunk):
     family = "encoder"
     likelihood = "masked"  # validation: masked-token loss and accuracy (lmforge/eval/lm.py split_loss)
     generation = "none"  # encodes; every decoder of text refuses it (require_decoding)
 
-    def __init__(self, cfg: EncoderConfig):
-        super().__init__()
-        self.config = cfg
-        self.model = GPT(cfg.trunk())
-
-    @property
-    def mask_id(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def context_limit(self) -> int:
-        return self.config.block_size
-
     @property
     def hidden_size(self) -> int:
         return self.config.n_embd
-
-    def param_groups(self):
-        return self.model.param_groups()
-
-    def shard_units(self):
-        return self.model.shard_units()
-
-    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
-        return self.model.num_params(non_embedding, active)
-
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        return self.model.flops_per_token(seq_len)
 
     # ------------------------------------------------------------------ reading texts
 
@@ -156,14 +132,6 @@ class Encoder(LanguageModel):
             raise LmforgeError(f"an encoder's loss has no per-token reduction {reduction!r} (mean or sum)")
         return nll / n.clamp(min=1)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None):
-        require_decoding(self, "a decode state")
-
-    def prefill(self, idx, cache, last=None):
-        require_decoding(self, "prefill")
-
-    def decode(self, idx, cache, positions, step_fn=None):
-        require_decoding(self, "decode")
 
 
 PRESETS: dict[str, EncoderConfig] = {
