@@ -316,7 +316,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
     code, _, err = run_cli("retrieval", "eval", "--dataset", "x", "--max-queries", "0")
     assert code == 2 and "positive integer" in err
     code, _, err = run_cli("retrieval", "eval", "--dataset", "x", "--retriever", "tfidf")
-    assert code == 2 and "invalid choice" in err
+    assert code == 2 and "unknown retriever 'tfidf'" in err
 
 
 # ----------------------------------------------------------------------------- the real SciFact test set

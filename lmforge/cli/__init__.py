@@ -11,6 +11,8 @@
     lmforge export | import | quantize        Hugging Face / ARPA interop, int8/int4 (cli/interop.py)
     lmforge embed word2vec|neighbors|analogy|eval|export   word vectors (cli/embed.py)
     lmforge retrieval eval (alias: eval retrieval)   BM25 / dense retrieval metrics (cli/retrieval.py)
+    lmforge rag-sft-data | rag-eval           answering from retrieved passages: SFT data, EM/F1 (cli/rag_eval.py)
+    lmforge rag index|search                  build and search a RAG passage index (cli/rag.py)
 
 The modules share argument types and option groups through cli/common.py and never import each
 other; each imports heavy libraries only inside its command handlers, so `lmforge --help` stays fast.
@@ -22,10 +24,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmforge.cli import align, data, embed, evaluate, generate, interop, posttrain, pretrain, retrieval, serve, speedrun
+from lmforge.cli import (
+    align,
+    data,
+    embed,
+    evaluate,
+    generate,
+    interop,
+    posttrain,
+    pretrain,
+    rag,
+    rag_eval,
+    retrieval,
+    serve,
+    speedrun,
+)
 from lmforge.common import LmforgeError
 
-COMMAND_GROUPS = (speedrun, data, pretrain, posttrain, align, generate, evaluate, serve, interop, embed, retrieval)
+COMMAND_GROUPS = (speedrun, data, pretrain, posttrain, align, generate, evaluate, serve, interop, embed, retrieval,
+                  rag, rag_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
     lmforge sample --checkpoint RUN [--prompt TEXT] [--num-samples N]
     lmforge generate --checkpoint RUN "prompt"     only the completion, for scripts (or stdin)
     lmforge chat --checkpoint RUN [--tools]       a multi-turn chat in the terminal
+    lmforge chat --checkpoint RUN --rag INDEX     ... answering from passages retrieved for each message
     lmforge score --checkpoint RUN TEXT ...       log-probabilities; ranks candidates (noisy channel)
 """
 from __future__ import annotations
@@ -68,7 +69,8 @@ def fit_history(tok, messages: list[dict], budget: int) -> list[dict]:
 def cmd_chat(args):
     """A multi-turn chat in the terminal, streamed through the chat template. With tools (the default
     for a model fine-tuned to call them), each reply runs through the tool loop and shows the calls
-    the model makes and their results."""
+    the model makes and their results. With --rag INDEX, each message brings the passages retrieved
+    for it into the conversation (lmforge/rag.py) and each reply is followed by their sources."""
     from lmforge.chat import render_messages
     from lmforge.inference.engine import Engine
     from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model, trained_with_tools
@@ -76,6 +78,7 @@ def cmd_chat(args):
     model, _ = load_model(args.checkpoint, device=args.device)
     tok = load_checkpoint_tokenizer(args.checkpoint)
     use_tools = trained_with_tools(args.checkpoint) if args.tools is None else args.tools
+    retriever = _load_retriever(args.rag)
     engine = Engine(model, tok)
     from lmforge.models.protocol import tokens_left
 
@@ -86,8 +89,10 @@ def cmd_chat(args):
     history = list(system)
     sampling = sampling_kwargs(args)
     interactive = sys.stdin.isatty()
-    print(f"lmforge chat ({context}{', tools run' if use_tools else ''}). {CHAT_HELP}",
-          file=sys.stderr)
+    helps = CHAT_HELP + (", /sources (of the last reply)" if retriever else "")
+    extras = (", tools run" if use_tools else "") + (f", {args.rag_k} passages from {args.rag}" if retriever else "")
+    print(f"lmforge chat ({context}{extras}). {helps}", file=sys.stderr)
+    sources = None  # the last reply's sources (with --rag)
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -103,6 +108,8 @@ def cmd_chat(args):
             if cmd == "/reset":
                 history = list(system)
                 print("(new conversation)", file=sys.stderr)
+            elif cmd == "/sources" and retriever:
+                print(sources or "(no reply yet)", flush=True)
             elif cmd == "/temperature":
                 try:
                     sampling["temperature"] = temperature_value(arg.strip())
@@ -110,25 +117,52 @@ def cmd_chat(args):
                 except argparse.ArgumentTypeError as e:
                     print(f"(error: {e})", file=sys.stderr)
             else:
-                print(f"(unknown command {cmd}; {CHAT_HELP})", file=sys.stderr)
+                print(f"(unknown command {cmd}; {helps})", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": text})
-        history = fit_history(tok, history, window - reply_room)
+        before, passages = history, None
+        if retriever is None:
+            history = fit_history(tok, history + [{"role": "user", "content": text}], window - reply_room)
+        else:
+            history, passages = _rag_turn(tok, retriever, history, text, args.rag_k, window - reply_room)
         ids = render_messages(tok, history)
         if len(ids) >= window:
             print(f"(error: that message is {len(ids)} tokens; the context window is {window})", file=sys.stderr)
-            history.pop()
+            history = before
             continue
         print("assistant> " if interactive else "", end="", flush=True)
         if use_tools:
-            history += _chat_reply_with_tools(engine, history, reply_room, args.seed, sampling)
-            continue
-        pieces = []
-        for piece in engine.stream(ids, reply_room, seed=args.seed, **sampling):
-            pieces.append(piece)
-            print(piece, end="", flush=True)
-        print()
-        history.append({"role": "assistant", "content": "".join(pieces)})
+            reply = _chat_reply_with_tools(engine, history, reply_room, args.seed, sampling)
+            history += reply
+            answer = " ".join(m["content"] or "" for m in reply if m["role"] == "assistant")
+        else:
+            pieces = []
+            for piece in engine.stream(ids, reply_room, seed=args.seed, **sampling):
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+            print()
+            answer = "".join(pieces)
+            history.append({"role": "assistant", "content": answer})
+        if passages is not None:
+            from lmforge.rag import format_sources
+
+            sources = format_sources(passages, answer)
+            print(sources, flush=True)
+
+
+def _load_retriever(path):
+    """The index of `--rag INDEX` (None without it)."""
+    if path is None:
+        return None
+    from lmforge.rag import load_index
+
+    return load_index(path)
+
+
+def _rag_turn(tok, retriever, history: list[dict], text: str, k: int, budget: int):
+    """(history with the user's turn and the passages retrieved for it, the passages shown)."""
+    from lmforge.rag import fit_rag_turn
+
+    return fit_rag_turn(tok, history, text, retriever.search(text, k), budget)
 
 
 def _chat_reply_with_tools(engine, history: list[dict], max_new_tokens: int, seed, sampling: dict) -> list[dict]:
@@ -214,6 +248,10 @@ def add_commands(sub) -> None:
     ch.add_argument("--tools", action=argparse.BooleanOptionalAction, default=None,
                     help="run the tools the model calls (calculator, python) and show each call and result; "
                          "default: on for a model fine-tuned with tool calls")
+    ch.add_argument("--rag", default=None, metavar="INDEX",
+                    help="retrieve passages from this index for each message, put them into the prompt and "
+                         "print their sources after each reply (docs/rag.md)")
+    ch.add_argument("--rag-k", type=positive_int, default=5, help="passages retrieved per message (default 5)")
     add_sampling_args(ch)
     ch.set_defaults(func=cmd_chat)
 

@@ -1,6 +1,7 @@
 """`lmforge serve`: the OpenAI-compatible API and the chat page.
 
     lmforge serve --checkpoint runs/sft [--port 8000] [--api-key KEY | $LMFORGE_API_KEY] [--tools builtin]
+                  [--rag INDEX [--rag-k K]]
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def cmd_serve(args):
     key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     cfg = ServeConfig(model_name=name, api_key=key, max_batch=args.max_batch, max_tokens=args.max_tokens,
                       max_request_bytes=args.max_request_bytes, max_n=args.max_n, max_waiting=args.max_waiting,
-                      dtype=args.dtype, compile=args.compile, tools=args.tools)
+                      dtype=args.dtype, compile=args.compile, tools=args.tools, rag_index=args.rag, rag_k=args.rag_k)
     app = create_app(model, tok, cfg)
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
@@ -48,6 +49,8 @@ def cmd_serve(args):
         print("note: this model was fine-tuned to call tools; `--tools builtin` lets the server run them "
               "(calculator, python) for chat requests that bring no tools of their own", flush=True)
     context = f"{model.context_limit}-token context" if model.context_limit else "no context limit"
+    if args.rag:
+        context += f", {args.rag_k} passages per chat request from {args.rag}"
     print(f"serving '{name}' ({model.family}, {context}, batches of up to {args.max_batch}) "
           f"on http://{args.host}:{args.port}/  (chat page at /, OpenAI API at /v1"
           f"{', API key required' if key else ''})", flush=True)
@@ -83,6 +86,11 @@ def add_commands(sub) -> None:
     p.add_argument("--tools", choices=["none", "builtin"], default="none",
                    help="builtin: run lmforge's calculator and python tools on the server when the model calls "
                         "them in a chat request without tools of its own (default: none)")
+    p.add_argument("--rag", default=None, metavar="INDEX",
+                   help="retrieve passages from this index for each chat request's last user message, put them "
+                        "into the prompt and return them in the response field lmforge_rag (docs/rag.md); a request "
+                        "opts out with \"rag\": false")
+    p.add_argument("--rag-k", type=positive_int, default=5, help="passages retrieved per chat request (default 5)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--compile", action="store_true",

@@ -28,6 +28,9 @@ class MaskedTrunk(LanguageModel):
     def shard_units(self):
         return self.model.shard_units()
 
+    def output_head_names(self) -> list[str]:
+        return ["model." + n for n in self.model.output_head_names()]
+
     def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
         return self.model.num_params(non_embedding, active)
 

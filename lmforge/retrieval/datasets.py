@@ -13,6 +13,12 @@ Two formats are read, gzip or not, straight from the files (no unpacking step):
   300 of its 1,109 claims). A document's text for retrieval is `title + " " + text` (BEIR's own
   dense-retrieval convention; the title alone when the text is empty, and so on).
 
+SQuAD has one split here (dev), so questions are split by article for training and testing retrievers
+and readers: split `train` keeps the questions of the even-numbered articles (0, 2, 4, ...; 24 of 48)
+and only those articles' paragraphs as the corpus (hard negatives are never mined from held-out
+articles); `heldout` keeps the questions of the odd-numbered articles with the whole corpus (every
+paragraph is a candidate, as for `test`/`all`, which keep every question).
+
 `subsample(dataset, n)` keeps n queries chosen by a hash of their ids: the same n queries on every
 machine and every run, and a smaller sample is always part of a larger one.
 """
@@ -174,6 +180,29 @@ def load_squad(path: str | Path, name: str | None = None) -> RetrievalDataset:
     return RetrievalDataset(name or path.name.split(".")[0], corpus, queries, qrels)
 
 
+SQUAD_SPLITS = ("test", "all", "train", "heldout")
+
+
+def squad_split(dataset: RetrievalDataset, split: str) -> RetrievalDataset:
+    """The SQuAD questions of a split by article (see the module docstring)."""
+    if split in ("test", "all"):
+        return dataset
+    if split not in SQUAD_SPLITS:
+        raise LmforgeError(f"SQuAD has no split {split!r}: expected one of {', '.join(SQUAD_SPLITS)} "
+                           "(train: even-numbered articles, heldout: odd-numbered ones)")
+    parity = 0 if split == "train" else 1
+
+    def article(doc_id: str) -> int:
+        return int(dataset.corpus[doc_id].metadata["article"])
+
+    keep = {q for q, judged in dataset.qrels.items() if all(article(d) % 2 == parity for d in judged)}
+    corpus = dataset.corpus if split == "heldout" else {
+        d: doc for d, doc in dataset.corpus.items() if article(d) % 2 == parity}
+    return RetrievalDataset(f"{dataset.name} ({split} articles)", corpus,
+                            {q: t for q, t in dataset.queries.items() if q in keep},
+                            {q: r for q, r in dataset.qrels.items() if q in keep})
+
+
 def _hash_key(qid: str) -> str:
     return hashlib.sha1(qid.encode("utf-8")).hexdigest()
 
@@ -205,18 +234,20 @@ NAMED = {"squad": "squad/dev-v1.1.json.gz", "scifact": "beir/scifact"}
 
 
 def load_dataset(spec: str, split: str = "test") -> RetrievalDataset:
-    """`squad` (SQuAD v1.1 dev), `scifact` (BEIR SciFact, the split's qrels) from the development data,
-    or a PATH: a BEIR-layout folder or a SQuAD-format .json/.json.gz file."""
+    """`squad` (SQuAD v1.1 dev; `split` as in squad_split), `scifact` (BEIR SciFact, the split's qrels)
+    from the development data, or a PATH: a BEIR-layout folder or a SQuAD-format .json/.json.gz file."""
     if spec in NAMED:
         path = shared_data() / NAMED[spec]
         if not path.exists():
             raise LmforgeError(f"dataset {spec!r} needs {path}; set LMFORGE_SHARED_DATA to the folder that has "
                                f"{NAMED[spec]}, or give its path")
-        return load_squad(path, "squad-dev") if spec == "squad" else load_beir(path, split, f"scifact ({split})")
+        if spec == "squad":
+            return squad_split(load_squad(path, "squad-dev"), split)
+        return load_beir(path, split, f"scifact ({split})")
     path = Path(spec)
     if path.is_dir():
         return load_beir(path, split)
     if path.is_file():
-        return load_squad(path)
+        return squad_split(load_squad(path), split)
     raise LmforgeError(f"dataset {spec!r}: no such file or folder (expected squad, scifact, a BEIR-layout "
                       "folder or a SQuAD-format JSON file)")

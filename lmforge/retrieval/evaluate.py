@@ -18,7 +18,8 @@ from lmforge.retrieval.metrics import default_metrics, evaluate_run, parse_metri
 
 
 def make_retriever(name: str, backend: str = "auto", show_progress: bool = False, batch_size: int = 64):
-    """`bm25` or `minilm` (all-MiniLM-L6-v2 through sentence-transformers)."""
+    """`bm25`, `minilm` (all-MiniLM-L6-v2 through sentence-transformers) or `biencoder:RUN` (a
+    `lmforge retrieval train-biencoder` run)."""
     from lmforge.common import LmforgeError
 
     if name == "bm25":
@@ -29,7 +30,12 @@ def make_retriever(name: str, backend: str = "auto", show_progress: bool = False
         from lmforge.retrieval.dense import DenseRetriever, MiniLMEncoder
 
         return DenseRetriever(MiniLMEncoder(batch_size=batch_size, show_progress=show_progress), backend=backend)
-    raise LmforgeError(f"unknown retriever {name!r}: expected bm25 or minilm")
+    if name.startswith("biencoder:"):
+        from lmforge.retrieval.biencoder import BiEncoderEmbedder
+        from lmforge.retrieval.dense import DenseRetriever
+
+        return DenseRetriever(BiEncoderEmbedder(name.split(":", 1)[1]), backend=backend)
+    raise LmforgeError(f"unknown retriever {name!r}: expected bm25, minilm or biencoder:RUN")
 
 
 def retrieve(retriever, dataset: RetrievalDataset, depth: int, batch_size: int = 256,

@@ -15,6 +15,10 @@ With ServeConfig(tools="builtin") (`lmforge serve --tools builtin`) a chat reque
 tools of its own may call lmforge's calculator and python tools: the server runs each call and the
 model continues after the result (see `events`); the reply reports them as `tool_runs`.
 
+With ServeConfig(rag_index=INDEX) (`lmforge serve --rag INDEX`) a chat request gets the passages
+retrieved for its last user message in its prompt (lmforge/rag.py) unless it says `"rag": false`,
+and the response reports them in the extra top-level field `lmforge_rag` (see `Server.retrieve`).
+
 Each request's sequences report to an asyncio queue of their own (the scheduler thread puts events
 there with call_soon_threadsafe), so the model loop never waits for a client. A stream whose client
 goes away is cancelled and leaves the batch at the next step.
@@ -29,6 +33,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -81,6 +86,14 @@ class ServeConfig:
     # python), which the server runs, feeding each result back to the model. "none": it may not.
     tools: str = "none"
     max_tool_calls: int = 4  # server-run calls per choice; the reply ends (finish "length") past it
+    rag_index: str | None = None  # a retrieval index: chat requests answer from its passages (lmforge/rag.py)
+    rag_k: int = 5  # passages retrieved per request
+
+
+class RagChatRequest(ChatRequest):
+    """A chat request with lmforge's retrieval switch: `rag` false leaves the server's index out,
+    true asks for it (a 400 on a server without one); absent, the server's default (on with an index)."""
+    rag: bool | None = None
 
 
 def chat_page() -> str:
@@ -95,8 +108,14 @@ class Server:
     """What the routes share: the configuration and the scheduler, the request checks, and the
     stream of a request's events (the tool loop included). One per app (`create_app`)."""
 
-    def __init__(self, model, tokenizer, cfg: ServeConfig):
+    def __init__(self, model, tokenizer, cfg: ServeConfig, retriever=None):
         self.cfg, self.tokenizer, self.sid = cfg, tokenizer, tokenizer.special_id
+        if cfg.rag_index is not None and retriever is None:
+            from lmforge.rag import load_index
+
+            retriever = load_index(cfg.rag_index)
+        self.retriever = retriever  # search(query, k) -> passages, or None
+        self.search_lock = threading.Lock()  # one search at a time: an index need not be thread-safe
         self.sched = Scheduler(model, tokenizer, max_batch=cfg.max_batch, dtype=cfg.dtype, compile=cfg.compile)
         self.window = model.context_limit  # None: no window (an LSTM, an n-gram)
         room = tokens_left(model, 1)  # at least one token for the reply
@@ -159,6 +178,36 @@ class Server:
             raise APIError(400, f"the prompt is {len(ids)} tokens; this model's limit is {self.max_prompt} "
                                 f"(context window {self.window} tokens, at least one for the reply)",
                            param=param, code="context_length_exceeded")
+
+    def wants_rag(self, req) -> bool:
+        if req.rag and self.retriever is None:
+            raise APIError(400, "this server has no retrieval index (start it with --rag INDEX)", param="rag")
+        return self.retriever is not None and req.rag is not False
+
+    def search(self, query: str) -> list:
+        with self.search_lock:
+            try:
+                return self.retriever.search(query, self.cfg.rag_k)
+            except LmforgeError as e:
+                raise APIError(500, f"retrieval failed: {e}", type="server_error") from None
+
+    async def retrieve(self, messages: list[dict], max_tokens: int, tools) -> tuple[list[dict], list]:
+        """(the messages with the passages retrieved for the last user message, those passages),
+        rendered as lmforge.rag.fit_rag_turn does: passages are dropped or shortened to leave room for
+        the reply (up to max_tokens, at most half the window); the client's messages are all kept."""
+        from lmforge.rag import fit_rag_turn
+
+        users = [i for i, m in enumerate(messages) if m["role"] == "user" and isinstance(m["content"], str)]
+        if not users:
+            return messages, []
+        u = users[-1]
+        passages = await asyncio.to_thread(self.search, messages[u]["content"])
+        budget = None if self.window is None else min(self.max_prompt, self.window - min(max_tokens, self.window // 2))
+        try:
+            return fit_rag_turn(self.tokenizer, messages[:u], messages[u]["content"], passages, budget,
+                                after=messages[u + 1:], drop_history=False, tools=tools)
+        except LmforgeError as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
 
     def params_for(self, req, max_tokens: int, i: int, **extra) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
@@ -326,11 +375,14 @@ class Server:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
+def create_app(model, tokenizer, config: ServeConfig | None = None, retriever=None) -> FastAPI:
+    """The app; `retriever` (anything with search(query, k)) stands in for loading cfg.rag_index."""
     cfg = config or ServeConfig()
     if cfg.tools not in ("none", "builtin"):
         raise LmforgeError(f"tools must be 'none' or 'builtin', got {cfg.tools!r}")
-    srv = Server(model, tokenizer, cfg)
+    if retriever is not None and cfg.rag_index is None:
+        raise LmforgeError("a retriever was given without ServeConfig.rag_index (the index it stands for)")
+    srv = Server(model, tokenizer, cfg, retriever)
     sched, window = srv.sched, srv.window
     page = chat_page()
 
@@ -396,9 +448,9 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
             raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
         return model_card()
 
-    @app.post("/v1/chat/completions", openapi_extra=request_body_schema(ChatRequest, documented_fields(cfg)))
+    @app.post("/v1/chat/completions", openapi_extra=request_body_schema(RagChatRequest, documented_fields(cfg)))
     async def chat_completions(request: Request):
-        req = parse_request(ChatRequest, await srv.read_json(request))
+        req = parse_request(RagChatRequest, await srv.read_json(request))
         max_tokens = srv.check_common(req, cfg.chat_completion_default_tokens)
         if req.top_logprobs:
             raise APIError(400, "'top_logprobs' is not supported by lmforge", param="top_logprobs")
@@ -422,6 +474,9 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                 messages[0] = {**messages[0], "content": messages[0]["content"] + "\n\n" + text}
             else:
                 messages.insert(0, {"role": "system", "content": text})
+        rag = None  # the passages shown, when the request retrieves
+        if srv.wants_rag(req):
+            messages, rag = await srv.retrieve(messages, max_tokens, template_tools)
         try:
             ids = render_messages(tokenizer, messages, tools=template_tools)
         except LmforgeError as e:
@@ -442,16 +497,33 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_name,
                     "system_fingerprint": None, "choices": choices, **extra}
 
+        def rag_field(**parts) -> dict:
+            """The extra top-level field `lmforge_rag` of a request that retrieved (docs/serving.md)."""
+            return {"lmforge_rag": parts} if rag is not None else {}
+
+        def rag_passages() -> list[dict]:
+            from lmforge.rag import passage_record
+
+            return [passage_record(n, p) for n, p in enumerate(rag or [], 1)]
+
+        def rag_cited(text: str) -> list[int]:
+            from lmforge.rag import cited_numbers
+
+            return cited_numbers(text, len(rag or []))
+
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
             async def body():
                 for i in range(len(seqs)):
                     yield sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                      "logprobs": None, "finish_reason": None}]))
+                                      "logprobs": None, "finish_reason": None}],
+                                    **(rag_field(passages=rag_passages()) if i == 0 else {})))
                 completion = 0
+                texts = [""] * len(seqs)
                 async for i, ev in srv.events(queue, seqs, server_tools):
                     if ev.kind == "text":
+                        texts[i] += ev.text
                         delta = {"content": ev.text}
                     elif ev.kind == "tool_call":
                         delta = {"tool_calls": [tool_call_obj(ev.tool_call, index=0)]}
@@ -462,7 +534,8 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                     elif ev.kind == "done":
                         completion += ev.completion_tokens
                         yield sse(chunk([{"index": i, "delta": {}, "logprobs": None,
-                                          "finish_reason": ev.finish_reason}]))
+                                          "finish_reason": ev.finish_reason}],
+                                        **rag_field(choice=i, cited=rag_cited(texts[i]))))
                         continue
                     else:
                         yield sse(APIError(500, ev.text, type="server_error").body())
@@ -485,9 +558,10 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
             if r["tool_runs"]:
                 msg["tool_runs"] = r["tool_runs"]
             choices.append({"index": i, "message": msg, "logprobs": None, "finish_reason": r["finish_reason"]})
+        extra = rag_field(passages=rag_passages(), cited=[rag_cited(r["text"]) for r in results])
         return {"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_name,
                 "system_fingerprint": None, "choices": choices,
-                "usage": srv.total_usage(results, [len(ids)] * len(seqs))}
+                "usage": srv.total_usage(results, [len(ids)] * len(seqs)), **extra}
 
     @app.post("/v1/completions", openapi_extra=request_body_schema(CompletionRequest, documented_fields(cfg)))
     async def completions(request: Request):
@@ -576,6 +650,8 @@ def documented_fields(cfg: ServeConfig) -> dict:
         "messages": {"type": "array", "minItems": 1, "items": message},
         "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}},
                              token_ids, {"type": "array", "minItems": 1, "items": token_ids}]},
+        # lmforge's retrieval switch (RagChatRequest): true only on a server started with --rag INDEX.
+        "rag": nullable({"type": "boolean"} if cfg.rag_index else {"enum": [False]}),
         "tool_choice": nullable({"anyOf": [
             {"enum": ["none", "auto", "required"]},
             {"type": "object", "required": ["type", "function"],

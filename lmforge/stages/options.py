@@ -101,3 +101,34 @@ class RLOptions:
                           "the policy's", choices=("separate", "shared"))
     eval_n: int = setting(100, "held-out problems per task", check="positive")
     resume: bool = setting(False, "continue from the newest checkpoint in --out")
+
+
+# ----------------------------------------------------------------------------- retrievers
+# Training defaults of `lmforge retrieval train-biencoder` / `train-reranker` where they differ from
+# TrainConfig's. No compilation: texts of every length make many shapes.
+RETRIEVER_TRAIN_DEFAULTS = dict(max_steps=300, optimizer="adamw", lr=3e-4, warmup_steps=20, eval_every=100,
+                                ckpt_every=250, schedule="cosine", min_lr_frac=0.1, compile="off")
+# What the cross-encoder changes: each query is read with its positive and 7 hard negatives.
+RERANKER_DEFAULTS = dict(batch_size=8, hard_negatives=7, passage_len=256)
+
+
+@dataclass
+class RetrieverOptions:
+    """The settings of the two retriever stages (lmforge/stages/retriever.py)."""
+
+    checkpoint: str  # an encoder run (lmforge pretrain --arch encoder) or checkpoint
+    dataset: str  # squad | scifact | a BEIR folder | a SQuAD-format file
+    split: str = setting("train", "the judgements trained on: a BEIR folder's qrels/SPLIT.tsv; SQuAD: train "
+                         "(the even-numbered articles' questions; heldout is the rest)")
+    batch_size: int = setting(32, "queries per micro-batch per process, each with its positive and hard "
+                              "negatives", check="positive")
+    hard_negatives: int = setting(1, "hard negatives per query: passages BM25 ranks high that are not "
+                                  "relevant", check="nonneg")
+    query_len: int = setting(64, "query tokens at most", check="positive")
+    passage_len: int = setting(192, "passage tokens at most (re-ranker: the query and passage together)",
+                               check="positive")
+    temperature: float = setting(0.05, "InfoNCE temperature of the bi-encoder (scores = cosine / T)",
+                                 check="positive")
+    val_fraction: float = setting(0.05, "held-out share of the training queries", check="fraction")
+    max_val: int = setting(512, "held-out queries per evaluation", check="positive")
+    resume: bool = setting(False, "continue from the newest checkpoint in --out")
