@@ -103,3 +103,40 @@ def test_chat_page_streams_replies_with_history(browser, tmp_path):
         out = Path(os.environ["LMFORGE_TEST_ARTIFACTS"])
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, out / shot.name)
+
+
+def test_chat_page_lists_the_sources_of_a_rag_reply(browser):
+    """With `serve --rag`, the page shows the passages the reply was given under it, numbered as the
+    model saw them, and marks the one it cited."""
+    from lmforge.rag import Snippet, rag_turn
+
+    tok = Tokenizer.byte_level()
+    passages = [Snippet("The Rhine flows into the North Sea.", "docs/rhine.md", "rhine", "Rhine", 0, 35),
+                Snippet("Paris is the capital of France.", "docs/paris.md", "paris", "Paris", 10, 41)]
+
+    class Index:
+        def search(self, query, k=5):
+            return passages[:k]
+
+    prompt = render_messages(tok, rag_turn("Capital of France?", passages))
+    reply = tok.encode("Paris [2]") + [tok.special_id("<|assistant_end|>")]
+    model = scripted_model(tok, say({}, len(prompt), reply), fill=tok.encode("z")[0],
+                           block_size=2 * len(prompt) + 64)  # room for the whole prompt: no passage is cut
+    cfg = ServeConfig(model_name="scripted", api_key=KEY, rag_index="fake", rag_k=2)
+    with ServerThread(create_app(model, tok, cfg, retriever=Index())) as srv:
+        page = browser.new_page()
+        page.goto(srv.url + "/")
+        page.fill("#api-key", KEY)
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_selector("#model:has-text('scripted')")
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "16")
+        page.fill("#input", "Capital of France?")
+        page.press("#input", "Enter")
+        page.wait_for_selector(".msg.assistant[data-done='true']", timeout=60_000)
+        assert page.locator(".msg.assistant .text").inner_text() == "Paris [2]"
+        items = page.locator(".msg.assistant .sources li")
+        assert items.all_inner_texts() == ["docs/rhine.md:0-35 \u00b7 Rhine", "docs/paris.md:10-41 \u00b7 Paris"]
+        cited = page.locator(".msg.assistant .sources li.cited").all_inner_texts()
+        assert cited == ["docs/paris.md:10-41 \u00b7 Paris"]
+        page.close()
