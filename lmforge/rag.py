@@ -365,10 +365,14 @@ def _distractors(q: SquadQuestion, neighbours: list[Snippet], pool: list[Snippet
 
 def squad_rag_conversations(path, *, split: str = "train", k: int = 4, refusal_share: float = 0.2,
                             distractors: str = "bm25", style: str = "tool", seed: int = 0,
-                            max_examples: int | None = None) -> list[list[dict]]:
+                            max_examples: int | None = None, fit=None) -> list[list[dict]]:
     """Conversations teaching "answer from the passages, cite them, say when they do not contain the
     answer" (see the module docstring), deterministic by seed. Distractors come from the split's own
-    paragraphs ("bm25": the question's BM25 neighbours, "random": random paragraphs)."""
+    paragraphs ("bm25": the question's BM25 neighbours, "random": random paragraphs).
+
+    fit = (tokenizer, window): each conversation is fitted to the window as at inference
+    (fit_rag_turn, room kept for the answer): without it, fine-tuning cuts a long one at its end,
+    where the answer is. An answered question whose cited passage would lose the answer is left out."""
     if k < 1 or not 0 <= refusal_share <= 1:
         raise LmforgeError(f"need k >= 1 and 0 <= refusal share <= 1 (got k={k}, {refusal_share})")
     if distractors not in ("bm25", "random"):
@@ -392,7 +396,14 @@ def squad_rag_conversations(path, *, split: str = "train", k: int = 4, refusal_s
             at = rng.randrange(len(shown) + 1)
             shown.insert(at, q.gold)
             answer = f"{q.answers[0]} [{at + 1}]"
-        out.append(rag_turn(q.question, shown, style) + [{"role": "assistant", "content": answer}])
+        if fit is None:
+            out.append(rag_turn(q.question, shown, style) + [{"role": "assistant", "content": answer}])
+            continue
+        tokenizer, window = fit
+        budget = window - len(tokenizer.encode(answer)) - 1  # the answer and its end of turn
+        messages, kept = fit_rag_turn(tokenizer, [], q.question, shown, budget)
+        if refuse or (len(kept) > at and _holds_answer(kept[at], q)):
+            out.append(messages + [{"role": "assistant", "content": answer}])
     return out
 
 

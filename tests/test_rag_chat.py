@@ -280,6 +280,26 @@ def test_sft_data_cites_the_gold_passage_refuses_without_it_and_keeps_the_split(
     assert all(int(re.search(r"thing(\d)", c[0]["content"]).group(1)) % 2 == 1 for c in heldout)
 
 
+def test_sft_data_fitted_to_a_window_keeps_every_answer_inside_it(tmp_path, tok):
+    """With fit=(tokenizer, window) each conversation renders within the window, passages dropped or
+    shortened as at inference, and every answered one still shows its answer in the cited passage."""
+    path = squad_file(tmp_path / "squad.json", n_articles=8)
+    window = 200  # bytes: about two of the three passages
+    whole = squad_rag_conversations(path, k=3, refusal_share=0.3, seed=1)
+    fitted = squad_rag_conversations(path, k=3, refusal_share=0.3, seed=1, fit=(tok, window))
+    assert max(len(render_for_training(tok, c)[0]) for c in whole) > window
+    assert fitted and all(len(render_for_training(tok, c)[0]) <= window for c in fitted)
+    for user, tool, assistant in fitted:
+        if assistant["content"] != REFUSAL:
+            answer, n = re.fullmatch(r"(\S+) \[(\d)\]", assistant["content"]).groups()
+            cited = re.search(rf"\[{n}\] \(\S+\) ([^\n]*)", tool["content"]).group(1)
+            assert answer in cited
+    assert len(fitted) < len(whole)  # answers whose passage fell out of the window are left out
+    code, stdout, err = run_cli("rag-sft-data", "--squad", path, "--out", tmp_path / "f.jsonl", "--k", 3,
+                                "--fit-to", save_tiny_checkpoint(tmp_path / "base", block_size=window))
+    assert code == 0, err
+
+
 def test_sft_data_command_writes_what_sft_loads(tmp_path, tok):
     from lmforge.posttrain.conversations import load_file
 

@@ -33,9 +33,16 @@ def cmd_rag_sft_data(args):
     from lmforge.posttrain.conversations import write_jsonl
     from lmforge.rag import REFUSAL, squad_rag_conversations
 
+    fit = None
+    if args.fit_to:
+        from lmforge.models.protocol import tokens_left
+        from lmforge.train.checkpoint import checkpoint_shapes, load_checkpoint_tokenizer
+
+        _, _, shapes = checkpoint_shapes(args.fit_to)
+        fit = (load_checkpoint_tokenizer(args.fit_to), tokens_left(shapes, 0))
     convs = squad_rag_conversations(_squad_path(args.squad), split=args.split, k=args.k,
                                     refusal_share=args.refusal_share, distractors=args.distractors,
-                                    style=args.passages_in, seed=args.seed, max_examples=args.max_examples)
+                                    style=args.passages_in, seed=args.seed, max_examples=args.max_examples, fit=fit)
     path = write_jsonl(args.out, convs)
     refusals = sum(c[-1]["content"] == REFUSAL for c in convs)
     print(f"wrote {len(convs)} conversations ({refusals} answered with the refusal) from the {args.split} "
@@ -95,6 +102,10 @@ def add_commands(sub) -> None:
                         "message (for a model imported with its own template)")
     d.add_argument("--seed", type=nonneg_int, default=0)
     d.add_argument("--max-examples", type=positive_int, default=None)
+    d.add_argument("--fit-to", metavar="RUN", default=None,
+                   help="the run to be fine-tuned: fit each conversation into its context window with its tokenizer, "
+                        "as chat and the server do (passages dropped or shortened; an answer whose passage would "
+                        "lose it is left out)")
     d.set_defaults(func=cmd_rag_sft_data)
 
     e = sub.add_parser("rag-eval", help="SQuAD exact match and F1 with no passages, retrieved ones and the gold one")
