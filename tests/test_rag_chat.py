@@ -289,7 +289,7 @@ def test_sft_data_fitted_to_a_window_keeps_every_answer_inside_it(tmp_path, tok)
     fitted = squad_rag_conversations(path, k=3, refusal_share=0.3, seed=1, fit=(tok, window))
     assert max(len(render_for_training(tok, c)[0]) for c in whole) > window
     assert fitted and all(len(render_for_training(tok, c)[0]) <= window for c in fitted)
-    for user, tool, assistant in fitted:
+    for _, tool, assistant in fitted:
         if assistant["content"] != REFUSAL:
             answer, n = re.fullmatch(r"(\S+) \[(\d)\]", assistant["content"]).groups()
             cited = re.search(rf"\[{n}\] \(\S+\) ([^\n]*)", tool["content"]).group(1)
