@@ -105,8 +105,10 @@ class DenseRetriever:
     def describe(self) -> str:
         return f"{self.name} (exact inner product, {self.backend})"
 
-    def _encode(self, texts: list[str]) -> np.ndarray:
-        x = np.asarray(self.encoder.encode(list(texts)), dtype=np.float32)
+    def _encode(self, texts: list[str], queries: bool = False) -> np.ndarray:
+        # an encoder that reads queries differently (a shorter cut) says so with encode_queries
+        encode = getattr(self.encoder, "encode_queries", self.encoder.encode) if queries else self.encoder.encode
+        x = np.asarray(encode(list(texts)), dtype=np.float32)
         if x.ndim != 2 or x.shape[0] != len(texts):
             raise LmforgeError(f"encoder {self.name} returned shape {x.shape} for {len(texts)} texts; "
                                "expected (texts, dim)")
@@ -133,7 +135,7 @@ class DenseRetriever:
             raise LmforgeError("search before index: embed the corpus first")
         if not queries:
             return []
-        idx, scores = self.search_vectors(self._encode(queries), k)
+        idx, scores = self.search_vectors(self._encode(queries, queries=True), k)
         return [[(self.doc_ids[int(i)], float(s)) for i, s in zip(ri, rs) if i >= 0] for ri, rs in zip(idx, scores)]
 
 
