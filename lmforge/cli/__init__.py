@@ -3,6 +3,7 @@
     lmforge speedrun                          every stage in order (cli/speedrun.py)
     lmforge tokenizer train|encode|decode|export-hf, data prepare        (cli/data.py)
     lmforge pretrain                          any model family, under torchrun too (cli/pretrain.py)
+    lmforge scaling sweep|fit|predict         IsoFLOP sweeps and Chinchilla fits (cli/scaling.py)
     lmforge sft | lora merge | synthetic | tool                          (cli/posttrain.py)
     lmforge reward train|score | dpo | grpo | ppo                        (cli/align.py)
     lmforge sample | generate | chat | score  text from a checkpoint      (cli/generate.py)
@@ -36,13 +37,14 @@ from lmforge.cli import (
     rag,
     rag_eval,
     retrieval,
+    scaling,
     serve,
     speedrun,
 )
 from lmforge.common import LmforgeError
 
-COMMAND_GROUPS = (speedrun, data, pretrain, posttrain, align, generate, evaluate, serve, interop, embed, retrieval,
-                  rag, rag_eval)
+COMMAND_GROUPS = (speedrun, data, pretrain, scaling, posttrain, align, generate, evaluate, serve, interop, embed,
+                  retrieval, rag, rag_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:

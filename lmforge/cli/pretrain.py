@@ -2,6 +2,7 @@
 
     lmforge pretrain --data-dir data/ --out runs/a [--arch transformer|lstm|ngram] [--model PRESET]
     lmforge pretrain ... --dry-run        parameters, tokens per step, memory and FLOPs; no training
+    lmforge pretrain ... --dry-run --scaling-fit SWEEP    also the loss a scaling fit predicts for this run
 """
 from __future__ import annotations
 
@@ -64,6 +65,34 @@ def print_training_estimate(args):
     for line in footprint_lines(f, batch_size=args.batch_size, seq_len=seq_len, grad_accum=args.grad_accum,
                                 world=world, parallel=args.parallel):
         print(line)
+    if args.scaling_fit:
+        print_scaling_prediction(args, cfg, tok, tokens=args.max_steps * args.batch_size * seq_len * args.grad_accum
+                                 * world)
+
+
+def print_scaling_prediction(args, cfg, tok, tokens: int):
+    """The loss a fitted sweep predicts for the run these options describe (N as the sweep counts it)."""
+    import torch
+
+    from lmforge.models.transformer import GPT
+    from lmforge.scaling.report import load_fit, loss_line
+    from lmforge.scaling.sweep import matmul_params
+
+    fit, saved, sweep = load_fit(args.scaling_fit)
+    if args.time_budget is not None:
+        raise LmforgeError("--scaling-fit predicts from the tokens a run trains; with --time-budget they are not "
+                           "known in advance (give --max-steps alone)")
+    with torch.device("meta"):
+        n = matmul_params(GPT(cfg))
+    print(f"scaling fit {args.scaling_fit}: N = {n:,} matrix-multiply parameters, D = {tokens:,} tokens "
+          f"(--max-steps {args.max_steps}), D/N = {tokens / n:.1f}")
+    print(loss_line(fit, saved, n, tokens, level=0.9))
+    if sweep["tokenizer_fingerprint"] != tok.fingerprint:
+        print("warning: this run's tokenizer is not the sweep's: losses in nats per token do not carry over")
+    largest = max(r["flops"] for r in saved["runs"])
+    reach = 6 * n * tokens / largest
+    if reach > 1:
+        print(f"this run is {reach:.1f}x the sweep's largest run (by 6ND): an extrapolation")
 
 
 def add_commands(sub) -> None:
@@ -73,6 +102,8 @@ def add_commands(sub) -> None:
     pt.add_argument("--data-dir", required=True, help="folder written by `lmforge data prepare`")
     pt.add_argument("--dry-run", action="store_true",
                     help="print parameters, tokens per step, memory per device and FLOPs per step; do not train")
+    pt.add_argument("--scaling-fit", default=None, metavar="SWEEP",
+                    help="with --dry-run: the validation loss a fitted `lmforge scaling` sweep predicts for this run")
     pt.add_argument("--nproc", type=positive_int, default=None,
                     help="processes (devices) the --dry-run estimate is for (default: this run's, under torchrun)")
     add_model_args(pt, family=True)

@@ -1,0 +1,101 @@
+"""Scaling laws on this machine: the `cpu` IsoFLOP sweep on the stdlib corpus, Chinchilla's three
+fits, and the real test — a prediction made before a 4x larger run, against that run's loss.
+
+Every step is an `lmforge` command, printed before it runs:
+  1. a 512-id byte-level BPE and shards of the Python standard library (offline; 5% of the files
+     validate). A small vocabulary keeps the output head from dominating the smallest models;
+  2. `lmforge scaling sweep --preset cpu --jobs 2` (finished runs are skipped on a re-run, an
+     interrupted one resumes);
+  3. `lmforge scaling fit` (bootstrap intervals, plots in the sweep folder);
+  4. `lmforge scaling predict --flops 4C` for 4x the sweep's largest budget: the best size of the dial
+     and its predicted loss with a 90% prediction interval, saved before the run starts;
+  5. that run, trained as a one-point sweep in its own folder (so it is not in the fit), and the
+     comparison: |measured - predicted| / measured (goal: within 2%) and whether the measured loss
+     is inside the interval.
+
+    python bench/scaling.py [--out bench/out/scaling] [--factor 4]
+
+About 40 minutes on the 2-core CPU (docs/benchmarks.md, "Scaling laws"); the plots are copied to
+docs/img/scaling-*.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def lmforge(*argv, capture: bool = False) -> str:
+    argv = [str(a) for a in argv]
+    print("$ lmforge " + " ".join(argv), flush=True)
+    r = subprocess.run([sys.executable, "-m", "lmforge", *argv], check=True, text=True,
+                       stdout=subprocess.PIPE if capture else None)
+    if capture:
+        print(r.stdout, flush=True)
+    return r.stdout or ""
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "scaling")
+    ap.add_argument("--factor", type=float, default=4.0, help="the held-out run's budget over the sweep's largest")
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    data, sweep, heldout = out / "data", out / "sweep", out / "heldout"
+    if not (data / "manifest.json").exists():
+        lmforge("tokenizer", "train", "--vocab-size", 512, "--out", out / "tok512.json", "--no-progress")
+        lmforge("data", "prepare", "--tokenizer", out / "tok512.json", "--out", data, "--workers", 2, "--no-progress")
+
+    t0 = time.perf_counter()
+    lmforge("scaling", "sweep", "--data-dir", data, "--out", sweep, "--preset", "cpu", "--jobs", args.jobs,
+            "--no-progress")
+    sweep_seconds = time.perf_counter() - t0
+    lmforge("scaling", "fit", sweep)
+    runs = [json.loads(p.read_text()) for p in sorted(sweep.glob("runs/*/*/scaling.json"))]
+    budget = args.factor * max(r["budget"] for r in runs)
+
+    prediction_file = out / "heldout_prediction.json"
+    if not prediction_file.exists():  # made once, before the run; never rewritten after it
+        text = lmforge("scaling", "predict", sweep, "--flops", f"{budget:.4g}", capture=True)
+        best = text.split("best size of this sweep's dial at this budget: depth ")[1]
+        depth = int(best.split()[0])
+        line = best.split("predicted val loss ")[1]
+        loss = float(line.split()[0])
+        lo, hi = (float(v) for v in line.split("[")[1].split("]")[0].split(","))
+        prediction_file.write_text(json.dumps({"budget": budget, "depth": depth, "loss": loss, "lo": lo, "hi": hi,
+                                               "made_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                               "printed": text}, indent=1) + "\n")
+    pred = json.loads(prediction_file.read_text())
+    t0 = time.perf_counter()
+    lmforge("scaling", "sweep", "--data-dir", data, "--out", heldout, "--preset", "cpu", "--flops",
+            f"{pred['budget']:.4g}", "--models", pred["depth"], "--no-progress")
+    heldout_seconds = time.perf_counter() - t0
+    measured = json.loads(next(heldout.glob("runs/*/*/scaling.json")).read_text())
+    error = (pred["loss"] - measured["loss"]) / measured["loss"]
+    inside = pred["lo"] <= measured["loss"] <= pred["hi"]
+    result = {"sweep_runs": len(runs), "sweep_seconds": sweep_seconds, "heldout_seconds": heldout_seconds,
+              "prediction": pred, "measured": measured, "relative_error": error, "inside_interval": inside}
+    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+
+    img = REPO / "docs" / "img"
+    for name in ("isoflop", "frontier", "parametric"):
+        shutil.copy(sweep / f"{name}.png", img / f"scaling-{name}.png")
+    print(f"\nsweep: {len(runs)} runs, {sweep_seconds / 60:.1f} min (this invocation; finished runs are skipped)")
+    print(f"held-out run: budget {pred['budget']:.3g} FLOPs, depth {pred['depth']} "
+          f"(N {measured['params']:,}, {measured['tokens']:,} tokens), {measured['train_time']:.0f} s of training")
+    print(f"predicted {pred['loss']:.4f} [{pred['lo']:.4f}, {pred['hi']:.4f}] nats/token before it ran "
+          f"({pred['made_at']}); measured {measured['loss']:.4f}")
+    print(f"error {100 * error:+.2f}% (goal: within 2%): {'met' if abs(error) <= 0.02 else 'NOT met'}; "
+          f"inside the 90% interval: {'yes' if inside else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()
