@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
-from lmforge.stages.reward import ModelWithHead
+from lmforge.models.heads import ModelWithHead
 
 TEMPERATURE = 0.05
 

@@ -23,8 +23,8 @@ import torch
 
 from lmforge.common import LmforgeError
 from lmforge.data.rows import MixtureSampler, ProcessShare
+from lmforge.models.heads import ModelWithHead
 from lmforge.retrieval.biencoder import info_nce, listwise_loss, pad_rows, pair_ids
-from lmforge.stages.reward import ModelWithHead
 from lmforge.train.distributed import all_reduce_sum
 from lmforge.train.loop import RunningMetrics
 from lmforge.train.stage import Start, run_stage, stage_device

@@ -40,12 +40,12 @@ import torch.nn as nn
 
 from lmforge.common import LmforgeError, is_main_process
 from lmforge.data.rows import ProcessShare
+from lmforge.models.heads import ModelWithHead
 from lmforge.models.protocol import tokens_left
 from lmforge.posttrain import verifiable
 from lmforge.posttrain.batches import pack, token_logprobs
 from lmforge.posttrain.verifiable import evaluate_policy, prompt_source
 from lmforge.stages.options import RLOptions
-from lmforge.stages.reward import ModelWithHead
 from lmforge.train.distributed import all_reduce_sum
 from lmforge.train.loop import RunningMetrics, TrainConfig
 from lmforge.train.stage import frozen_copy, load_start, run_stage, stage_device
