@@ -64,6 +64,8 @@ def test_each_budget_gets_consecutive_sizes_centred_on_the_prior():
         assert depths == [p.depth for p in best]
     fixed = sw.plan_sweep(opts, vocab_size=512, flops=[1e12], depths=[2, 5])
     assert [p.depth for p in fixed] == [2, 5]
+    with pytest.raises(LmforgeError, match="depth 6 would train 19 steps, fewer than --min-steps 25"):
+        sw.plan_sweep(opts, vocab_size=512, flops=[1e11], depths=[2, 6])
     with pytest.raises(LmforgeError, match="too small"):
         sw.plan_sweep(opts, vocab_size=512, flops=[1e8])
 
@@ -88,7 +90,7 @@ def test_sweep_trains_every_point_to_its_budget_and_resumes(tiny_data, tmp_path,
     from lmforge.stages.pretrain import NextTokenTask
     from lmforge.train.logs import read_log
 
-    opts = SweepOptions(eval_tokens=4096)
+    opts = SweepOptions(eval_tokens=4096, min_steps=1)
     grid = sw.plan_sweep(opts, vocab_size=vocab_of(tiny_data), **TINY)
     straight = sw.run_sweep(grid, opts, tiny_config(), str(tiny_data), tmp_path / "straight")
     for rec, p in zip(straight, grid):
@@ -119,7 +121,7 @@ def test_sweep_trains_every_point_to_its_budget_and_resumes(tiny_data, tmp_path,
 
 
 def test_finished_runs_are_not_trained_again(tiny_data, tmp_path, monkeypatch):
-    opts = SweepOptions(eval_tokens=4096)
+    opts = SweepOptions(eval_tokens=4096, min_steps=1)
     grid = sw.plan_sweep(opts, vocab_size=vocab_of(tiny_data), **TINY)
     out = tmp_path / "s"
     out.mkdir()
@@ -156,7 +158,7 @@ def law(n, d):
 def fitted_sweep(tmp_path_factory, tiny_data):
     """A sweep folder whose run records follow `law` exactly, fitted by `lmforge scaling fit`."""
     out = tmp_path_factory.mktemp("fake_sweep")
-    opts = SweepOptions()
+    opts = SweepOptions(min_steps=1)
     sw.check_sweep_folder(out, sw.sweep_record(opts, str(tiny_data), "fp", vocab_of(tiny_data)))
     for p in sw.plan_sweep(opts, vocab_size=vocab_of(tiny_data), flops=[1e11, 3e11, 1e12, 3e12],
                            depths=[1, 2, 3, 4, 5, 6]):
@@ -220,3 +222,9 @@ def test_dry_run_prints_the_grid_and_an_estimate(tiny_data):
                          "--flops", "1e10,3e10", "--models", "1,2"))
     assert "6 N + 12 n_layer n_head head_dim T" in printed
     assert "4 runs over 2 budgets" in printed and "estimated" in printed and "min of training" in printed
+
+
+def test_sweep_refuses_to_run_under_torchrun(monkeypatch, tiny_data, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # every rank would train every run into the same folders
+    code, _, err = run_cli("scaling", "sweep", "--data-dir", tiny_data, "--out", tmp_path / "s")
+    assert code == 2 and "without torchrun" in err and not (tmp_path / "s").exists()

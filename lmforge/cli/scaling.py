@@ -7,7 +7,8 @@
     lmforge scaling predict DIR --params N --tokens D
     lmforge pretrain ... --dry-run --scaling-fit DIR     the loss a planned run should reach
 
-A re-run of `sweep` skips the finished runs and resumes an interrupted one. `--models` fixes the
+A re-run of `sweep` skips the finished runs and resumes an interrupted one. Each run is one process
+(`--jobs N` trains N at a time); the sweep does not run under torchrun. `--models` fixes the
 depths of the dial (every budget trains those sizes); by default each budget gets --sizes depths
 centred on the expected optimum. Losses are validation nats per token, so every run of a sweep
 must use the same tokenizer and data (the sweep folder refuses anything else).
@@ -20,31 +21,33 @@ from lmforge.cli.common import add_options, positive_int
 from lmforge.common import LmforgeError
 
 
-def float_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 3e11,1e12, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return values
+def positive_list(cast, what: str, example: str):
+    """An argparse type: comma-separated positive numbers (`cast` each), or one clear error."""
+    def parse(text: str) -> list:
+        try:
+            values = [cast(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} such as {example}, "
+                                             f"got {text!r}") from None
+        if not values or any(v <= 0 for v in values):
+            raise argparse.ArgumentTypeError(f"expected positive {what}, got {text!r}")
+        return values
+    return parse
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated depths such as 2,3,4, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive depths, got {text!r}")
-    return sorted(set(values))
+float_list = positive_list(float, "numbers", "3e11,1e12")
+depth_list = positive_list(int, "depths", "2,3,4")
 
 
 def positive_float(text: str) -> float:
-    return float_list(text)[0] if "," not in text else float(text)
+    values = float_list(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one number, got {text!r}")
+    return values[0]
 
 
 def cmd_sweep(args):
+    import os
     from pathlib import Path
 
     from lmforge.cli.common import options_from_args, train_config
@@ -52,6 +55,9 @@ def cmd_sweep(args):
     from lmforge.scaling.options import SweepOptions
     from lmforge.stages.pretrain import load_data_tokenizer
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LmforgeError("scaling sweep runs one process per run (--jobs N for several at once); "
+                           "start it without torchrun")
     opts = options_from_args(SweepOptions, args)
     tok, _ = load_data_tokenizer(args.data_dir)
     grid = sw.plan_sweep(opts, vocab_size=tok.vocab_size, flops=args.flops, depths=args.models)
@@ -99,7 +105,7 @@ def add_commands(sub) -> None:
     s.add_argument("--out", required=True, metavar="DIR", help="sweep folder (runs/<budget>/d<depth>, sweep.json)")
     s.add_argument("--flops", type=float_list, default=None, metavar="C1,C2,...",
                    help="compute budgets in FLOPs (default: the preset's)")
-    s.add_argument("--models", type=int_list, default=None, metavar="D1,D2,...",
+    s.add_argument("--models", type=depth_list, default=None, metavar="D1,D2,...",
                    help="depths of the dial trained at every budget (default: --sizes depths per budget, "
                         "centred on the expected optimum)")
     s.add_argument("--dry-run", action="store_true",

@@ -108,12 +108,17 @@ def plan_sweep(opts: SweepOptions, *, vocab_size: int, flops: list[float] | None
     among the sizes that train for at least `opts.min_steps` steps."""
     preset = SWEEP_PRESETS[opts.preset]
     batch, seq = batch_and_length(opts)
-    budgets = sorted(flops or preset.flops)
+    budgets = sorted(set(flops or preset.flops))
     grid = []
     for budget in budgets:
         candidates = [point_at(preset, budget, d, vocab_size=vocab_size, batch_size=batch, seq_len=seq)
-                      for d in (depths or preset.depths)]
+                      for d in sorted(set(depths or preset.depths))]
         if depths:
+            short = [p for p in candidates if p.steps < opts.min_steps]
+            if short:
+                raise LmforgeError(f"at budget {budget:.2e} FLOPs depth {short[0].depth} would train {short[0].steps} "
+                                   f"steps, fewer than --min-steps {opts.min_steps}; give a larger budget, smaller "
+                                   "depths, or a lower --min-steps")
             grid += candidates
             continue
         candidates = [p for p in candidates if p.steps >= opts.min_steps]
