@@ -62,8 +62,11 @@ def cmd_sweep(args):
     tok, _ = load_data_tokenizer(args.data_dir)
     grid = sw.plan_sweep(opts, vocab_size=tok.vocab_size, flops=args.flops, depths=args.models)
     if args.dry_run:
-        print(f"measuring training speed of {len({p.depth for p in grid})} sizes on this machine...", flush=True)
-        for line in sw.grid_lines(grid, sw.estimate_seconds(grid, opts, tok.vocab_size), jobs=opts.jobs):
+        from lmforge.train.stage import stage_device
+
+        device = stage_device(train_config(args, out_dir=args.out, max_steps=1))
+        print(f"measuring training speed of {len({p.depth for p in grid})} sizes on {device}...", flush=True)
+        for line in sw.grid_lines(grid, sw.estimate_seconds(grid, opts, tok.vocab_size, device), jobs=opts.jobs):
             print(line)
         return
     out = Path(args.out)

@@ -136,25 +136,29 @@ def plan_sweep(opts: SweepOptions, *, vocab_size: int, flops: list[float] | None
 
 
 def measure_tokens_per_second(preset: SweepPreset, depth: int, *, vocab_size: int, batch_size: int,
-                              seq_len: int, steps: int = 4) -> float:
+                              seq_len: int, device: str = "cpu", steps: int = 4) -> float:
     """Training tokens per second of one size on this machine: a few real forward/backward/update
-    steps (bf16 autocast on the CPU, as training runs), after one untimed warm-up step."""
+    steps on `device` (with the autocast dtype training would use there), after one untimed warm-up
+    step."""
     from lmforge.models.transformer import GPT, get_config
     from lmforge.train.precision import autocast_dtype
 
     cfg = get_config(preset.base, vocab_size=vocab_size, **model_overrides(preset, depth, seq_len))
-    model = GPT(cfg)
+    model = GPT(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, vocab_size, (batch_size, seq_len))
-    dtype = autocast_dtype("cpu", "auto")
+    x = torch.randint(0, vocab_size, (batch_size, seq_len), device=device)
+    kind = device.split(":")[0]
+    dtype = autocast_dtype(kind, "auto")
     elapsed = 0.0
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        with torch.autocast(kind, dtype=dtype, enabled=dtype is not None):
             loss = model(x, x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if kind == "cuda":
+            torch.cuda.synchronize()
         if i:
             elapsed += time.perf_counter() - t0
     return steps * batch_size * seq_len / elapsed
@@ -164,15 +168,17 @@ def threads_per_job(jobs: int) -> int:
     return max(1, torch.get_num_threads() // jobs)
 
 
-def estimate_seconds(grid: list[SweepPoint], opts: SweepOptions, vocab_size: int) -> dict[int, float]:
-    """Tokens per second of every depth in the grid, measured here with the threads one of
-    `opts.jobs` jobs gets."""
+def estimate_seconds(grid: list[SweepPoint], opts: SweepOptions, vocab_size: int,
+                     device: str = "cpu") -> dict[int, float]:
+    """Tokens per second of every depth in the grid, measured here on `device` with the threads one
+    of `opts.jobs` jobs gets."""
     preset = SWEEP_PRESETS[opts.preset]
     batch, seq = batch_and_length(opts)
     threads = torch.get_num_threads()
     torch.set_num_threads(threads_per_job(opts.jobs))
     try:
-        return {d: measure_tokens_per_second(preset, d, vocab_size=vocab_size, batch_size=batch, seq_len=seq)
+        return {d: measure_tokens_per_second(preset, d, vocab_size=vocab_size, batch_size=batch, seq_len=seq,
+                                             device=device)
                 for d in sorted({p.depth for p in grid})}
     finally:
         torch.set_num_threads(threads)
@@ -287,7 +293,7 @@ def run_sweep(grid: list[SweepPoint], opts: SweepOptions, train_cfg, data_dir: s
 
     def started(i: int, point: SweepPoint) -> Path:
         run_dir = out / "runs" / point.name
-        state = "done" if (run_dir / RESULT_FILE).exists() else "training"
+        state = "done" if (run_dir / RESULT_FILE).exists() else ("training" if opts.jobs == 1 else "queued")
         print(f"[{i}/{len(grid)}] budget {point.budget:.2e}, depth {point.depth} (N {point.params:,}, "
               f"{point.tokens:,} tokens, {point.steps} steps): {state}", flush=True)
         return run_dir
@@ -307,9 +313,9 @@ def run_sweep(grid: list[SweepPoint], opts: SweepOptions, train_cfg, data_dir: s
         return [finished(i, p, f.result()) for i, (p, f) in enumerate(zip(grid, futures), 1)]
 
 
-def collect_runs(out: str | Path, where: str = "runs") -> list[dict]:
+def collect_runs(out: str | Path) -> list[dict]:
     """The records of the finished runs of a sweep folder (unfinished ones have none yet)."""
-    root = Path(out) / where
+    root = Path(out) / "runs"
     if not (Path(out) / "sweep.json").exists():
         raise LmforgeError(f"{out} is not a sweep folder (no sweep.json); run `lmforge scaling sweep --out {out}`")
     return [json.loads(p.read_text()) for p in sorted(root.glob(f"*/*/{RESULT_FILE}"))]
