@@ -86,7 +86,7 @@ def main():
     prediction_file = out / "heldout_prediction.json"
     if not prediction_file.exists():  # made once, before the run; never rewritten after it
         text = lmforge("scaling", "predict", sweep, "--flops", f"{budget:.4g}", capture=True)
-        best = text.split("best size of this sweep's dial at this budget: depth ")[1]
+        best = text.split("best size of this sweep's dial at this budget (approach 3): depth ")[1]
         depth = int(best.split()[0])
         line = best.split("predicted val loss ")[1]
         loss = float(line.split()[0])

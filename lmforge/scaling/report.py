@@ -116,10 +116,38 @@ def dial_choices(fit, sweep: dict, budget: float, depths=range(1, 65)) -> list[t
     return sorted(out, key=lambda t: t[2])
 
 
-def predict_lines(folder: str | Path, *, flops: float | None = None, params: float | None = None,
-                  tokens: float | None = None, level: float = 0.9) -> list[str]:
+def point_text(p) -> str:
+    return (f"N = {p.params:,}, {p.tokens:,} tokens = {p.steps:,} steps of {p.tokens_per_step:,}, "
+            f"D/N = {p.tokens / p.params:.1f}, FLOPs {p.flops:.3g}")
+
+
+def train_command(sweep: dict, depth: int, p) -> str:
+    """The `lmforge pretrain` command that trains one size of the sweep's dial as the sweep did."""
     from lmforge.scaling.sweep import model_overrides
 
+    o = model_overrides(SweepPreset(**sweep["preset_fields"]), depth, sweep["seq_len"])
+    return (f"train it: lmforge pretrain --data-dir {sweep['data_dir']} --model {sweep['preset_fields']['base']} "
+            f"--n-layer {o['n_layer']} --n-embd {o['n_embd']} --n-head {o['n_head']} --n-kv-head {o['n_kv_head']} "
+            f"--block-size {o['block_size']} --batch-size {sweep['batch_size']} --seq-len {sweep['seq_len']} "
+            f"--max-steps {p.steps} --eval-every 0 --out RUN")
+
+
+def frontier_size(saved: dict, budget: float, choices: list[tuple]):
+    """The dial size nearest (in log N) the IsoFLOP frontier's N_opt at `budget` (approach 2's power
+    law, else approach 1's), with the law's name and N_opt; None without either. Shown beside
+    approach 3's own pick because the approaches can disagree on the size (in this project's CPU
+    sweeps approach 3 picked one a step too small; docs/benchmarks.md): `scaling fit`'s backtest says
+    which to trust."""
+    for name, label in (("approach2", "approach 2"), ("approach1", "approach 1")):
+        law = saved.get(name)
+        if law is not None:
+            n_front = law["k_n"] * budget ** law["a"]
+            return min(choices, key=lambda c: abs(math.log(c[1].params / n_front))), label, n_front
+    return None
+
+
+def predict_lines(folder: str | Path, *, flops: float | None = None, params: float | None = None,
+                  tokens: float | None = None, level: float = 0.9) -> list[str]:
     fit, saved, sweep = load_fit(folder)
     largest = max(r["flops"] for r in saved["runs"])
     if params is not None:
@@ -135,16 +163,14 @@ def predict_lines(folder: str | Path, *, flops: float | None = None, params: flo
         choices = dial_choices(fit, sweep, flops)
         if choices:
             d, p, _ = choices[0]
-            lines += [f"best size of this sweep's dial at this budget: depth {d} (N = {p.params:,}, "
-                      f"{p.tokens:,} tokens = {p.steps:,} steps of {p.tokens_per_step:,}, D/N = "
-                      f"{p.tokens / p.params:.1f}, FLOPs {p.flops:.3g})",
-                      loss_line(fit, saved, p.params, p.tokens, level)]
-            o = model_overrides(SweepPreset(**{**sweep["preset_fields"]}), d, sweep["seq_len"])
-            lines.append(f"train it: lmforge pretrain --data-dir {sweep['data_dir']} --model "
-                         f"{sweep['preset_fields']['base']} --n-layer {o['n_layer']} --n-embd {o['n_embd']} "
-                         f"--n-head {o['n_head']} --n-kv-head {o['n_kv_head']} --block-size {o['block_size']} "
-                         f"--batch-size {sweep['batch_size']} --seq-len {sweep['seq_len']} --max-steps {p.steps} "
-                         "--eval-every 0 --out RUN")
+            lines += [f"best size of this sweep's dial at this budget (approach 3): depth {d} ({point_text(p)})",
+                      loss_line(fit, saved, p.params, p.tokens, level), train_command(sweep, d, p)]
+            frontier = frontier_size(saved, flops, choices)
+            if frontier is not None:
+                (d, p, _), label, n_front = frontier
+                lines += [f"size nearest the IsoFLOP frontier ({label}: N_opt = {n_front:,.0f}): depth {d} "
+                          f"({point_text(p)})", loss_line(fit, saved, p.params, p.tokens, level),
+                          train_command(sweep, d, p)]
         reach = flops / largest
     if reach > 1:
         lines.append(f"this is {reach:.1f}x the largest run of the sweep: an extrapolation")
