@@ -177,6 +177,12 @@ def test_fit_prints_exponents_and_writes_plots(fitted_sweep):
     for name in ("isoflop.png", "frontier.png", "parametric.png", "fit.json"):
         assert (out / name).stat().st_size > 0
     saved = json.loads((out / "fit.json").read_text())
+    # the backtest refits without the largest budget: on runs that follow one law exactly it predicts
+    # that budget's runs almost exactly, and picks the size the law prefers
+    assert "backtest:" in printed and saved["backtest"]["budget"] == 3e12
+    assert len(saved["backtest"]["runs"]) == 6
+    assert all(abs(row["error"]) < 0.005 for row in saved["backtest"]["runs"])
+    assert saved["backtest"]["pick"] == saved["backtest"]["best"]
     assert saved["approach3"]["alpha"] == pytest.approx(0.34, abs=0.02)
     assert saved["approach3"]["beta"] == pytest.approx(0.30, abs=0.02)
 
@@ -217,6 +223,10 @@ def test_clear_errors(tmp_path, tiny_data):
     assert code == 2 and "comma-separated numbers" in err
     code, _, err = run_cli("scaling", "fit", tmp_path)
     assert code == 2 and "not a sweep folder" in err
+    code, _, err = run_cli("scaling", "sweep", "--data-dir", tiny_data, "--out", tmp_path / "x", "--flops", "1e12,nan")
+    assert code == 2 and "expected positive numbers" in err
+    code, _, err = run_cli("scaling", "fit", tmp_path, "--level", "95")
+    assert code == 2 and "interval coverage in (0, 1)" in err
 
 
 def test_dry_run_prints_the_grid_and_an_estimate(tiny_data):

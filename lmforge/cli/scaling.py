@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmforge.cli.common import add_options, positive_int
+from lmforge.cli.common import add_options, checked, positive_float, positive_int
 from lmforge.common import LmforgeError
 
 
@@ -29,7 +29,7 @@ def positive_list(cast, what: str, example: str):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {what} such as {example}, "
                                              f"got {text!r}") from None
-        if not values or any(v <= 0 for v in values):
+        if not values or not all(0 < v < float("inf") for v in values):  # NaN fails too
             raise argparse.ArgumentTypeError(f"expected positive {what}, got {text!r}")
         return values
     return parse
@@ -39,11 +39,7 @@ float_list = positive_list(float, "numbers", "3e11,1e12")
 depth_list = positive_list(int, "depths", "2,3,4")
 
 
-def positive_float(text: str) -> float:
-    values = float_list(text)
-    if len(values) != 1:
-        raise argparse.ArgumentTypeError(f"expected one number, got {text!r}")
-    return values[0]
+coverage = checked(float, lambda v: 0 < v < 1, "an interval coverage in (0, 1), such as 0.9")
 
 
 def cmd_sweep(args):
@@ -121,7 +117,7 @@ def add_commands(sub) -> None:
     f = ssub.add_parser("fit", help="fit Chinchilla's three approaches to a sweep's runs; plots in DIR")
     f.add_argument("dir", metavar="DIR", help="a sweep folder")
     f.add_argument("--bootstrap", type=positive_int, default=200, help="bootstrap resamples for the intervals")
-    f.add_argument("--level", type=float, default=0.9, help="interval coverage (default 0.9)")
+    f.add_argument("--level", type=coverage, default=0.9, help="interval coverage (default 0.9)")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=cmd_fit)
 
@@ -131,5 +127,5 @@ def add_commands(sub) -> None:
     r.add_argument("--params", type=positive_float, default=None, metavar="N",
                    help="matrix-multiply parameters (as `scaling sweep` counts them)")
     r.add_argument("--tokens", type=positive_float, default=None, metavar="D", help="training tokens")
-    r.add_argument("--level", type=float, default=0.9, help="interval coverage (default 0.9)")
+    r.add_argument("--level", type=coverage, default=0.9, help="interval coverage (default 0.9)")
     r.set_defaults(func=cmd_predict)
