@@ -19,7 +19,6 @@ resumes a run that has checkpoints but no scaling.json from its newest checkpoin
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -318,4 +317,4 @@ def collect_runs(out: str | Path) -> list[dict]:
     root = Path(out) / "runs"
     if not (Path(out) / "sweep.json").exists():
         raise LmforgeError(f"{out} is not a sweep folder (no sweep.json); run `lmforge scaling sweep --out {out}`")
-    return [json.loads(p.read_text()) for p in sorted(root.glob(f"*/*/{RESULT_FILE}"))]
+    return [read_json(p, "scaling run record") for p in sorted(root.glob(f"*/*/{RESULT_FILE}"))]
