@@ -2,6 +2,7 @@
 
     lmforge tokenizer train --data SOURCE --vocab-size 4096 --out tok.json
     lmforge tokenizer encode|decode --tokenizer tok.json ...  |  export-hf --tokenizer tok.json DIR
+    lmforge data curate RAW... --out curated/ [--config curate.toml] [--shard i/n]
     lmforge data prepare --data SOURCE --tokenizer tok.json --out data/
 """
 from __future__ import annotations
@@ -67,6 +68,29 @@ def cmd_data_prepare(args):
     print(f"shards in {args.out} ({splits})")
 
 
+def cmd_data_curate(args):
+    from lmforge.curate.config import config_toml, load_config
+    from lmforge.curate.pipeline import curate, parse_shard
+
+    cfg = load_config(args.config)
+    if args.print_config:
+        sys.stdout.write(config_toml(cfg))
+        return
+    if not args.inputs or not args.out:
+        raise LmforgeError("data curate needs input files and --out DIR (or --print-config)")
+    if args.reference:
+        cfg.quality_model.reference = tuple(args.reference)
+        cfg.quality_model.enabled = True
+    shard = parse_shard(args.shard) if args.shard else None
+    s = curate(args.inputs, args.out, cfg, workers=args.workers, shard=shard, show_progress=not args.no_progress)
+    if not s.finished:
+        print(f"{s.tasks_done} of {s.tasks} input files curated in {s.out}; once every shard has run, run the "
+              f"same command without --shard to deduplicate, score and write the report")
+        return
+    print(f"curated: {s.docs_out:,} documents, {s.bytes_out / 1e6:,.2f} MB in {s.out / 'curated'} "
+          f"(report: {s.out / 'report.md'})")
+
+
 def add_commands(sub) -> None:
     t = sub.add_parser("tokenizer", help="train and use byte-level BPE tokenizers")
     tsub = t.add_subparsers(dest="tok_command", metavar="ACTION")
@@ -91,8 +115,18 @@ def add_commands(sub) -> None:
     tx.add_argument("out_dir")
     tx.set_defaults(func=cmd_tokenizer_export_hf)
 
-    d = sub.add_parser("data", help="prepare tokenized shards")
+    d = sub.add_parser("data", help="curate raw web text and prepare tokenized shards")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    dc = dsub.add_parser("curate", help="extract, filter, deduplicate and score raw web text, with a report")
+    dc.add_argument("inputs", nargs="*", help="HTML, WARC, WET, jsonl(.gz) or txt files, folders or globs")
+    dc.add_argument("--out", help="output folder (curated/part-*.jsonl, report.md); a re-run resumes")
+    dc.add_argument("--config", help="TOML file overriding the defaults (see --print-config)")
+    dc.add_argument("--print-config", action="store_true", help="print the settings as TOML and exit")
+    dc.add_argument("--reference", nargs="+", help="reference text for the quality model (turns it on)")
+    dc.add_argument("--workers", type=positive_int, default=None, help="processes (default: one per core)")
+    dc.add_argument("--shard", help="i/n: run only every n-th input file starting at i (e.g. a Slurm array)")
+    dc.add_argument("--no-progress", action="store_true")
+    dc.set_defaults(func=cmd_data_curate)
     dp = dsub.add_parser("prepare", help="tokenize a corpus into binary shards with a manifest")
     dp.add_argument("--data", default=None, help=SOURCE_HELP)
     dp.add_argument("--tokenizer", required=True)

@@ -1,5 +1,6 @@
 """`lmforge speedrun`: every stage of the pipeline, in order, under one run folder.
 
+    0 curate      only for raw web data (HTML, WARC, WET) or with --curate: extraction, filters, dedup
     1 tokenizer   byte-level BPE trained on the corpus
     2 data        token shards with a held-out validation split
     3 pretrain    the preset's transformer (under torchrun on a multi-GPU preset)
@@ -145,6 +146,21 @@ def cmd_speedrun(args):
 
     def head(i: int, text: str):
         print(f"[{i}/{n_stages}] {text}", flush=True)
+
+    # 0. curation, when the corpus is raw web pages (a re-run reuses its finished files)
+    from lmforge.curate.extract import is_raw_web
+
+    if args.curate or args.curate_config or is_raw_web(source):
+        from lmforge.curate.config import load_config
+        from lmforge.curate.pipeline import curate
+
+        if source is None:
+            raise LmforgeError("--curate needs --data naming the raw files (HTML, WARC, WET, jsonl or txt)")
+        head(0, f"curate: extraction, quality filters and deduplication of {source}")
+        c = curate([source], out / "curate", load_config(args.curate_config), show_progress=args.progress)
+        print(f"      {c.docs_out:,} documents, {c.bytes_out / 1e6:,.2f} MB kept "
+              f"(report: {out / 'curate' / 'report.md'})")
+        source = str(out / "curate" / "curated")
 
     print(f"speedrun preset {preset.name}: model {args.model_preset}, data {source}; {args.batch_size} sequences x "
           f"{args.seq_len} tokens x {args.grad_accum} accumulation steps x {preset.nproc} processes = "
@@ -322,6 +338,9 @@ def add_commands(sub) -> None:
     s.add_argument("--data", default=None,
                    help="file, folder, glob or HF dataset name (cpu preset: Python stdlib source)")
     s.add_argument("--out", default="runs/speedrun")
+    s.add_argument("--curate", action="store_true",
+                   help="curate --data first (automatic when it names HTML, WARC or WET files)")
+    s.add_argument("--curate-config", default=None, help="curation settings (TOML; implies --curate)")
     s.add_argument("--vocab-size", type=positive_int, default=None)
     s.add_argument("--max-chars", type=positive_int, default=None, help="read at most this many characters")
     s.add_argument("--tokenizer-chars", type=positive_int, default=None)
