@@ -1,6 +1,6 @@
 """What curation buys: the same model trained on raw extracted web text and on curated web text.
 
-    LMFORGE_SHARED_DATA=../shared/data python bench/curate_training.py [--steps 600] [--seeds 0,1]
+    LMFORGE_SHARED_DATA=../shared/data python bench/curate_training.py [--steps one-pass|N] [--seeds 0,1,2]
 
 The raw web data of ../shared/data/web-raw (442 HTML pages, three WARC excerpts, 697 Common Crawl
 text documents) goes through `lmforge data curate` three times: (a) extraction only, every other
@@ -11,6 +11,11 @@ trained on (a), serves all three. The `cpu` model preset then trains the same nu
 tokens, same wall clock within noise) on each, for each seed, and is scored in bits per byte on
 clean held-out text that no corpus contains: WikiText-2's validation split. The seed-to-seed spread
 of each arm is the run-to-run noise the differences are compared with.
+
+The development data is small (5 MB of extracted text, 0.7 MB after curation), so the budget
+matters: `--steps one-pass` (the default) trains on as many tokens as the smallest arm has, so no
+arm reads a document twice (how curation is compared at scale, e.g. FineWeb's ablations); a fixed
+`--steps N` past that makes the curated arms repeat their text while the raw arm does not.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LMFORGE_SHARED_DATA", REPO.parent / "shared" / "data"))
+TOKENS_PER_STEP = 8 * 256  # `lmforge pretrain --model cpu` defaults: 8 sequences of the model's 256-token context
 WEB = ("web-raw/trafilatura/pages.jsonl.gz", "web-raw/dolma-cc-text", "web-raw/warc")
 
 
@@ -46,13 +52,13 @@ def corpus_stats(folder: Path) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="/tmp/curate-training")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", default="one-pass", help="'one-pass' or a number of optimizer steps")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--reference", nargs="*", default=["gutenberg/classics-sample-000.jsonl.gz",
                                                        "gutenberg/classics-sample-001.jsonl.gz"])
     ap.add_argument("--keep-fraction", type=float, default=0.5, help="of the quality model's arm")
     ap.add_argument("--eval-text", default="eval/wikitext-2/valid.txt")
-    ap.add_argument("--out", default=str(REPO / "bench" / "out" / "curate_training.json"))
+    ap.add_argument("--out", default=None, help="default: bench/out/curate_training-<steps>steps.json")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -88,17 +94,25 @@ def main():
             lmforge("data", "prepare", "--data", folder, "--tokenizer", tok, "--out", work / f"data-{arm}",
                     "--no-progress")
 
+    if args.steps == "one-pass":  # the smallest arm's training tokens, in whole steps
+        tokens = min(json.loads((work / f"data-{a}" / "manifest.json").read_text())["splits"]["train"]["tokens"]
+                     for a in arms)
+        steps = tokens // TOKENS_PER_STEP
+        print(f"one pass over the smallest arm: {tokens:,} tokens = {steps} steps of {TOKENS_PER_STEP}")
+    else:
+        steps = int(args.steps)
+
     from lmforge.eval.harness import load_eval_model
     from lmforge.eval.lm import evaluate_text_file
 
     results = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for arm in arms:
-            run = work / f"run-{arm}-s{seed}"
+            run = work / f"run-{arm}-{steps}steps-s{seed}"
             start = time.perf_counter()
             if not (run / "bench_done").exists():
                 lmforge("pretrain", "--data-dir", work / f"data-{arm}", "--out", run, "--model", "cpu",
-                        "--max-steps", args.steps, "--seed", seed, "--eval-every", 0, "--no-progress")
+                        "--max-steps", steps, "--seed", seed, "--eval-every", 0, "--no-progress")
                 (run / "bench_done").write_text("")
             seconds = time.perf_counter() - start
             lm = load_eval_model(run)
@@ -117,9 +131,10 @@ def main():
     for a, g in gain.items():
         print(f"{a} - raw: {-g:+.4f} bits/byte")
     print(f"seed-to-seed spread (largest over the arms): {noise:.4f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"corpora": stats, "runs": results, "mean": mean, "gain": gain,
-                                          "noise": noise, "steps": args.steps}, indent=2) + "\n")
+    out = Path(args.out or REPO / "bench" / "out" / f"curate_training-{steps}steps.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"corpora": stats, "runs": results, "mean": mean, "gain": gain,
+                                          "noise": noise, "steps": steps}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

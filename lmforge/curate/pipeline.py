@@ -327,32 +327,46 @@ def finish(out: Path, n_tasks: int, cfg: CurateConfig, plots: bool = True) -> Cu
     removed_examples: dict[tuple[str, str], list[dict]] = defaultdict(list)
     docs_out = bytes_out = 0
     (out / "curated").mkdir(exist_ok=True)
-    for t in range(n_tasks):
-        lines = []
-        for doc in _iter_task_docs(out, t):
-            key = doc.pop("key")
-            size = len(doc["text"].encode("utf-8", "replace"))
-            if key in scores:
-                doc["meta"]["quality_score"] = round(scores[key], 4)
-            for name in counts:
-                if name == "dedup" and dedup is None or name == "quality_model" and not cfg.quality_model.enabled:
-                    continue
-                counts[name].docs_in += 1
-                counts[name].bytes_in += size
-                step, reason = dropped.get(key, (None, None))
-                if step == name:
-                    counts[name].reasons[reason] += 1
-                    if len(removed_examples[(name, reason)]) < 5:
-                        removed_examples[(name, reason)].append(
-                            {"id": doc["id"], "source": doc["source"], "snippet": doc["text"][:SNIPPET_CHARS]})
-                    break
-                counts[name].docs_out += 1
-                counts[name].bytes_out += size
-            else:
-                lines.append(json.dumps(doc, ensure_ascii=False))
-                docs_out += 1
-                bytes_out += size
-        atomic_write_bytes(out / "curated" / f"part-{t:05d}.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
+    in_clusters = dedup.cluster if dedup is not None else {}
+    where: dict[str, str] = {}  # key -> source of each document in a duplicate cluster
+    removed_tmp = out / ".removed.jsonl.tmp"
+    with open(removed_tmp, "w", encoding="utf-8") as removed_file:
+        for t in range(n_tasks):
+            lines = []
+            for doc in _iter_task_docs(out, t):
+                key = doc.pop("key")
+                size = len(doc["text"].encode("utf-8", "replace"))
+                if key in in_clusters:
+                    where[key] = doc["source"]
+                if key in scores:
+                    doc["meta"]["quality_score"] = round(scores[key], 4)
+                for name in counts:
+                    if name == "dedup" and dedup is None or name == "quality_model" and not cfg.quality_model.enabled:
+                        continue
+                    counts[name].docs_in += 1
+                    counts[name].bytes_in += size
+                    step, reason = dropped.get(key, (None, None))
+                    if step == name:
+                        record = {"key": key, "id": doc["id"], "source": doc["source"], "step": name, "reason": reason,
+                                  "bytes": size, "snippet": doc["text"][:SNIPPET_CHARS]}
+                        if name == "dedup":  # the kept copy comes first in input order: already seen
+                            record.update(kept=where.get(dedup.kept_id[key]), jaccard=round(dedup.similarity[key], 4))
+                        else:
+                            record.update(quality_score=round(scores[key], 4))
+                        removed_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                        counts[name].reasons[reason] += 1
+                        if len(removed_examples[(name, reason)]) < 5:
+                            removed_examples[(name, reason)].append(record)
+                        break
+                    counts[name].docs_out += 1
+                    counts[name].bytes_out += size
+                else:
+                    lines.append(json.dumps(doc, ensure_ascii=False))
+                    docs_out += 1
+                    bytes_out += size
+            text = "\n".join(lines) + "\n" if lines else ""
+            atomic_write_bytes(out / "curated" / f"part-{t:05d}.jsonl", text.encode())
+    os.replace(removed_tmp, out / "removed.jsonl")  # what dedup and the quality model removed, and why
     global_counts = {name: c.to_dict() for name, c in counts.items() if c.docs_in}
     write_report(out, n_tasks, cfg, global_counts, dict(removed_examples), dedup, scores, metrics, plots=plots)
     return CurateSummary(out, n_tasks, n_tasks, finished=True, docs_out=docs_out, bytes_out=bytes_out)

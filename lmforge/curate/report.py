@@ -181,7 +181,9 @@ def write_report(out: Path, n_tasks: int, cfg, global_counts: dict, global_examp
         lines.append("")
         for r in items:
             name = r["source"] if r.get("id") in (None, r["source"]) else f"{r['source']} ({r['id']})"
-            lines.append(f"- `{name}`: {_short(r['snippet'])}")
+            why = f" (duplicate of `{r['kept']}`, Jaccard {r['jaccard']:.2f})" if r.get("kept") else ""
+            why += f" (score {r['quality_score']:.3f})" if "quality_score" in r else ""
+            lines.append(f"- `{name}`{why}: {_short(r['snippet'])}")
         lines.append("")
 
     path = out / "report.md"
