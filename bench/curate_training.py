@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +46,22 @@ def corpus_stats(folder: Path) -> dict:
                 docs += 1
                 chars += len(json.loads(line)["text"])
     return {"docs": docs, "chars": chars}
+
+
+def plot(by_arm: dict, stats: dict, steps: int, path: Path) -> None:
+    """Bits per byte of each arm: one dot per seed, a bar at the mean."""
+    from lmforge.common import new_figure, save_figure
+
+    fig, ax = new_figure((6, 3.8))
+    for i, values in enumerate(by_arm.values()):
+        ax.bar(i, sum(values) / len(values), color="tab:blue", alpha=0.35)
+        ax.plot([i] * len(values), values, "o", color="tab:blue")
+    ax.set_xticks(range(len(by_arm)), [f"{a}\n{stats[a]['chars'] / 1e6:.2f} MB" for a in by_arm])
+    lo = min(min(v) for v in by_arm.values())
+    ax.set_ylim(lo - 0.3, max(max(v) for v in by_arm.values()) + 0.1)
+    ax.set_ylabel("bits/byte on WikiText-2 valid (lower is better)")
+    ax.set_title(f"cpu model, {steps} steps ({steps * TOKENS_PER_STEP / 1e3:.0f}k tokens), one dot per seed")
+    save_figure(fig, path, legend=False)
 
 
 def main():
@@ -109,12 +124,12 @@ def main():
     for seed in (int(s) for s in args.seeds.split(",")):
         for arm in arms:
             run = work / f"run-{arm}-{steps}steps-s{seed}"
-            start = time.perf_counter()
             if not (run / "bench_done").exists():
                 lmforge("pretrain", "--data-dir", work / f"data-{arm}", "--out", run, "--model", "cpu",
                         "--max-steps", steps, "--seed", seed, "--eval-every", 0, "--no-progress")
                 (run / "bench_done").write_text("")
-            seconds = time.perf_counter() - start
+            log = [json.loads(line) for line in (run / "log.jsonl").read_text().split("\n") if line.strip()]
+            seconds = max(r.get("time", 0) for r in log)  # training time, as the Trainer logs it
             lm = load_eval_model(run)
             m = evaluate_text_file(lm, DATA / args.eval_text)
             results.append({"arm": arm, "seed": seed, "bpb": m["bits_per_byte"], "train_seconds": seconds})
@@ -131,6 +146,7 @@ def main():
     for a, g in gain.items():
         print(f"{a} - raw: {-g:+.4f} bits/byte")
     print(f"seed-to-seed spread (largest over the arms): {noise:.4f}")
+    plot(by_arm, stats, steps, REPO / "docs" / "img" / f"curate-training-{steps}steps.png")
     out = Path(args.out or REPO / "bench" / "out" / f"curate_training-{steps}steps.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"corpora": stats, "runs": results, "mean": mean, "gain": gain,
