@@ -39,9 +39,9 @@ vectorised hashing of phase 1, the shard files, and phase 2's banding, verificat
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +52,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lmforge.common import LmforgeError
+from lmforge.common import LmforgeError, atomic_write_bytes
 
 FORMAT_VERSION = 1
 EXACT = "exact_duplicate"
@@ -335,19 +335,9 @@ def save_signatures(path: str | os.PathLike, ids: Sequence[str], signatures) -> 
         "shingle_offsets": batch.shingle_offsets,
         "shingles": batch.shingles,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()  # a file object: np.savez would append ".npz" to a name
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_signatures(path: str | os.PathLike) -> tuple[list[str], SignatureBatch]:
