@@ -155,11 +155,11 @@ def test_interrupted_run_resumes_without_redoing_finished_files(inputs, tmp_path
     real = pipeline.run_task
     calls = []
 
-    def crash_on_third(index, *args):
+    def crash_on_third(index, *args, **kwargs):
         calls.append(index)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(index, *args)
+        return real(index, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "run_task", crash_on_third)
     out = tmp_path / "out"
@@ -168,7 +168,7 @@ def test_interrupted_run_resumes_without_redoing_finished_files(inputs, tmp_path
     finished = sorted(p.parent.name for p in (out / "tasks").glob("*/stats.json"))
     assert len(finished) == 2
     calls.clear()
-    monkeypatch.setattr(pipeline, "run_task", lambda index, *a: calls.append(index) or real(index, *a))
+    monkeypatch.setattr(pipeline, "run_task", lambda index, *a, **k: calls.append(index) or real(index, *a, **k))
     assert curate([inputs], out, workers=1, show_progress=False, plots=False).finished
     assert sorted(calls) == [2, 3]  # only the two unfinished files ran again
     curate([inputs], tmp_path / "whole", workers=1, show_progress=False, plots=False)
@@ -308,3 +308,14 @@ def test_bad_files_are_counted_and_skipped_not_fatal(inputs, tmp_path):
     extract = json.loads((out / "summary.json").read_text())["extract"]
     assert extract["skipped_binary"] + extract["file_errors"] >= 1 and extract["bad_records"] >= 1
     assert extract["file_errors"] >= 1  # the truncated gzip
+
+
+def test_a_long_file_reports_progress_while_it_runs(tmp_path):
+    from lmforge.curate.pipeline import PROGRESS_EVERY, run_task
+
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps({"id": str(i), "text": f"document number {i} of the progress test"}) + "\n"
+                            for i in range(2 * PROGRESS_EVERY + 50)))
+    seen = []
+    run_task(0, str(path), CurateConfig().to_dict(), str(tmp_path / "out"), progress=seen.append)
+    assert seen == [0, PROGRESS_EVERY, 2 * PROGRESS_EVERY]

@@ -93,8 +93,13 @@ def _open_run(out: Path, inputs: list[Path], cfg: CurateConfig) -> None:
 
 # -- phase 1: one input file ------------------------------------------------------------------------
 
-def run_task(index: int, path: str, cfg_dict: dict, out: str) -> dict:
-    """Curate one input file into DIR/tasks/<index>/; returns its stats (also written, last)."""
+PROGRESS_EVERY = 200  # documents between calls of run_task's `progress`
+
+
+def run_task(index: int, path: str, cfg_dict: dict, out: str, progress=None) -> dict:
+    """Curate one input file into DIR/tasks/<index>/; returns its stats (also written, last).
+    `progress(documents read so far)`, if given, is called every PROGRESS_EVERY documents:
+    a single big WARC file takes minutes, and the progress bar would otherwise stand still."""
     from lmforge.curate.dedup import dedup_signature, save_signatures
     from lmforge.curate.extract import ExtractCounts, iter_raw
 
@@ -110,6 +115,8 @@ def run_task(index: int, path: str, cfg_dict: dict, out: str) -> dict:
     kept_tmp, removed_tmp = folder / ".docs.jsonl.tmp", folder / ".removed.jsonl.tmp"
     with open(kept_tmp, "w", encoding="utf-8") as kept, open(removed_tmp, "w", encoding="utf-8") as removed:
         for n, doc in enumerate(iter_raw(Path(path), cfg.extract, extract_counts)):
+            if progress is not None and n % PROGRESS_EVERY == 0:
+                progress(n)
             key = f"{index}:{n}"  # unique in the run whatever ids the input carries
             text = doc["text"]
             for name, step, step_cfg in steps:
@@ -191,7 +198,7 @@ def run_tasks(inputs: list[Path], out: Path, cfg: CurateConfig, todo: list[int],
     try:
         if workers <= 1 or len(todo) <= 1:
             for t in todo:
-                run_task(t, str(inputs[t]), cfg_dict, str(out))
+                run_task(t, str(inputs[t]), cfg_dict, str(out), progress=lambda n: bar.set_postfix(documents=n))
                 bar.update(sizes[t])
             return
         from concurrent.futures import ProcessPoolExecutor, as_completed
