@@ -15,6 +15,9 @@ minhash recipe: a filtering pipeline that writes its output, then the four minha
 (signatures, buckets, clusters, filter). Throughput is MB of input per second of wall clock, for 1
 and 2 worker processes.
 
+datatrove logs every stage's statistics to stderr (its executor adds its own log handlers); the
+results are the lines on stdout and the JSON file.
+
 First, each step alone in this process on the original 697 documents (docs/s, best of 3): where the
 time goes, and each of lmforge's steps against datatrove's.
 """
@@ -32,7 +35,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-os.environ.setdefault("LOGURU_LEVEL", "WARNING")  # datatrove logs every stage's stats (its workers inherit this)
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LMFORGE_SHARED_DATA", REPO.parent / "shared" / "data"))
 
