@@ -1,6 +1,6 @@
-"""Checkpoints in and out: Hugging Face folders, ARPA n-gram files, weight-only quantization.
+"""Checkpoints in and out: Hugging Face folders, GGUF files, ARPA n-gram files, weight-only quantization.
 
-    lmforge export --checkpoint RUN [--format hf|arpa] OUT
+    lmforge export --checkpoint RUN [--format hf|gguf|arpa] [--dtype ...] OUT
     lmforge import HF_DIR --out RUN        a local Llama / Qwen2 / Qwen3 / Gemma-2 / GPT-2 folder
     lmforge quantize --checkpoint RUN --out RUN_INT8 [--bits 8|4]
 """
@@ -10,21 +10,41 @@ from pathlib import Path
 
 from lmforge.common import LmforgeError
 
+# --dtype values each format takes (one option, so that `--dtype q8_0 --format hf` is one clear error)
+HF_DTYPES = ("float32", "bfloat16", "float16")
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+FORMAT_DTYPES = {"hf": HF_DTYPES, "gguf": GGUF_DTYPES, "arpa": ()}
+
 
 def cmd_export(args):
     from lmforge.train.checkpoint import checkpoint_family, read_checkpoint_state, resolve_checkpoint
 
+    if args.dtype is not None and args.dtype not in FORMAT_DTYPES[args.format]:
+        fits = FORMAT_DTYPES[args.format]
+        raise LmforgeError(f"--dtype {args.dtype} does not fit --format {args.format}, which takes "
+                           + (", ".join(fits) if fits else "no --dtype"))
     family = checkpoint_family(read_checkpoint_state(resolve_checkpoint(args.checkpoint)))
     if args.format == "arpa":
         return export_arpa(args, family)
     if family != "transformer":
-        raise LmforgeError(f"--format hf exports the transformer family; this checkpoint holds a {family} model"
-                           + (" (use --format arpa)" if family == "ngram" else ""))
+        raise LmforgeError(f"--format {args.format} exports the transformer family; this checkpoint holds a "
+                           f"{family} model" + (" (use --format arpa)" if family == "ngram" else ""))
+    if args.format == "gguf":
+        return write_gguf(args)
     from lmforge.hf import export_hf
 
     conv = export_hf(args.checkpoint, args.out_dir, dtype=args.dtype)
     print(f"exported {conv.architecture} to {conv.path}" + (f" ({conv.note})" if conv.note else ""))
     print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(conv.path)!r})")
+
+
+def write_gguf(args):
+    from lmforge.gguf_export import export_gguf
+
+    res = export_gguf(args.checkpoint, args.out_dir, dtype=args.dtype)
+    kept = f"; {len(res.kept_f16)} matrices not a multiple of 32 wide kept in f16" if res.kept_f16 else ""
+    print(f"wrote {res.path} ({res.size / 2**20:.1f} MiB, arch {res.arch}, {res.dtype}{kept})")
+    print(f"load it with llama_cpp.Llama(model_path={str(res.path)!r}) or llama.cpp's llama-cli -m")
 
 
 def export_arpa(args, family: str):
@@ -62,13 +82,18 @@ def cmd_quantize(args):
 
 
 def add_commands(sub) -> None:
-    ex = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder or an ARPA n-gram file")
+    ex = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder, a GGUF file (llama.cpp) "
+                                       "or an ARPA n-gram file")
     ex.add_argument("--checkpoint", required=True)
-    ex.add_argument("--format", choices=["hf", "arpa"], default="hf",
-                    help="hf: a transformers folder (transformer family); arpa: an SRILM/KenLM file (n-gram family)")
-    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                    help="hf only; default: the checkpoint's own (float32 when trained here, bf16 when imported so)")
-    ex.add_argument("out_dir", help="the folder (hf), or the .arpa file or a folder for model.arpa (arpa)")
+    ex.add_argument("--format", choices=list(FORMAT_DTYPES), default="hf",
+                    help="hf: a transformers folder, gguf: a llama.cpp file (transformer family); "
+                         "arpa: an SRILM/KenLM file (n-gram family)")
+    ex.add_argument("--dtype", choices=HF_DTYPES + GGUF_DTYPES, default=None,
+                    help="hf: float32|bfloat16|float16, default the checkpoint's own (float32 when trained here, "
+                         "bf16 when imported so); gguf: f32|f16|bf16|q8_0|q4_0, default f16 (bf16 for a bf16 "
+                         "checkpoint)")
+    ex.add_argument("out_dir", help="the folder (hf), the .gguf file or a folder for model.gguf (gguf), "
+                                    "or the .arpa file or a folder for model.arpa (arpa)")
     ex.set_defaults(func=cmd_export)
     im = sub.add_parser("import", help="convert a local Hugging Face Llama/Qwen2/Qwen3/Gemma-2/GPT-2 folder "
                                        "(weights, tokenizer, chat template) to a checkpoint")
