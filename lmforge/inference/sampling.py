@@ -48,10 +48,34 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     Order (the Hugging Face one): repetition penalty on the raw logits (also when greedy; `seen`
     (B, V) bool marks each row's tokens so far), then temperature, top-k, top-p, and min-p, which
     drops tokens less likely than min_p times the most likely one."""
-    if repetition_penalty is not None and repetition_penalty != 1.0 and seen is not None:
-        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    logits = _penalized(logits, repetition_penalty, seen)
     if temperature == 0:
         return logits.argmax(dim=-1)
+    probs = _filtered(logits, temperature, top_k, top_p, min_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, *,
+                   min_p: float | None = None, repetition_penalty: float | None = None,
+                   seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The distribution (B, V) that `sample_next` draws from with the same arguments: the one
+    speculative decoding's acceptance rule compares (lmforge/inference/speculative.py). Greedy
+    (temperature 0) is the point mass on the argmax."""
+    logits = _penalized(logits, repetition_penalty, seen)
+    if temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    return _filtered(logits, temperature, top_k, top_p, min_p).softmax(dim=-1)
+
+
+def _penalized(logits: torch.Tensor, repetition_penalty: float | None, seen: torch.Tensor | None) -> torch.Tensor:
+    if repetition_penalty is not None and repetition_penalty != 1.0 and seen is not None:
+        return apply_repetition_penalty(logits, seen, repetition_penalty)
+    return logits
+
+
+def _filtered(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+              min_p: float | None) -> torch.Tensor:
+    """Logits divided by the temperature (> 0), with the tokens top-k, top-p and min-p drop at -inf."""
     # Shift the maximum to 0 first: dividing raw logits by a tiny temperature would overflow.
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.size(-1):
@@ -71,8 +95,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         # p / p_max >= min_p  <=>  logit - max_logit >= log(min_p); the maximum is 0 after the shift
         # above and the filters never drop the most likely token.
         logits = logits.masked_fill(logits < math.log(min_p), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits
 
 
 @contextmanager

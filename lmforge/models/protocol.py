@@ -65,6 +65,15 @@ Generation (a decode state: "cache" for short)
                       idx (B, 1): each row's next token, at position positions[b]; advances the state
                       by that token; returns float32 logits (B, vocab). step_fn: a compiled version
                       of the family's `decode_step` if it has one (`engine.compiled_decode_step`).
+    decode_many(idx, cache, start)
+                      optional (speculative decoding, lmforge/inference/speculative.py): idx (B, T)
+                      holds T consecutive tokens of each row at positions start..start+T-1 (start an
+                      int, or one per row); writes their state to those slots, each token seeing
+                      its row's slots 0..its own position; returns float32 logits (B, T, vocab).
+                      The state must be positional (slot i = the token at position i), so that
+                      rolling back a rejected draft costs nothing: later slots are overwritten
+                      before anything attends to them. A family without it (a recurrent state
+                      cannot be rolled back) can be neither the target nor the draft of speculation.
 
     shard_units(), tensor_parallel_plan(), pipeline_stage(i, n)
                       how parallelism applied from outside splits the model (lmforge/train/parallel.py):

@@ -326,6 +326,8 @@ class CausalSelfAttention(nn.Module):
         # Indexed assignment, not scatter_: torch.compile updates the cache in place for it, while
         # its scatter_ copied the whole cache buffer twice per layer and step.
         rows, slots = step.write
+        if slots.dim() == 2:
+            return self._forward_cached_many(q, k, v, kv, step)
         k_buf[rows, :, slots] = k[:, :, 0].to(k_buf.dtype)
         v_buf[rows, :, slots] = v[:, :, 0].to(v_buf.dtype)
         keys = k_buf[:, :, :step.length].to(q.dtype)
@@ -336,6 +338,28 @@ class CausalSelfAttention(nn.Module):
             mask = mask & (torch.arange(step.length, device=q.device) > slots[:, None] - self.window).view(B, 1, 1, -1)
         y = attend(q, keys, values, causal=False, mask=mask, scale=self.scale, softcap=self.softcap)
         return self.o_proj(y.reshape(B, 1, self.n_head * hd))
+
+    def _forward_cached_many(self, q, k, v, kv, step: CacheStep):
+        """T tokens per row at slots step.write[1] (B, T) (GPT.decode_many): the single-token decode
+        generalised. Their keys/values go to those slots; each query sees the row's slots up to its
+        own position (step.mask (B, 1, T, length)). The query heads sharing a KV head are again
+        folded into that head's query rows, (B, n_kv, rep * T, hd), so the cache is not copied."""
+        B, _, T, hd = q.shape
+        k_buf, v_buf = kv
+        rows, slots = step.write
+        # Advanced indices around a slice put their (B, T) dims first: the values are (B, T, n_kv, hd).
+        k_buf[rows, :, slots] = k.transpose(1, 2).to(k_buf.dtype)
+        v_buf[rows, :, slots] = v.transpose(1, 2).to(v_buf.dtype)
+        keys = k_buf[:, :, :step.length].to(q.dtype)
+        values = v_buf[:, :, :step.length].to(q.dtype)
+        rep = self.n_head // self.n_kv_head
+        q = q.reshape(B, self.n_kv_head, rep * T, hd)  # head h = kv * rep + r: rows (r, t) of KV head kv
+        mask = step.mask
+        if self.window is not None:
+            mask = mask & (torch.arange(step.length, device=q.device) > slots[..., None] - self.window)[:, None]
+        mask = mask[:, :, None].expand(B, 1, rep, T, step.length).reshape(B, 1, rep * T, step.length)
+        y = attend(q, keys, values, causal=False, mask=mask, scale=self.scale, softcap=self.softcap)
+        return self.o_proj(y.view(B, self.n_head, T, hd).transpose(1, 2).reshape(B, T, self.n_head * hd))
 
 
 class MLP(nn.Module):
@@ -431,9 +455,11 @@ class CacheStep(NamedTuple):
     """What every layer needs to know about one cached forward step (computed once per step)."""
     cos: torch.Tensor | None  # rotary angles of the step's tokens; None with learned positions
     sin: torch.Tensor | None
-    write: tuple[torch.Tensor, torch.Tensor] | None  # decode: (row, slot) of each row's new token; None: prefill
+    # decode: (row, slot) of each row's new token, (B,) each; decode_many: rows (B, 1) and slots (B, T);
+    # None: prefill
+    write: tuple[torch.Tensor, torch.Tensor] | None
     length: int  # decode: number of slots attended to (the furthest row's position + 1)
-    mask: torch.Tensor | None  # decode: (B, 1, 1, length), True where the row may attend; prefill: None
+    mask: torch.Tensor | None  # decode: (B, 1, T, length), True where the token may attend; prefill: None
 
 
 # ----------------------------------------------------------------------------- the model
@@ -653,6 +679,32 @@ class GPT(LanguageModel):
                                f"({self.config.block_size}) or the cache ({cache.max_len})")
         pos = torch.tensor(positions, device=idx.device)
         return (step_fn or self.decode_step)(idx, pos, length, cache.k, cache.v)
+
+    def decode_many(self, idx: torch.Tensor, cache: KVCache, start: int | list[int]) -> torch.Tensor:
+        """Several cached steps at once (speculative decoding verifies a draft with it): idx (B, T)
+        holds T consecutive tokens of each row, at positions start..start+T-1 (start: one int, or one
+        per row). Their keys and values go to those slots, overwriting whatever was there (a
+        rejected draft's), and each token attends to its row's slots 0..its position. Returns
+        float32 logits (B, T, vocab): the prediction after each of the T tokens."""
+        B, T = idx.shape
+        starts = [start] * B if isinstance(start, int) else [int(s) for s in start]
+        if len(starts) != B or min(starts) < 0:
+            raise LmforgeError(f"decode_many needs one start position >= 0 per row, got {start}")
+        length = max(starts) + T
+        if length > min(self.config.block_size, cache.max_len):
+            raise LmforgeError(f"position {length - 1} is outside the context window "
+                               f"({self.config.block_size}) or the cache ({cache.max_len})")
+        pos = torch.tensor(starts, device=idx.device)[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+        cos = sin = None
+        if self.rotary is not None:
+            cos = self.rotary.cos[pos].view(B, 1, T, -1)
+            sin = self.rotary.sin[pos].view(B, 1, T, -1)
+        mask = (torch.arange(length, device=idx.device) <= pos[..., None]).view(B, 1, T, length)
+        step = CacheStep(cos, sin, (torch.arange(B, device=idx.device)[:, None], pos), length, mask)
+        x = self.embed(idx, pos)
+        for layer, k_buf, v_buf in zip(self.layers, cache.k, cache.v):
+            x = layer(x, self.rotary, pos, (k_buf, v_buf), step)
+        return self.logits_from_hidden(self.norm(x))
 
     def decode_step(self, idx: torch.Tensor, pos: torch.Tensor, length: int,
                     k_bufs: list[torch.Tensor], v_bufs: list[torch.Tensor]) -> torch.Tensor:
