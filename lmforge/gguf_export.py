@@ -186,6 +186,10 @@ def checkpoint_tokenizer(ckpt: Path, cfg: GPTConfig):
     if hasattr(tok, "hf_files"):
         raise LmforgeError(f"checkpoint {ckpt} has a Hugging Face tokenizer (an imported model), which this "
                            "export does not write; convert the HF folder with llama.cpp's convert_hf_to_gguf.py")
+    if not tok.merges:
+        # gguf's writer cannot store an empty merge list, and llama.cpp refuses a BPE vocabulary without one.
+        raise LmforgeError(f"the tokenizer in {ckpt} has no merges (byte-level); llama.cpp's BPE tokenizer "
+                           "needs at least one, so train a tokenizer with merges for a model to export as GGUF")
     if tok.vocab_size > cfg.vocab_size:
         raise LmforgeError(f"the tokenizer in {ckpt} has {tok.vocab_size} ids but the model only {cfg.vocab_size}")
     return tok

@@ -533,6 +533,27 @@ def test_generate_prints_only_the_completion(pipe, capsys):
         assert cut == want.text[: want.text.index(stop)] + "\n"
 
 
+def test_generate_in_bf16_on_one_thread(pipe, capsys):
+    """--dtype bf16 casts the weights once at load (the same text as the bf16 engine); --threads sets
+    torch's thread pool for the process."""
+    import torch
+
+    from lmforge.inference.engine import Engine
+    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
+
+    threads = torch.get_num_threads()
+    try:
+        out = ok(cli(capsys, "generate", "--checkpoint", pipe.run, "ROMEO:", "--max-new-tokens", 12,
+                     "--temperature", 0, "--dtype", "bf16", "--threads", 1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    model, _ = load_model(pipe.run)
+    tok = load_checkpoint_tokenizer(pipe.run)
+    [want] = Engine(model, tok, dtype="bf16").generate([[tok.bos_id] + tok.encode("ROMEO:")], 12, temperature=0)
+    assert out == want.text + "\n"
+
+
 def test_chat_session_from_stdin(pipe, capsys):
     from lmforge.chat import render_messages
     from lmforge.inference.engine import Engine

@@ -1,6 +1,7 @@
 """Tests for lmforge.inference.engine: the KV-cached, batched engine must reproduce the plain loop exactly."""
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -220,11 +221,46 @@ def test_compile_failure_falls_back_to_the_plain_step(monkeypatch):
     assert engine.step_fn.failed
 
 
-def test_bf16_autocast_runs():
-    got = Engine(model_for("cpu"), dtype="bf16").generate(PROMPTS, 6, temperature=0)
-    assert [len(c.tokens) for c in got] == [6, 6, 6]
+@pytest.mark.parametrize("name", SHAPES)
+def test_bf16_engine_casts_the_weights_once_and_computes_in_bf16(name):
+    model = copy.deepcopy(model_for(name))  # the engine casts in place; model_for's copy is shared
+    engine = Engine(model, dtype="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    if model.rotary is not None:  # computed from the config, never saved: kept exact
+        assert model.rotary.cos.dtype == torch.float32
+    seen = set()
+    hooks = [m.register_forward_hook(lambda m, args, out: seen.add((args[0].dtype, m.weight.dtype, out.dtype)))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    got = engine.generate(PROMPTS, 8, temperature=0)
+    for h in hooks:
+        h.remove()
+    # Every matmul read bf16 weights with bf16 inputs (no per-step cast, no autocast), and the
+    # weights are the same tensors as before generating.
+    assert seen == {(torch.bfloat16,) * 3}
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert [len(c.tokens) for c in got] == [8, 8, 8]
+    # Within bf16's rounding of the exact computation on the same (bf16-rounded) weights.
+    exact = copy.deepcopy(model).float()
+    for prompt in PROMPTS:
+        idx = torch.tensor([prompt])
+        with torch.inference_mode():
+            cache = model.new_cache(1, dtype=torch.bfloat16)
+            assert cache.k[0].dtype == torch.bfloat16
+            got_logits = model.prefill(idx, cache)
+            want = exact(idx)[:, -1]
+        assert got_logits.dtype == torch.float32
+        torch.testing.assert_close(got_logits, want, rtol=0.05, atol=0.05 * float(want.abs().max()))
+
+
+def test_engine_dtype_defaults_to_the_stored_one_and_rejects_unknown_names():
+    model = copy.deepcopy(model_for("cpu")).to(torch.bfloat16)  # as an imported bf16 model is held
+    Engine(model).generate(PROMPTS[:1], 2, temperature=0)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # no dtype given: left as stored
+    Engine(model, dtype="fp32")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
     with pytest.raises(LmforgeError, match="dtype"):
-        Engine(model_for("cpu"), dtype="fp16")
+        Engine(model, dtype="fp16")
 
 
 def test_training_mode_restored_and_no_inference_mode_between_pieces(byte_tok):

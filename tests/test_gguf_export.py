@@ -213,6 +213,9 @@ def test_checkpoints_without_lmforges_tokenizer_or_quantized_are_refused(tmp_pat
         export_gguf(tmp_path / "q", tmp_path / "m.gguf", dtype="q8_0")
     with pytest.raises(LmforgeError, match="GGUF dtype must be one of"):
         export_gguf(tmp_path / "run", tmp_path / "m.gguf", dtype="float16")
+    make_checkpoint(tmp_path / "bytes", Tokenizer.byte_level())  # no merges: llama.cpp's BPE needs some
+    with pytest.raises(LmforgeError, match="no merges"):
+        export_gguf(tmp_path / "bytes", tmp_path / "m.gguf")
 
 
 def test_cli_writes_gguf_and_refuses_a_dtype_of_another_format(tmp_path, tok, capsys):

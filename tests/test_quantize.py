@@ -160,17 +160,41 @@ def test_quantized_gpt_logits_and_memory():
     assert model_memory_bytes(q4) < model_memory_bytes(q8) < model_memory_bytes(model)
 
 
-def test_tied_head_stays_float_and_bias_is_kept(tmp_path):
+def test_tied_head_gets_a_quantized_copy_and_bias_is_kept(tmp_path):
+    """The head reads the whole table at every token: it is quantized, the float table stays for lookups."""
     model = tiny_gpt(mlp="gelu", norm="layer", pos="learned", tie_embeddings=True, bias=True)
     idx = torch.randint(0, 512, (1, 16))
     q = quantize_model(copy.deepcopy(model), bits=4, group_size=32)
-    assert isinstance(q.lm_head, nn.Linear) and q.lm_head.weight is q.embed_tokens.weight
+    assert isinstance(q.lm_head, QuantLinear) and q.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(q.embed_tokens.weight, model.embed_tokens.weight)
     assert q.layers[0].mlp.up_proj.bias is not None
     with torch.no_grad():
         assert corr(q(idx), model(idx)) > 0.99
         loaded, state = load_model(save_quantized(q, tmp_path / "q"))
         assert torch.equal(loaded(idx), q(idx))
-    assert state["quantization"] == {"bits": 4, "group_size": 32, "include_lm_head": False}
+    assert state["quantization"] == {"bits": 4, "group_size": 32, "include_lm_head": True}
+    body_only = quantize_model(copy.deepcopy(model), bits=8, include_lm_head=False)
+    assert isinstance(body_only.lm_head, nn.Linear) and body_only.lm_head.weight is body_only.embed_tokens.weight
+
+
+def test_int8_single_token_path_quantizes_activations_within_its_tolerance(kernels):
+    """One token (decode at batch 1) runs int8 x int8 through fbgemm: the activations are rounded to
+    int8 too, so it is a little further from the float layer than the weight-only paths, and it
+    agrees with them to that rounding."""
+    lin = linear(768, 1024)
+    q = QuantLinear.from_linear(lin, 8)
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        assert q._packed is not None
+    with torch.no_grad():
+        x = torch.randn(1, 768) * 3
+        one = q(x)
+        weight_only = nn.functional.linear(x, q.dequantize())
+        # The activations' rounding: one scale for the token's 768 values, 255 levels (Gaussian data:
+        # ~1.3%; a wrong scale, layout or sign would be O(1)).
+        assert rel_err(one, weight_only) < 0.02
+        assert rel_err(one, lin(x)) < 0.025
+        assert torch.equal(q(x.expand(2, 768))[0], q(torch.cat([x, x]))[0])  # batches stay weight-only
+        assert rel_err(q(torch.cat([x, x]))[0], weight_only[0]) < 0.02  # bf16 activations: ~1%
 
 
 @pytest.mark.parametrize("bits,group_size", [(8, None), (4, 64)])

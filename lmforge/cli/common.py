@@ -284,6 +284,21 @@ def add_sampling_args(p: argparse.ArgumentParser, *, seed_help: str | None = Non
     p.add_argument("--seed", type=seed_value, default=None, help=seed_help)
 
 
+def add_speculative_args(p: argparse.ArgumentParser):
+    """Speculative decoding (docs/speculative.md): --draft or --prompt-lookup, and --speculate K."""
+    g = p.add_argument_group("speculative decoding (same output distribution, more tokens per pass; "
+                             "docs/speculative.md)")
+    draft = g.add_mutually_exclusive_group()
+    draft.add_argument("--draft", metavar="CHECKPOINT", default=None,
+                       help="a smaller model with the same tokenizer proposes tokens, which the model checks "
+                            "several at a time")
+    draft.add_argument("--prompt-lookup", action="store_true",
+                       help="propose the tokens that followed the latest earlier occurrence of the last few "
+                            "tokens (no draft model; pays when the output repeats its context)")
+    g.add_argument("--speculate", type=positive_int, default=4, metavar="K",
+                   help="draft tokens proposed per step (default 4)")
+
+
 def add_diffusion_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("masked diffusion models (ignored by autoregressive ones)")
     g.add_argument("--steps", type=positive_int, default=None,
@@ -317,6 +332,30 @@ def diffusion_text(model, tok, ids: list[int], args, seed=None) -> str:
 def sampling_kwargs(args) -> dict:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 min_p=getattr(args, "min_p", None), repetition_penalty=getattr(args, "repetition_penalty", None))
+
+
+def add_engine_args(p: argparse.ArgumentParser):
+    """How the engine runs: the weights' dtype and the CPU threads."""
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                   help="store the weights in this dtype, cast once at load (bf16: half the bytes read per "
+                        "token); default: as the checkpoint stores them")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for the matrix multiplies (default: torch's, one per core; one thread "
+                        "is often faster for a tiny model on a busy machine)")
+
+
+def apply_engine_args(args, model):
+    """--threads (process-wide, as torch's thread pool is) and --dtype (the weights cast once, in
+    place); returns the model."""
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if getattr(args, "dtype", None) and getattr(model, "generation", "") != "diffusion":
+        from lmforge.inference.precision import cast_weights, engine_dtype
+
+        cast_weights(model, engine_dtype(args.dtype))
+    return model
 
 
 def print_sample(model, tok, prompt: str, args, n: int = 1, seed=None):

@@ -2,6 +2,8 @@
 
     lmforge sample --checkpoint RUN [--prompt TEXT] [--num-samples N]
     lmforge generate --checkpoint RUN "prompt"     only the completion, for scripts (or stdin)
+    lmforge generate ... --draft SMALL_RUN | --prompt-lookup [--speculate K] [--stats]
+                                                  speculative decoding (docs/speculative.md)
     lmforge chat --checkpoint RUN [--tools]       a multi-turn chat in the terminal
     lmforge chat --checkpoint RUN --rag INDEX     ... answering from passages retrieved for each message
     lmforge score --checkpoint RUN TEXT ...       log-probabilities; ranks candidates (noisy channel)
@@ -11,10 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from lmforge.cli.common import (
     add_diffusion_args,
+    add_engine_args,
     add_sampling_args,
+    add_speculative_args,
+    apply_engine_args,
     diffusion_text,
     is_diffusion,
     positive_int,
@@ -30,7 +36,7 @@ def cmd_generate(args):
     from lmforge.inference.engine import Engine
     from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
 
-    model, _ = load_model(args.checkpoint, device=args.device)
+    model = apply_engine_args(args, load_model(args.checkpoint, device=args.device)[0])
     tok = load_checkpoint_tokenizer(args.checkpoint)
     prompt = read_text_arg(args.prompt)
     if args.chat:
@@ -39,15 +45,48 @@ def cmd_generate(args):
         ids = render_messages(tok, [{"role": "user", "content": prompt}])
     else:
         ids = [tok.bos_id] + tok.encode(prompt)
+    spec = speculator(args, model, tok)
     if is_diffusion(model):
         print(diffusion_text(model, tok, ids, args, seed=args.seed))
         return
-    engine = Engine(model, tok)
-    for piece in engine.stream(ids, args.max_new_tokens, seed=args.seed, stop_strings=args.stop or (),
-                               **sampling_kwargs(args)):
+    stats = None
+    if spec is not None:
+        from lmforge.inference.speculative import SpecStats
+
+        stats = SpecStats()
+        pieces = spec.stream(ids, args.max_new_tokens, seed=args.seed, stop_strings=args.stop or (), stats=stats,
+                             **sampling_kwargs(args))
+    else:
+        pieces = Engine(model, tok).stream(ids, args.max_new_tokens, seed=args.seed, stop_strings=args.stop or (),
+                                           **sampling_kwargs(args))
+    start = time.perf_counter()
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if args.stats:
+        if stats is not None:
+            print(stats.summary(), file=sys.stderr)
+        else:
+            print(f"no speculation: generated in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+
+
+def speculator(args, model, tok):
+    """The Speculator that --draft / --prompt-lookup ask for, or None; a draft checkpoint must carry
+    the model's tokenizer."""
+    if not (args.draft or args.prompt_lookup):
+        return None
+    from lmforge.common import LmforgeError
+    from lmforge.inference.speculative import Speculator
+    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
+
+    draft = None
+    if args.draft:
+        draft = apply_engine_args(args, load_model(args.draft, device=args.device)[0])
+        if load_checkpoint_tokenizer(args.draft).fingerprint != tok.fingerprint:
+            raise LmforgeError(f"the draft model {args.draft} has another tokenizer than the model: "
+                               "speculation needs the same one")
+    return Speculator(model, tok, draft=draft, prompt_lookup=args.prompt_lookup, k=args.speculate)
 
 
 CHAT_HELP = "commands: /reset (new conversation), /temperature X, /quit"
@@ -75,11 +114,12 @@ def cmd_chat(args):
     from lmforge.inference.engine import Engine
     from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model, trained_with_tools
 
-    model, _ = load_model(args.checkpoint, device=args.device)
+    model = apply_engine_args(args, load_model(args.checkpoint, device=args.device)[0])
     tok = load_checkpoint_tokenizer(args.checkpoint)
     use_tools = trained_with_tools(args.checkpoint) if args.tools is None else args.tools
     retriever = _load_retriever(args.rag)
     engine = Engine(model, tok)
+    spec = speculator(args, model, tok)
     from lmforge.models.protocol import tokens_left
 
     window = tokens_left(model, 0)  # the context window (unbounded for an LSTM or an n-gram)
@@ -92,6 +132,10 @@ def cmd_chat(args):
     helps = CHAT_HELP + (", /sources (of the last reply)" if retriever else "")
     extras = (", tools run" if use_tools else "") + (f", {args.rag_k} passages from {args.rag}" if retriever else "")
     print(f"lmforge chat ({context}{extras}). {helps}", file=sys.stderr)
+    if spec is not None and use_tools:
+        # the tool loop generates through Engine (lmforge/inference/tools.py), batched across calls
+        print("(speculative decoding applies to plain replies; replies through the tool loop decode without it)",
+              file=sys.stderr)
     sources = None  # the last reply's sources (with --rag)
     while True:
         try:
@@ -136,7 +180,7 @@ def cmd_chat(args):
             answer = " ".join(m["content"] or "" for m in reply if m["role"] == "assistant")
         else:
             pieces = []
-            for piece in engine.stream(ids, reply_room, seed=args.seed, **sampling):
+            for piece in (spec or engine).stream(ids, reply_room, seed=args.seed, **sampling):
                 pieces.append(piece)
                 print(piece, end="", flush=True)
             print()
@@ -189,7 +233,7 @@ def _chat_reply_with_tools(engine, history: list[dict], max_new_tokens: int, see
 def cmd_sample(args):
     from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
 
-    model, _ = load_model(args.checkpoint, device=args.device)
+    model = apply_engine_args(args, load_model(args.checkpoint, device=args.device)[0])
     tok = load_checkpoint_tokenizer(args.checkpoint)
     prompt = args.prompt if args.prompt is not None else ""
     print_sample(model, tok, prompt, args, args.num_samples, seed=args.seed)
@@ -226,6 +270,7 @@ def add_commands(sub) -> None:
     sa.add_argument("--num-samples", type=positive_int, default=1)
     sa.add_argument("--device", default="cpu")
     add_sampling_args(sa)
+    add_engine_args(sa)
     add_diffusion_args(sa)
     sa.set_defaults(func=cmd_sample)
 
@@ -236,7 +281,11 @@ def add_commands(sub) -> None:
     ge.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     ge.add_argument("--stop", action="append", help="stop string (repeatable)")
     ge.add_argument("--device", default="cpu")
+    ge.add_argument("--stats", action="store_true",
+                    help="print speculation's acceptance rate and tokens/s (or the time taken) to stderr")
     add_sampling_args(ge)
+    add_engine_args(ge)
+    add_speculative_args(ge)
     add_diffusion_args(ge)
     ge.set_defaults(func=cmd_generate)
 
@@ -253,6 +302,8 @@ def add_commands(sub) -> None:
                          "print their sources after each reply (docs/rag.md)")
     ch.add_argument("--rag-k", type=positive_int, default=5, help="passages retrieved per message (default 5)")
     add_sampling_args(ch)
+    add_engine_args(ch)
+    add_speculative_args(ch)
     ch.set_defaults(func=cmd_chat)
 
     # score

@@ -1,13 +1,13 @@
 """`lmforge serve`: the OpenAI-compatible API and the chat page.
 
     lmforge serve --checkpoint runs/sft [--port 8000] [--api-key KEY | $LMFORGE_API_KEY] [--tools builtin]
-                  [--rag INDEX [--rag-k K]]
+                  [--rag INDEX [--rag-k K]] [--draft CHECKPOINT | --prompt-lookup] [--speculate K]
 """
 from __future__ import annotations
 
 import os
 
-from lmforge.cli.common import checked, positive_int
+from lmforge.cli.common import add_speculative_args, checked, positive_int
 
 API_KEY_ENV = "LMFORGE_API_KEY"
 
@@ -35,7 +35,8 @@ def cmd_serve(args):
     key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     cfg = ServeConfig(model_name=name, api_key=key, max_batch=args.max_batch, max_tokens=args.max_tokens,
                       max_request_bytes=args.max_request_bytes, max_n=args.max_n, max_waiting=args.max_waiting,
-                      dtype=args.dtype, compile=args.compile, tools=args.tools, rag_index=args.rag, rag_k=args.rag_k)
+                      dtype=args.dtype, compile=args.compile, tools=args.tools, rag_index=args.rag, rag_k=args.rag_k,
+                      draft=args.draft, prompt_lookup=args.prompt_lookup, speculate=args.speculate)
     app = create_app(model, tok, cfg)
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
@@ -51,6 +52,10 @@ def cmd_serve(args):
     context = f"{model.context_limit}-token context" if model.context_limit else "no context limit"
     if args.rag:
         context += f", {args.rag_k} passages per chat request from {args.rag}"
+    if args.draft or args.prompt_lookup:
+        # speculation: every request at batch 1 through its own session (lmforge/inference/scheduler.py)
+        how = f"draft model {args.draft}" if args.draft else "prompt lookup"
+        context += f", speculative decoding with {how} (k={args.speculate}), each request at batch 1"
     print(f"serving '{name}' ({model.family}, {context}, batches of up to {args.max_batch}) "
           f"on http://{args.host}:{args.port}/  (chat page at /, OpenAI API at /v1"
           f"{', API key required' if key else ''})", flush=True)
@@ -92,9 +97,12 @@ def add_commands(sub) -> None:
                         "opts out with \"rag\": false")
     p.add_argument("--rag-k", type=positive_int, default=5, help="passages retrieved per chat request (default 5)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                   help="store the weights in this dtype, cast once at start (bf16: half the bytes read per "
+                        "token); default: as the checkpoint stores them")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: faster per token after a one-time compile")
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
+    add_speculative_args(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

@@ -175,7 +175,9 @@ class LmforgeModel:
             ids = [render_messages(self.tokenizer, [{"role": "user", "content": p}])[-room:] for p in prompts]
         else:
             ids = [(self.prefix_ids + self.encode(p))[-room:] for p in prompts]
-        engine = Engine(self.model, self.tokenizer, dtype=self.dtype)
+        # bf16: the weights are cast once (then scoring's autocast has nothing left to cast); fp32
+        # leaves them as loaded, so an imported bf16 model is not doubled in memory.
+        engine = Engine(self.model, self.tokenizer, dtype="bf16" if self.dtype == "bf16" else None)
         outs = engine.generate(ids, max_new_tokens, temperature=0.0, stop_strings=tuple(stop))
         return [c.text for c in outs]
 

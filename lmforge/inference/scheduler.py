@@ -22,6 +22,14 @@ Tool calls: when a sequence may call tools, `<|tool_call_start|>` ends its conte
 it, up to `<|tool_call_end|>`, are the call's JSON (lmforge/chat.py's format), parsed and handed out
 as a tool call with finish reason "tool_calls".
 
+Speculative decoding (Scheduler(speculator=...), `lmforge serve --draft/--prompt-lookup`): each
+request runs at batch 1 through its own speculative session (lmforge/inference/speculative.py):
+a step runs one round (draft, verify, 1 to k + 1 tokens) for every live request in turn, up to
+max_batch of them, each with a cache of its own prompt plus budget. Speculation pays where a
+decode step is bound by reading the weights for a single row; a batch of rows already shares that
+read, and rows that accept different numbers of drafts would drift out of step. So a server that
+mostly sees one request at a time gains from it, and a busy one should batch instead.
+
 Failures: a step that raises (a bug, an out-of-memory) fails every sequence it held, the running
 rows and those it was admitting (already off the waiting list), each with one "error" event, so no
 client waits forever; the loop keeps serving and /health shows the count and the last message.
@@ -42,7 +50,10 @@ import torch
 from lmforge.chat import parse_tool_call
 from lmforge.common import LmforgeError
 from lmforge.inference.engine import RowOutput, compiled_decode_step
+from lmforge.inference.packed import pack_linears
+from lmforge.inference.precision import cast_weights, engine_dtype, weight_dtype
 from lmforge.inference.sampling import check_sampling_args, sample_next
+from lmforge.inference.speculative import SamplingSettings, SpecSession
 from lmforge.models.protocol import require_decoding, tokens_left
 
 log = logging.getLogger("lmforge.serve")
@@ -178,6 +189,8 @@ class SchedulerStats:
     errors: int = 0
     generated_tokens: int = 0
     max_rows: int = 0  # most rows in one decode step
+    draft_proposed: int = 0  # speculation: draft tokens proposed, and of them accepted by the model
+    draft_accepted: int = 0
     last_error: str | None = None  # the latest failed step's message (the loop keeps serving)
     rows_per_step: Counter = field(default_factory=Counter)  # decode steps by batch size
 
@@ -192,18 +205,32 @@ class Scheduler:
     """Runs a model over a changing batch of sequences. `submit` from any thread; `start()` runs the
     loop on a background thread (or call `step()` yourself, e.g. in tests)."""
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 16, dtype: str = "fp32", compile: bool = False):
+    def __init__(self, model, tokenizer, *, max_batch: int = 16, dtype: str | None = None, compile: bool = False,
+                 speculator=None):
+        """dtype: None runs the weights as stored; "fp32" or "bf16" casts them once, in place, as
+        Engine(dtype=...) does (a speculator's draft model too). speculator: a
+        `speculative.Speculator` of this model: every request decodes through it (module docstring)."""
         if max_batch < 1:
             raise LmforgeError(f"max batch must be >= 1, got {max_batch}")
-        if dtype not in ("fp32", "bf16"):
-            raise LmforgeError(f"dtype must be fp32 or bf16, got {dtype!r}")
         require_decoding(model, "the server")
+        if speculator is not None and speculator.model is not model:
+            raise LmforgeError("the speculator was built for another model than the server's")
+        if dtype is not None:
+            cast_weights(model, engine_dtype(dtype))
+            if speculator is not None and speculator.draft is not None:
+                cast_weights(speculator.draft, engine_dtype(dtype))
+        if not compile:
+            pack_linears(model)  # as the Engine does
         self.model = model.eval()
+        self.spec = speculator
+        if speculator is not None and speculator.draft is not None:
+            speculator.draft.eval()
+        self._sessions: dict[int, SpecSession] = {}  # sequence id -> its speculative session
         self.tok = tokenizer
         self.max_batch = max_batch
         self.step_fn = compiled_decode_step(model) if compile else None  # see Engine(compile=True)
         self.device = model.device
-        self.amp_dtype = torch.bfloat16 if dtype == "bf16" else None
+        self.cache_dtype = weight_dtype(model)
         # A model's vocabulary may be padded beyond the tokenizer's: those ids are never sampled.
         self.sample_vocab = min(model.vocab_size, tokenizer.vocab_size)
         self.stop_ids = tokenizer.stop_ids
@@ -330,20 +357,16 @@ class Scheduler:
         with self._context():
             self._drop_rows(cancelled=True)
             if new:
-                self._admit(new)
+                (self._admit if self.spec is None else self._admit_speculative)(new)
             with self._cv:
                 self._admitting = []
             if self._rows:
-                self._decode()
+                (self._decode if self.spec is None else self._speculate)()
 
     # ------------------------------------------------------------------ internals
 
     def _context(self):
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.inference_mode())
-        if self.amp_dtype is not None:
-            stack.enter_context(torch.autocast(self.device.type, dtype=self.amp_dtype))
-        return stack
+        return torch.inference_mode()
 
     def _admit(self, new: list[Sequence]) -> None:
         if self._rows:
@@ -356,7 +379,7 @@ class Scheduler:
         last = torch.tensor([len(s.prompt) - 1 for s in new], device=self.device)
         # Every row's state spans the whole window, so that states of rows admitted at different
         # times can be joined into one batch.
-        cache = self.model.new_cache(len(new), None, self.amp_dtype)
+        cache = self.model.new_cache(len(new), None, self.cache_dtype)
         logits = self.model.prefill(idx, cache, last)
         tokens = self._sample(logits, new)
         if self._cache is None or not self._rows:
@@ -369,6 +392,36 @@ class Scheduler:
         self._positions += [len(s.prompt) for s in new]
         for seq, t in zip(new, tokens.tolist()):
             seq.add(t)
+        self._drop_rows()
+
+    def _admit_speculative(self, new: list[Sequence]) -> None:
+        """Each sequence gets a speculative session of its own (its prompt prefilled at batch 1)."""
+        if self._rows:
+            self.stats.joined_running += len(new)
+        self.stats.admitted += len(new)
+        for seq in new:
+            p = seq.params
+            settings = SamplingSettings(p.temperature, p.top_k, p.top_p, p.min_p)
+            self._sessions[seq.id] = self.spec.session(seq.prompt, seq.budget, settings, seq.generator, seq.banned())
+            self.stats.prefills += 1
+            self._rows.append(seq)
+
+    def _speculate(self) -> None:
+        """One speculative round for each live sequence in turn; a sequence takes the round's
+        tokens until it is done (the rest of the round is dropped with its session)."""
+        self.stats.max_rows = max(self.stats.max_rows, 1)
+        for seq in list(self._rows):
+            session = self._sessions[seq.id]
+            self.stats.decode_steps += 1
+            self.stats.rows_per_step[1] += 1
+            for t in session.round():
+                self.stats.generated_tokens += 1
+                seq.add(t)
+                if seq.done or seq.cancelled:
+                    break
+            st = session.take_stats()
+            self.stats.draft_proposed += st.proposed
+            self.stats.draft_accepted += st.accepted
         self._drop_rows()
 
     def _decode(self) -> None:
@@ -425,6 +478,10 @@ class Scheduler:
             return
         with self._cv:
             self._rows = [self._rows[j] for j in keep]
+        if self.spec is not None:  # no shared cache: a finished sequence's session goes with it
+            live = {seq.id for seq in self._rows}
+            self._sessions = {i: s for i, s in self._sessions.items() if i in live}
+            return
         if keep:
             index = torch.tensor(keep, device=self.device)
             self._cache.keep(index)
@@ -439,6 +496,7 @@ class Scheduler:
             rows, self._rows = self._rows, []
             admitting, self._admitting = self._admitting, []
             self._cache, self._next, self._positions = None, None, []
+            self._sessions = {}
             self.stats.last_error = message
         failed = set()
         for seq in rows + admitting:

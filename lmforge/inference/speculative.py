@@ -32,6 +32,11 @@ draft's keys and values sit in slots the next round overwrites before anything a
 The draft model's cache likewise catches up on the tokens it has not seen (the last accepted draft
 and the correction or bonus token).
 
+Adaptive k: k is the most drafts per round. A session drafts 2 more after a round that accepted all
+of them and 1 fewer after one that did not; when even a single draft is rejected it stops drafting
+for 1, 2, 4, ... (up to MAX_PAUSE) rounds. A draft that predicts the target badly thus costs a few
+percent instead of k wasted draft steps per token, and a good one keeps proposing k.
+
 Batch 1 only: rows that accept different numbers of tokens drift apart, and a batch of rows already
 fills the memory-bound step that speculation tries to fill. The server runs each request as its own
 session of rounds (lmforge/inference/scheduler.py).
@@ -51,11 +56,13 @@ import torch
 
 from lmforge.common import LmforgeError
 from lmforge.inference.engine import Completion, RowOutput, compiled_decode_step
+from lmforge.inference.packed import pack_linears
 from lmforge.inference.sampling import check_sampling_args, sampling_probs
 from lmforge.models.protocol import require_decoding, tokens_left
 
 DEFAULT_K = 4
 DEFAULT_MAX_NGRAM = 3
+MAX_PAUSE = 32  # most rounds without drafting after a rejected one-token draft
 
 
 @dataclass
@@ -157,6 +164,10 @@ class Speculator:
                                    f"target's ({model.vocab_size}): both must use the same tokenizer")
             if draft is model:
                 raise LmforgeError("the draft model is the target itself: give a smaller model")
+        if not compile:
+            pack_linears(model)  # as the Engine does (lmforge/inference/packed.py)
+            if draft is not None:
+                pack_linears(draft)
         self.model, self.draft, self.tokenizer = model, draft, tokenizer
         self.k, self.max_ngram = k, max_ngram
         # the draft proposes one token at a time: the compiled single-token step pays there
@@ -268,6 +279,9 @@ class SpecSession:
         self.context = prompt
         self.budget, self.produced = budget, 0
         self.stats = SpecStats()
+        # How many tokens to draft next round (at most spec.k), and rounds left without drafting: a
+        # draft that keeps failing costs little (module docstring, "adaptive k").
+        self.k, self.pause, self.backoff = spec.k, 0, 1
         model, draft = spec.model, spec.draft
         device = model.device
         self.device = device
@@ -309,7 +323,8 @@ class SpecSession:
         with torch.inference_mode():
             C = len(self.context)
             # Drafting more than fits is useless: all accepted plus the bonus exactly fill the budget.
-            k = min(self.spec.k, self.budget - self.produced - 1)
+            k = 0 if self.pause else min(self.k, self.budget - self.produced - 1)
+            self.pause = max(0, self.pause - 1)
             if self.spec.draft is None:
                 drafts, q = lookup_draft(self.context, k, self.spec.max_ngram) if k > 0 else [], None
             else:
@@ -320,6 +335,7 @@ class SpecSession:
             logits = self.spec.model.decode_many(torch.tensor([feed], device=self.device), self.cache, self.cached)
             p = self._probs(logits[0, -(len(drafts) + 1):], drafts, self.seen)
             accepted, nxt = self._verify(p, q, drafts)
+            self._adapt(len(drafts), accepted)
             new = drafts[:accepted] + [nxt]
             self.cached = C + accepted
             self.draft_cached = min(self.draft_cached, C + accepted)
@@ -331,6 +347,19 @@ class SpecSession:
             self.stats.proposed += len(drafts)
             self.stats.accepted += accepted
             return new
+
+    def _adapt(self, proposed: int, accepted: int) -> None:
+        """Draft more after a round that accepted everything (+2, up to spec.k), less after one that
+        did not (-1); after a one-token draft is rejected, stop drafting for 1, 2, 4, ... up to 32
+        rounds. k only depends on rounds already decided, so the output distribution stays the target's."""
+        if proposed == 0:
+            return
+        if accepted == proposed:
+            self.k, self.backoff = min(self.spec.k, self.k + 2), 1
+        elif accepted == 0 and self.k == 1:
+            self.pause, self.backoff = self.backoff, min(2 * self.backoff, MAX_PAUSE)
+        else:
+            self.k = max(1, self.k - 1)
 
     def _probs(self, logits: torch.Tensor, drafts: list[int], seen: torch.Tensor | None) -> torch.Tensor:
         """The sampling distributions of rows of logits, row j after the context and drafts[:j]

@@ -19,6 +19,10 @@ With ServeConfig(rag_index=INDEX) (`lmforge serve --rag INDEX`) a chat request g
 retrieved for its last user message in its prompt (lmforge/rag.py) unless it says `"rag": false`,
 and the response reports them in the extra top-level field `lmforge_rag` (see `Server.retrieve`).
 
+With ServeConfig(draft=CHECKPOINT) or ServeConfig(prompt_lookup=True) (`lmforge serve --draft` /
+`--prompt-lookup`) every request decodes speculatively at batch 1 (docs/speculative.md); /health
+counts the draft tokens proposed and accepted.
+
 Each request's sequences report to an asyncio queue of their own (the scheduler thread puts events
 there with call_soon_threadsafe), so the model loop never waits for a client. A stream whose client
 goes away is cancelled and leaves the batch at the next step.
@@ -78,7 +82,7 @@ class ServeConfig:
     max_request_bytes: int = 1_000_000
     max_n: int = 8  # most choices per request
     max_waiting: int = 256  # sequences queued beyond the batch before new requests get 429
-    dtype: str = "fp32"
+    dtype: str | None = None  # "fp32" or "bf16": cast the weights once at start; None: as stored
     compile: bool = False  # torch.compile the decode step (see Engine(compile=True))
     chat_completion_default_tokens: int | None = None  # chat default for max_tokens (None: up to the limit)
     completion_default_tokens: int = 16  # OpenAI's default for /v1/completions
@@ -88,6 +92,12 @@ class ServeConfig:
     max_tool_calls: int = 4  # server-run calls per choice; the reply ends (finish "length") past it
     rag_index: str | None = None  # a retrieval index: chat requests answer from its passages (lmforge/rag.py)
     rag_k: int = 5  # passages retrieved per request
+    # Speculative decoding (docs/speculative.md): a draft model's checkpoint, or prompt lookup, and
+    # draft tokens per step. With either, every request runs at batch 1 through its own speculative
+    # session (lmforge/inference/scheduler.py says why), up to max_batch of them in turn.
+    draft: str | None = None
+    prompt_lookup: bool = False
+    speculate: int = 4
 
 
 class RagChatRequest(ChatRequest):
@@ -116,7 +126,8 @@ class Server:
             retriever = load_index(cfg.rag_index)
         self.retriever = retriever  # search(query, k) -> passages, or None
         self.search_lock = threading.Lock()  # one search at a time: an index need not be thread-safe
-        self.sched = Scheduler(model, tokenizer, max_batch=cfg.max_batch, dtype=cfg.dtype, compile=cfg.compile)
+        self.sched = Scheduler(model, tokenizer, max_batch=cfg.max_batch, dtype=cfg.dtype, compile=cfg.compile,
+                               speculator=speculator_for(model, tokenizer, cfg))
         self.window = model.context_limit  # None: no window (an LSTM, an n-gram)
         room = tokens_left(model, 1)  # at least one token for the reply
         self.max_prompt = min(cfg.max_prompt_tokens or room, room)
@@ -682,6 +693,23 @@ def request_body_schema(model, documented: dict) -> dict:
         return node
 
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+def speculator_for(model, tokenizer, cfg: ServeConfig):
+    """The Speculator the config asks for (None without --draft or --prompt-lookup); a draft
+    checkpoint must carry the served model's tokenizer."""
+    if cfg.draft is None and not cfg.prompt_lookup:
+        return None
+    from lmforge.inference.speculative import Speculator
+
+    draft = None
+    if cfg.draft is not None:
+        draft, draft_tok = load_served_model(cfg.draft, device=str(model.device))
+        if draft_tok.fingerprint != tokenizer.fingerprint:
+            raise LmforgeError(f"the draft model {cfg.draft} has another tokenizer than the served model: "
+                               "speculation needs the same one")
+    return Speculator(model, tokenizer, draft=draft, prompt_lookup=cfg.prompt_lookup, k=cfg.speculate,
+                      compile=cfg.compile)
 
 
 def load_served_model(path, device: str = "cpu"):
