@@ -262,9 +262,11 @@ SETTINGS = [dict(temperature=1.0, top_k=None, top_p=None),
             dict(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.5)]
 
 
-@pytest.mark.parametrize(("how", "settings"), [("draft", SETTINGS[0]), ("draft", SETTINGS[1]),
-                                               ("draft", SETTINGS[3]), ("lookup", SETTINGS[0]),
-                                               ("lookup", SETTINGS[2])])
+# Two cases in the default run, the other settings in the slow group (CI runs both).
+@pytest.mark.parametrize(("how", "settings"), [("draft", SETTINGS[0]), ("lookup", SETTINGS[0]),
+                                               pytest.param("draft", SETTINGS[1], marks=pytest.mark.slow),
+                                               pytest.param("draft", SETTINGS[3], marks=pytest.mark.slow),
+                                               pytest.param("lookup", SETTINGS[2], marks=pytest.mark.slow)])
 def test_samples_follow_the_target_distribution(how, settings):
     target, draft = table_models()
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]  # repetitive: prompt lookup proposes something every round

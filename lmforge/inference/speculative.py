@@ -331,8 +331,11 @@ class SpecSession:
                 if self.draft_cache is not None:
                     k = min(k, self.draft_len - C + 1)  # the draft feeds positions up to C + k - 2
                 drafts, q = self._propose(k) if k > 0 and self.draft_cache is not None else ([], None)
-            feed = self.context[self.cached:] + drafts
-            logits = self.spec.model.decode_many(torch.tensor([feed], device=self.device), self.cache, self.cached)
+            feed = torch.tensor([self.context[self.cached:] + drafts], device=self.device)
+            if feed.size(1) == 1:  # nothing drafted (paused, or no match): the engine's one-token step
+                logits = self.spec.model.decode(feed, self.cache, [self.cached])[:, None]
+            else:
+                logits = self.spec.model.decode_many(feed, self.cache, self.cached)
             p = self._probs(logits[0, -(len(drafts) + 1):], drafts, self.seen)
             accepted, nxt = self._verify(p, q, drafts)
             self._adapt(len(drafts), accepted)
