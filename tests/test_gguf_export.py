@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import missing
+from test_hf import jitter  # logits of order 1, no mis-mapped gain hidden by 1s
 
 from lmforge.cli import main
 from lmforge.common import LmforgeError
@@ -37,18 +38,6 @@ ARCH = {"llama": "llama", "llama-tied-bias": "llama", "llama3-rope": "llama", "q
 def tok():
     corpus = [t * 20 for t in TEXTS] + ["the quick brown fox jumps over the lazy dog 0123456789 " * 30]
     return Tokenizer.train(corpus, vocab_size=256 + len(SPECIAL_TOKENS) + 120, show_progress=False)
-
-
-def jitter(model, seed=0):
-    """Random norm gains and biases, and matrices of std 1/sqrt(fan-in): logits of order 1 (a tiny
-    random init's are nearly flat, so greedy would pick among ties) and no mis-mapped gain hidden by 1s."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
 
 
 def make_checkpoint(path, tok, **overrides):

@@ -144,6 +144,19 @@ class RowOutput:
         return piece
 
 
+def checked_stops(stop_ids, stop_strings, default_stop_ids: frozenset[int], tokenizer
+                  ) -> tuple[frozenset[int], tuple[str, ...]]:
+    """The stop ids (None: the defaults) and stop strings (one string or several) of a generation
+    call, checked: stop strings need a tokenizer and must be non-empty strings."""
+    stop_ids = default_stop_ids if stop_ids is None else frozenset(int(t) for t in stop_ids)
+    stop_strings = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings)
+    if stop_strings and tokenizer is None:
+        raise LmforgeError("stop strings need a tokenizer")
+    if any(not isinstance(s, str) or not s for s in stop_strings):
+        raise LmforgeError("stop strings must be non-empty strings")
+    return stop_ids, stop_strings
+
+
 def _right_padded(prompts: list[list[int]], width: int, device) -> torch.Tensor:
     return torch.tensor([p + [0] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
 
@@ -330,12 +343,7 @@ class Engine:
             if not all(0 <= t < model.vocab_size for t in p):
                 raise LmforgeError(f"prompt {i} has token ids outside the model's vocabulary "
                                    f"(0..{model.vocab_size - 1})")
-        stop_ids = self.default_stop_ids if stop_ids is None else frozenset(int(t) for t in stop_ids)
-        stop_strings = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings)
-        if stop_strings and self.tokenizer is None:
-            raise LmforgeError("stop strings need a tokenizer")
-        if any(not isinstance(s, str) or not s for s in stop_strings):
-            raise LmforgeError("stop strings must be non-empty strings")
+        stop_ids, stop_strings = checked_stops(stop_ids, stop_strings, self.default_stop_ids, self.tokenizer)
         rows = [RowOutput(min(max_new_tokens, tokens_left(model, len(p))), stop_ids, stop_strings, self.tokenizer)
                 for p in prompts]
         settings = _Settings(temperature, top_k, top_p, min_p, repetition_penalty, seed, use_cache)

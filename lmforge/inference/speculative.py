@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.common import LmforgeError
-from lmforge.inference.engine import Completion, RowOutput, compiled_decode_step
+from lmforge.inference.engine import Completion, RowOutput, checked_stops, compiled_decode_step
 from lmforge.inference.packed import pack_linears
 from lmforge.inference.sampling import check_sampling_args, sampling_probs
 from lmforge.models.protocol import require_decoding, tokens_left
@@ -228,12 +228,7 @@ class Speculator:
                                f"window of {model.context_limit} tokens")
         if not all(0 <= t < model.vocab_size for t in prompt):
             raise LmforgeError(f"the prompt has token ids outside the model's vocabulary (0..{model.vocab_size - 1})")
-        stop_ids = self.default_stop_ids if stop_ids is None else frozenset(int(t) for t in stop_ids)
-        stop_strings = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings)
-        if stop_strings and self.tokenizer is None:
-            raise LmforgeError("stop strings need a tokenizer")
-        if any(not isinstance(s, str) or not s for s in stop_strings):
-            raise LmforgeError("stop strings must be non-empty strings")
+        stop_ids, stop_strings = checked_stops(stop_ids, stop_strings, self.default_stop_ids, self.tokenizer)
         row = RowOutput(min(max_new_tokens, tokens_left(model, len(prompt))), stop_ids, stop_strings, self.tokenizer)
         generator = None
         if seed is not None:
