@@ -32,7 +32,8 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != w.dtype
-                or torch.compiler.is_compiling()):  # a compiled step: inductor picks its own kernels
+                or torch.compiler.is_compiling()  # a compiled step: inductor picks its own kernels
+                or type(w.data) is not torch.Tensor):  # a sharded (DTensor) weight: not one matrix here
             return F.linear(x, w, self.bias)
         key = (w.data_ptr(), w._version, w.dtype, None if self.bias is None else self.bias.dtype)
         if key != self._packed_key:
