@@ -9,8 +9,8 @@ CPU the layers run on PyTorch's fused weight-only kernels, which dequantize insi
 Elsewhere (GPU, a build without the kernels, a shape they reject) the weights are dequantized and
 passed to F.linear, which works on any device. One exception to "activations stay float": an int8
 layer given a single token on a CPU (decode at batch 1) runs fbgemm's int8 x int8 product with the
-token's activations rounded to int8 on the fly, as llama.cpp's q8_0 does (`QuantLinear._decode_int8`):
-3x the speed of the weight-only kernel, for rounding that changed no measured loss.
+token's activations rounded to int8 on the fly (`QuantLinear._decode_int8`; llama.cpp's q8_0 rounds
+them in blocks of 32): 3x the speed of the weight-only kernel, for rounding that changed no measured loss.
 
 Formats (N = out_features, K = in_features)
   int8  symmetric per output row: w[n, k] ~ scales[n] * q[n, k], q in [-127, 127].
