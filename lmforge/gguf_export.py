@@ -45,9 +45,9 @@ import numpy as np
 import torch
 
 from lmforge.common import LmforgeError
-from lmforge.hf import ARCHITECTURES, EOS_TOKEN, _special_ids, hf_family, to_hf_tensors
+from lmforge.hf import ARCHITECTURES, EOS_TOKEN, _special_ids, hf_family, load_for_export, to_hf_tensors
 from lmforge.models.transformer import GPTConfig, llama3_frequencies
-from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model, resolve_checkpoint
+from lmforge.train.checkpoint import load_checkpoint_tokenizer
 
 Q = gguf.GGMLQuantizationType
 DTYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
@@ -230,11 +230,8 @@ def export_gguf(checkpoint_path: str | Path, out: str | Path, dtype: str | None 
     q4_0 (None: `default_dtype`)."""
     if dtype is not None and dtype not in DTYPES:
         raise LmforgeError(f"GGUF dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    ckpt = resolve_checkpoint(checkpoint_path)
-    model, state = load_model(ckpt)
-    if state.get("quantization"):
-        raise LmforgeError(f"{ckpt} is quantized ({state['quantization']['bits']}-bit); export the "
-                           "full-precision checkpoint with --dtype q8_0 or q4_0 instead")
+    ckpt, model = load_for_export(checkpoint_path, "export the full-precision checkpoint with --dtype q8_0 or "
+                                                   "q4_0 instead")
     cfg = model.config
     arch = gguf_arch(cfg)
     tok = checkpoint_tokenizer(ckpt, cfg)

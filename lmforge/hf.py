@@ -586,6 +586,16 @@ def tokenizer_from_hf(hf_dir: Path, vocab_size: int):
 # ----------------------------------------------------------------------------- export / import
 
 
+def load_for_export(checkpoint_path: str | Path, quantized_hint: str):
+    """(checkpoint folder, model) of a checkpoint to export; a quantized one is refused (exporting
+    would either dequantize or round twice), with `quantized_hint` saying what to do instead."""
+    ckpt = resolve_checkpoint(checkpoint_path)
+    model, state = load_model(ckpt)
+    if state.get("quantization"):
+        raise LmforgeError(f"{ckpt} is quantized ({state['quantization']['bits']}-bit); {quantized_hint}")
+    return ckpt, model
+
+
 def export_hf(checkpoint_path: str | Path, out_dir: str | Path, dtype: str | None = None) -> HFConversion:
     """Write an lmforge checkpoint as a folder that transformers' AutoModelForCausalLM and AutoTokenizer
     load offline: model.safetensors, config.json, generation_config.json and, if the checkpoint has
@@ -594,11 +604,7 @@ def export_hf(checkpoint_path: str | Path, out_dir: str | Path, dtype: str | Non
     (None: the checkpoint's own)."""
     if dtype is not None and dtype not in DTYPES:
         raise LmforgeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    ckpt = resolve_checkpoint(checkpoint_path)
-    model, state = load_model(ckpt)
-    if state.get("quantization"):
-        raise LmforgeError(f"{ckpt} is quantized ({state['quantization']['bits']}-bit); export the "
-                           "full-precision checkpoint instead")
+    ckpt, model = load_for_export(checkpoint_path, "export the full-precision checkpoint instead")
     cfg = model.config
     family = hf_family(cfg)
     if dtype is None:

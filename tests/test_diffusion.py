@@ -221,7 +221,8 @@ def test_pretrain_sample_generate_score_through_the_cli(tiny_data, tmp_path):
     assert "bits_per_byte_bound" in out and metrics["bits_per_byte_bound_stderr"] > 0
     state = json.loads(next((run / "checkpoints").glob("step_*/state.json")).read_text())
     assert state["model_family"] == "diffusion"
-    for cmd in (["sample", "--prompt", "def ", "--num-samples", "2"], ["generate", "def "]):
+    for cmd in (["sample", "--prompt", "def ", "--num-samples", "2"], ["generate", "def "],
+                ["generate", "def ", "--dtype", "bf16"]):  # weights cast once, as for any family
         code, out, err = run_cli(*cmd, "--checkpoint", run, "--max-new-tokens", "16", "--steps", "4",
                                  "--block-len", "8", "--seed", "0", "--remasking", "random")
         assert code == 0 and "Traceback" not in err, err

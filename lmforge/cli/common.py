@@ -351,7 +351,7 @@ def apply_engine_args(args, model):
         import torch
 
         torch.set_num_threads(args.threads)
-    if getattr(args, "dtype", None) and getattr(model, "generation", "") != "diffusion":
+    if getattr(args, "dtype", None):
         from lmforge.inference.precision import cast_weights, engine_dtype
 
         cast_weights(model, engine_dtype(args.dtype))

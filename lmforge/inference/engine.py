@@ -33,8 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.common import LmforgeError
-from lmforge.inference.packed import pack_linears
-from lmforge.inference.precision import cast_weights, engine_dtype, weight_dtype
+from lmforge.inference.precision import prepare_for_inference, weight_dtype
 from lmforge.inference.sampling import check_sampling_args, sample_next
 from lmforge.models.protocol import require_decoding, tokens_left
 
@@ -269,10 +268,7 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, dtype: str | None = None, compile: bool = False):
         require_decoding(model, "the inference engine (chat, tools, evaluation by generation)")
-        if dtype is not None:
-            cast_weights(model, engine_dtype(dtype))
-        if not compile:  # (compiled, inductor chooses its own kernels)
-            pack_linears(model)  # oneDNN-packed weights for CPU inference (lmforge/inference/packed.py)
+        prepare_for_inference(model, dtype, compile=compile)
         self.model = model
         self.step_fn = compiled_decode_step(model) if compile else None
         self.tokenizer = tokenizer

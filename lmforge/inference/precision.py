@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.common import LmforgeError
+from lmforge.inference.packed import pack_linears
 from lmforge.quantize import QuantLinear
 
 ENGINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -54,4 +55,16 @@ def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         for name, b in module.named_buffers(recurse=False):
             if b is not None and b.is_floating_point() and b.dtype != dtype and name not in unsaved:
                 setattr(module, name, b.to(dtype))
+    return model
+
+
+def prepare_for_inference(model: nn.Module, dtype: str | None = None, *, compile: bool = False) -> nn.Module:
+    """What every decoder (Engine, Scheduler, Speculator) does to the model it is given, in place:
+    cast the weights to `dtype` once ("fp32"/"bf16"; None: as stored) and, unless the decode step is
+    compiled (inductor picks its own kernels), pack the linear layers for CPU inference
+    (lmforge/inference/packed.py). Returns the model."""
+    if dtype is not None:
+        cast_weights(model, engine_dtype(dtype))
+    if not compile:
+        pack_linears(model)
     return model

@@ -50,8 +50,7 @@ import torch
 from lmforge.chat import parse_tool_call
 from lmforge.common import LmforgeError
 from lmforge.inference.engine import RowOutput, compiled_decode_step
-from lmforge.inference.packed import pack_linears
-from lmforge.inference.precision import cast_weights, engine_dtype, weight_dtype
+from lmforge.inference.precision import prepare_for_inference, weight_dtype
 from lmforge.inference.sampling import check_sampling_args, sample_next
 from lmforge.inference.speculative import SamplingSettings, SpecSession
 from lmforge.models.protocol import require_decoding, tokens_left
@@ -215,12 +214,9 @@ class Scheduler:
         require_decoding(model, "the server")
         if speculator is not None and speculator.model is not model:
             raise LmforgeError("the speculator was built for another model than the server's")
-        if dtype is not None:
-            cast_weights(model, engine_dtype(dtype))
-            if speculator is not None and speculator.draft is not None:
-                cast_weights(speculator.draft, engine_dtype(dtype))
-        if not compile:
-            pack_linears(model)  # as the Engine does
+        prepare_for_inference(model, dtype, compile=compile)
+        if speculator is not None and speculator.draft is not None:
+            prepare_for_inference(speculator.draft, dtype, compile=compile)
         self.model = model.eval()
         self.spec = speculator
         if speculator is not None and speculator.draft is not None:

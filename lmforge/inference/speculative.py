@@ -56,7 +56,7 @@ import torch
 
 from lmforge.common import LmforgeError
 from lmforge.inference.engine import Completion, RowOutput, checked_stops, compiled_decode_step
-from lmforge.inference.packed import pack_linears
+from lmforge.inference.precision import prepare_for_inference
 from lmforge.inference.sampling import check_sampling_args, sampling_probs
 from lmforge.models.protocol import require_decoding, tokens_left
 
@@ -164,10 +164,9 @@ class Speculator:
                                    f"target's ({model.vocab_size}): both must use the same tokenizer")
             if draft is model:
                 raise LmforgeError("the draft model is the target itself: give a smaller model")
-        if not compile:
-            pack_linears(model)  # as the Engine does (lmforge/inference/packed.py)
-            if draft is not None:
-                pack_linears(draft)
+        prepare_for_inference(model, compile=compile)  # as the Engine does
+        if draft is not None:
+            prepare_for_inference(draft, compile=compile)
         self.model, self.draft, self.tokenizer = model, draft, tokenizer
         self.k, self.max_ngram = k, max_ngram
         # the draft proposes one token at a time: the compiled single-token step pays there
