@@ -1,4 +1,4 @@
-"""One row of bench/families.py's Shakespeare setup at a time: the 300-second probes that chose its
+"""One row of bench/families.py's setup at a time: the 300-second probes that chose its
 vocabulary and regularisation (docs/benchmarks.md, "Probes of a third session").
 
 Same split, same BPE training on the training text, same whole-split validation as the full
@@ -9,6 +9,8 @@ bits per character, steps, tokens, the last points of the curve).
         --train '{"compile": "on", "weight_decay": 0.2}'
     python bench/probe_families.py --vocab 1024 --model lstm --over '{"dropout": 0.2}' \
         --train '{"compile": "off", "lr": 6e-3, "muon_lr": 0.04, "weight_decay": 0.1}'
+    python bench/probe_families.py --corpus stdlib --vocab 4096 --model lstm \
+        --over '{"n_hidden": 256, "n_embd": 256, "tie_embeddings": true}' --train '{"compile": "off"}'
 """
 from __future__ import annotations
 
@@ -22,12 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from families import corpus_source, curve, split_text  # noqa: E402
+from families import curve, prepare_corpus  # noqa: E402
 
-from lmforge.data.prepare import prepare_shards  # noqa: E402
 from lmforge.stages.pretrain import PretrainOptions, pretrain  # noqa: E402
-from lmforge.tokenizer import Tokenizer  # noqa: E402
 from lmforge.train.config import TrainConfig  # noqa: E402
+
+TOKENIZER_CHARS = 20_000_000  # bench/families.py's --tokenizer-chars default
 
 
 def json_arg(text: str) -> dict:
@@ -42,6 +44,7 @@ def json_arg(text: str) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", choices=["shakespeare", "stdlib"], default="shakespeare")
     ap.add_argument("--vocab", type=int, default=1024, help="BPE ids (256: the byte-level shards)")
     ap.add_argument("--model", default="transformer", help="model family")
     ap.add_argument("--preset", default="cpu")
@@ -53,22 +56,15 @@ def main():
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "probe_families"))
     args = ap.parse_args()
 
-    out = Path(args.out)
+    out = Path(args.out) / args.corpus
     out.mkdir(parents=True, exist_ok=True)
-    source, val_fraction, _ = corpus_source("shakespeare")
-    bytes_dir = out / "data_bytes"
-    if not bytes_dir.exists():
-        Tokenizer.byte_level().save(out / "tok_bytes.json")
-        prepare_shards(source, out / "tok_bytes.json", bytes_dir, val_fraction=val_fraction, workers=1,
-                       show_progress=False)
-    data = bytes_dir
-    if args.vocab != 256:
-        data = out / f"data_bpe{args.vocab}"
-        if not data.exists():
-            text = split_text(bytes_dir, "train").decode("utf-8", "replace")
-            Tokenizer.train([text], args.vocab, show_progress=False).save(out / f"tok_bpe{args.vocab}.json")
-            prepare_shards(source, out / f"tok_bpe{args.vocab}.json", data, val_fraction=val_fraction, workers=1,
-                           show_progress=False)
+    kind = "bytes" if args.vocab == 256 else "bpe"
+    prep = out / f"vocab{args.vocab}"  # prepared once per corpus and vocabulary, exactly as the full table does
+    data = prep / f"data_{kind}"
+    if not (prep / "ready").exists():
+        prep.mkdir(exist_ok=True)
+        prepare_corpus(args.corpus, args.vocab, TOKENIZER_CHARS, prep)
+        (prep / "ready").touch()
     run = out / "run"
     if run.exists():
         shutil.rmtree(run)

@@ -240,6 +240,14 @@ def window_mask(T: int, window: int | None, device) -> torch.Tensor:
     return mask
 
 
+def project(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
+    """x through several linear layers that all read it (q/k/v; gate/up): `[layer(x) for layer in
+    layers]`, computed as one stacked product when an inference engine has packed the layers for
+    its CPU kernels (lmforge/inference/packed.py: fewer, larger products stream the weights faster)."""
+    fused = getattr(layers[0], "forward_fused", None)
+    return fused(x, layers) if fused is not None else [layer(x) for layer in layers]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head attention where n_kv_head key/value heads are shared by groups of query heads
     (n_kv_head = n_head: classic MHA; 1: multi-query). Fewer KV heads shrink the KV cache.
@@ -277,9 +285,8 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         # Head counts from the projections' widths, not the config: under tensor parallelism a rank
         # holds only its share of the heads (lmforge/train/parallel.py), and the code is the same.
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k, v = (y.view(B, T, -1, self.head_dim).transpose(1, 2)
+                   for y in project(x, self.q_proj, self.k_proj, self.v_proj))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if kv is not None:
@@ -375,10 +382,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x, valid=None):  # valid: see MoE.forward (a dense MLP treats every token alike)
-        if self.kind == "swiglu":
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        elif self.kind == "geglu":
-            h = F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)
+        if self.kind in ("swiglu", "geglu"):
+            gate, up = project(x, self.gate_proj, self.up_proj)
+            h = (F.silu(gate) if self.kind == "swiglu" else F.gelu(gate, approximate="tanh")) * up
         elif self.kind == "gelu":
             h = F.gelu(self.up_proj(x), approximate="tanh")
         else:
