@@ -405,6 +405,22 @@ def test_cli_generate_with_speculation_prints_the_greedy_text(runs, capsys):
     assert e.value.code == 2 and "--speculate" in capsys.readouterr().err
 
 
+def test_a_draft_is_cast_like_the_target_and_must_share_its_tokenizer(runs):
+    from lmforge.inference.precision import weight_dtype
+    from lmforge.inference.speculative import speculator_from
+    from lmforge.train.checkpoint import load_model
+
+    target, draft, tok = runs
+    model, _ = load_model(target)
+    assert speculator_from(model, tok) is None  # neither --draft nor --prompt-lookup
+    spec = speculator_from(model, tok, draft_path=draft, load_draft=lambda p: (load_model(p)[0], tok),
+                           dtype="bf16", k=2)
+    assert weight_dtype(spec.draft) == weight_dtype(spec.model) == torch.bfloat16  # serve --dtype bf16 --draft
+    other = Tokenizer.train(["abc abc abd abd " * 50], 300, show_progress=False)
+    with pytest.raises(LmforgeError, match="another tokenizer"):
+        speculator_from(model, tok, draft_path=draft, load_draft=lambda p: (load_model(p)[0], other))
+
+
 def test_serve_with_speculation_returns_the_greedy_text(runs):
     from fastapi.testclient import TestClient
 

@@ -72,21 +72,14 @@ def cmd_generate(args):
 
 
 def speculator(args, model, tok):
-    """The Speculator that --draft / --prompt-lookup ask for, or None; a draft checkpoint must carry
-    the model's tokenizer."""
-    if not (args.draft or args.prompt_lookup):
-        return None
-    from lmforge.common import LmforgeError
-    from lmforge.inference.speculative import Speculator
+    """The Speculator that --draft / --prompt-lookup ask for, or None (the draft cast like the model)."""
+    from lmforge.inference.speculative import speculator_from
     from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
 
-    draft = None
-    if args.draft:
-        draft = apply_engine_args(args, load_model(args.draft, device=args.device)[0])
-        if load_checkpoint_tokenizer(args.draft).fingerprint != tok.fingerprint:
-            raise LmforgeError(f"the draft model {args.draft} has another tokenizer than the model: "
-                               "speculation needs the same one")
-    return Speculator(model, tok, draft=draft, prompt_lookup=args.prompt_lookup, k=args.speculate)
+    return speculator_from(model, tok, draft_path=args.draft, prompt_lookup=args.prompt_lookup, k=args.speculate,
+                           load_draft=lambda path: (load_model(path, device=args.device)[0],
+                                                    load_checkpoint_tokenizer(path)),
+                           dtype=getattr(args, "dtype", None))
 
 
 CHAT_HELP = "commands: /reset (new conversation), /temperature X, /quit"

@@ -146,10 +146,11 @@ def lookup_draft(context: Sequence[int], k: int, max_ngram: int = DEFAULT_MAX_NG
 class Speculator:
     """Speculative generation at batch 1 from `model` (the target), drafting with `draft` (a smaller
     model of the same vocabulary) or with prompt lookup. k: draft tokens per round. The tokenizer
-    plays the same part as in Engine (stop strings, text, streaming, default stop ids)."""
+    plays the same part as in Engine (stop strings, text, streaming, default stop ids); dtype and
+    compile as in Engine, applied to the target and the draft."""
 
     def __init__(self, model, tokenizer=None, *, draft=None, prompt_lookup: bool = False, k: int = DEFAULT_K,
-                 max_ngram: int = DEFAULT_MAX_NGRAM, compile: bool = False):
+                 max_ngram: int = DEFAULT_MAX_NGRAM, dtype: str | None = None, compile: bool = False):
         if (draft is None) == (not prompt_lookup):
             raise LmforgeError("speculative decoding needs exactly one draft: a draft model or prompt lookup")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -164,9 +165,9 @@ class Speculator:
                                    f"target's ({model.vocab_size}): both must use the same tokenizer")
             if draft is model:
                 raise LmforgeError("the draft model is the target itself: give a smaller model")
-        prepare_for_inference(model, compile=compile)  # as the Engine does
+        prepare_for_inference(model, dtype, compile=compile)  # as the Engine does; the draft alike
         if draft is not None:
-            prepare_for_inference(draft, compile=compile)
+            prepare_for_inference(draft, dtype, compile=compile)
         self.model, self.draft, self.tokenizer = model, draft, tokenizer
         self.k, self.max_ngram = k, max_ngram
         # the draft proposes one token at a time: the compiled single-token step pays there
@@ -420,3 +421,19 @@ class SpecSession:
         if self.settings.temperature == 0:
             return int(dist.argmax())
         return int(torch.multinomial(dist, 1, generator=self.generator))
+
+
+def speculator_from(model, tokenizer, *, draft_path=None, load_draft=None, prompt_lookup: bool = False,
+                    k: int = DEFAULT_K, dtype: str | None = None, compile: bool = False) -> Speculator | None:
+    """The Speculator a command's --draft PATH / --prompt-lookup ask for, or None without either.
+    load_draft(path) -> (model, tokenizer) reads the draft checkpoint, which must carry the model's
+    tokenizer (the same ids are not enough: the same text must give the same ids)."""
+    if draft_path is None and not prompt_lookup:
+        return None
+    draft = None
+    if draft_path is not None:
+        draft, draft_tok = load_draft(draft_path)
+        if tokenizer is not None and draft_tok.fingerprint != tokenizer.fingerprint:
+            raise LmforgeError(f"the draft model {draft_path} has another tokenizer than the model: "
+                               "speculation needs the same one")
+    return Speculator(model, tokenizer, draft=draft, prompt_lookup=prompt_lookup, k=k, dtype=dtype, compile=compile)

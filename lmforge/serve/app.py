@@ -696,20 +696,12 @@ def request_body_schema(model, documented: dict) -> dict:
 
 
 def speculator_for(model, tokenizer, cfg: ServeConfig):
-    """The Speculator the config asks for (None without --draft or --prompt-lookup); a draft
-    checkpoint must carry the served model's tokenizer."""
-    if cfg.draft is None and not cfg.prompt_lookup:
-        return None
-    from lmforge.inference.speculative import Speculator
+    """The Speculator the config asks for (None without --draft or --prompt-lookup)."""
+    from lmforge.inference.speculative import speculator_from
 
-    draft = None
-    if cfg.draft is not None:
-        draft, draft_tok = load_served_model(cfg.draft, device=str(model.device))
-        if draft_tok.fingerprint != tokenizer.fingerprint:
-            raise LmforgeError(f"the draft model {cfg.draft} has another tokenizer than the served model: "
-                               "speculation needs the same one")
-    return Speculator(model, tokenizer, draft=draft, prompt_lookup=cfg.prompt_lookup, k=cfg.speculate,
-                      compile=cfg.compile)
+    return speculator_from(model, tokenizer, draft_path=cfg.draft, prompt_lookup=cfg.prompt_lookup, k=cfg.speculate,
+                           load_draft=lambda path: load_served_model(path, device=str(model.device)),
+                           dtype=cfg.dtype, compile=cfg.compile)
 
 
 def load_served_model(path, device: str = "cpu"):
