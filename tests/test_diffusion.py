@@ -242,10 +242,65 @@ def test_pretrain_sample_generate_score_through_the_cli(tiny_data, tmp_path):
         Scheduler(model, tok)
     with pytest.raises(LmforgeError, match="samplers"):
         model.new_cache(1)
-    for cmd in (["chat"], ["sft", "--data", "synthetic:arithmetic:20", "--out", tmp_path / "sft"]):
+    for cmd in (["dpo", "--data", "synthetic:arithmetic:20", "--out", tmp_path / "dpo"],
+                ["chat", "--tools"]):  # a preference stage; tool calls in a reply written all at once
         code, out, err = run_cli(*cmd, "--checkpoint", run)
-        assert code != 0 and "lmforge generate" in err and "Traceback" not in err, err
-    assert not (tmp_path / "sft").exists()
+        assert code != 0 and "Traceback" not in err and ("lmforge chat" in err or "--tools" in err), err
+    assert not (tmp_path / "dpo").exists()
+
+
+# ----------------------------------------------------------------------------- SFT and chat (LLaDA-style)
+
+
+def test_sft_rows_pad_the_reply_with_end_of_turn_targets():
+    from lmforge.stages.sft import Example, SFTTask, collate
+
+    short, full = Example([1, 2, 3, 4, 5], [0, 0, 0, 1, 1]), Example(list(range(1, 9)), [0, 0, 1, 1, 1, 1, 1, 1])
+    end = 99
+    x, y = collate([short, full], pad_id=0, device="cpu", fill=(end, 7))
+    assert x[0].tolist() == [1, 2, 3, 4, end, end, end]
+    assert y[0].tolist() == [-100, -100, 4, 5, end, end, end]  # the prompt is context; the tail is taught
+    assert y[1].tolist() == [-100, 3, 4, 5, 6, 7, 8]
+    task = SFTTask([[short, full]], [1.0], [], pad_id=0, batch_size=2, seed=0, device="cpu", fill=(end, 7))
+    assert task.targets(short) + task.targets(full) == int((y != -100).sum())
+    x, y = collate([short, full], pad_id=0, device="cpu")  # autoregressive: padding ignored
+    assert y[0].tolist() == [-100, -100, 4, 5, -100, -100, -100]
+
+
+def test_sft_then_chat_answers_with_a_diffusion_model(tiny_data, tmp_path):
+    """A diffusion model fine-tuned on two exchanges answers each in chat: the prompt stays visible,
+    the reply (a fixed number of masked positions) is filled in --steps passes and cut at its end
+    of turn."""
+    from conftest import run_cli
+
+    base = tmp_path / "base"
+    code, _, err = run_cli("pretrain", "--arch", "diffusion", "--model", "tiny", "--data-dir", tiny_data,
+                           "--out", base, "--max-steps", "1", "--batch-size", "2", "--seq-len", "32",
+                           "--eval-every", "0", "--compile", "off", "--no-progress")
+    assert code == 0, err
+    pairs = {"ping": "pong pong", "colour?": "red"}
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                     {"role": "assistant", "content": a}]}) + "\n"
+                            for q, a in pairs.items()))
+    run = tmp_path / "sft"
+    code, out, err = run_cli("sft", "--checkpoint", base, "--data", data, "--out", run, "--max-steps", "600",
+                             "--batch-size", "4", "--seq-len", "40", "--lr", "3e-3", "--val-fraction", "0",
+                             "--eval-every", "0", "--compile", "off", "--no-progress")
+    assert code == 0, err
+    import sys
+    from io import StringIO
+
+    stdin = sys.stdin
+    try:
+        sys.stdin = StringIO("ping\n/reset\ncolour?\n")
+        code, out, err = run_cli("chat", "--checkpoint", run, "--temperature", "0", "--max-new-tokens", "12",
+                                 "--steps", "12")
+    finally:
+        sys.stdin = stdin
+    assert code in (0, None), err
+    assert out.splitlines() == list(pairs.values())
+
 
 
 # ----------------------------------------------------------------------------- on the shared Trainer

@@ -313,20 +313,21 @@ def is_diffusion(model) -> bool:
     return getattr(model, "generation", "autoregressive") == "diffusion"
 
 
-def diffusion_text(model, tok, ids: list[int], args, seed=None) -> str:
-    """A masked diffusion model's continuation of ids (--max-new-tokens tokens, --steps passes),
-    cut at its first document end."""
+def diffusion_text(model, tok, ids: list[int], args, seed=None, length: int | None = None,
+                   temperature: float | None = None) -> str:
+    """A masked diffusion model's continuation of ids (`length` or --max-new-tokens tokens, --steps
+    passes), cut at its first document end or end of turn."""
     from lmforge.inference.diffusion import diffusion_generate
 
-    length = args.max_new_tokens
+    length = args.max_new_tokens if length is None else length
     if length < 1:
         return ""
-    out = diffusion_generate(model, ids, length, args.steps or length, method=args.remasking,
-                             block_len=args.block_len, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, seed=seed)[0, len(ids):].tolist()
-    if tok.bos_id in out:
-        out = out[: out.index(tok.bos_id)]
-    return tok.decode(out)
+    out = diffusion_generate(model, ids, length, min(args.steps or length, length), method=args.remasking,
+                             block_len=args.block_len,
+                             temperature=args.temperature if temperature is None else temperature,
+                             top_k=args.top_k, top_p=args.top_p, seed=seed)[0, len(ids):].tolist()
+    ends = [i for i, t in enumerate(out) if t in tok.stop_ids]
+    return tok.decode(out[: ends[0]] if ends else out)
 
 
 def sampling_kwargs(args) -> dict:

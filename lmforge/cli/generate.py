@@ -99,7 +99,8 @@ def fit_history(tok, messages: list[dict], budget: int) -> list[dict]:
 
 
 def cmd_chat(args):
-    """A multi-turn chat in the terminal, streamed through the chat template. With tools (the default
+    """A multi-turn chat in the terminal, streamed through the chat template (a masked diffusion model,
+    fine-tuned by `lmforge sft`, writes each reply whole in --steps passes). With tools (the default
     for a model fine-tuned to call them), each reply runs through the tool loop and shows the calls
     the model makes and their results. With --rag INDEX, each message brings the passages retrieved
     for it into the conversation (lmforge/rag.py) and each reply is followed by their sources."""
@@ -109,10 +110,16 @@ def cmd_chat(args):
 
     model = apply_engine_args(args, load_model(args.checkpoint, device=args.device)[0])
     tok = load_checkpoint_tokenizer(args.checkpoint)
-    use_tools = trained_with_tools(args.checkpoint) if args.tools is None else args.tools
+    diffusion = is_diffusion(model)  # each reply filled in --steps passes (fine-tuned by `lmforge sft`)
+    use_tools = (not diffusion and trained_with_tools(args.checkpoint)) if args.tools is None else args.tools
     retriever = _load_retriever(args.rag)
-    engine = Engine(model, tok)
-    spec = speculator(args, model, tok)
+    if diffusion and (args.tools or args.draft or args.prompt_lookup):
+        from lmforge.common import LmforgeError
+
+        raise LmforgeError("a masked diffusion model writes a whole reply at once: tool calls and speculative "
+                           "decoding need token-by-token decoding (drop --tools / --draft / --prompt-lookup)")
+    engine = None if diffusion else Engine(model, tok)
+    spec = None if diffusion else speculator(args, model, tok)
     from lmforge.models.protocol import tokens_left
 
     window = tokens_left(model, 0)  # the context window (unbounded for an LSTM or an n-gram)
@@ -167,7 +174,12 @@ def cmd_chat(args):
             history = before
             continue
         print("assistant> " if interactive else "", end="", flush=True)
-        if use_tools:
+        if diffusion:
+            answer = diffusion_text(model, tok, ids, args, seed=args.seed, length=reply_room,
+                                    temperature=sampling["temperature"])
+            print(answer, flush=True)
+            history.append({"role": "assistant", "content": answer})
+        elif use_tools:
             reply = _chat_reply_with_tools(engine, history, reply_room, args.seed, sampling)
             history += reply
             answer = " ".join(m["content"] or "" for m in reply if m["role"] == "assistant")
@@ -297,6 +309,7 @@ def add_commands(sub) -> None:
     add_sampling_args(ch)
     add_engine_args(ch)
     add_speculative_args(ch)
+    add_diffusion_args(ch)
     ch.set_defaults(func=cmd_chat)
 
     # score

@@ -251,8 +251,8 @@ def require_decoding(model, what: str) -> None:
     if generation != "autoregressive":
         raise LmforgeError(
             f"{what} decodes token by token, and a {model.family} model fills whole blocks of tokens at once "
-            "with its samplers: use `lmforge sample` or `lmforge generate` with --steps N (a diffusion chat would "
-            "need SFT on replies padded to a fixed length, LLaDA-style, which lmforge does not do yet)")
+            "with its samplers: use `lmforge sample`, `lmforge generate` with --steps N, or `lmforge chat` "
+            "(after `lmforge sft`, which pads its replies LLaDA-style)")
 
 
 def require_text_probabilities(model, what: str) -> None:

@@ -5,7 +5,10 @@ the assistant's tokens). A training row is one conversation, cut to the sequence
 right-padded: y[t] = ids[t+1] where the mask of token t+1 is 1, else -100 (ignored). Causal attention
 means a real token never attends to the padding after it, so rows of one batch never leak into each
 other and padding never enters the loss. (Packing several conversations into one row would waste
-less compute but needs a block-diagonal attention mask; the model does not take one yet.)
+less compute but needs a block-diagonal attention mask; the model does not take one yet.) A masked
+diffusion model is fine-tuned LLaDA-style instead: the prompt stays visible, only reply tokens are
+masked, and every row is padded to the sequence length with end-of-turn tokens it learns to predict
+(`collate`), which is what lets `lmforge chat` ask it for a fixed-length reply.
 
 Several sources are mixed with weights: every row draws its source with probability proportional to
 its weight, then that source's next conversation from a shuffled pass over it (reshuffled each pass).
@@ -53,11 +56,18 @@ def tokenize_conversations(tok, conversations, seq_len: int) -> tuple[list[Examp
     return out, stats
 
 
-def collate(examples: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (x, y) with y = -100 wherever there is nothing to learn."""
-    width = max(len(e.ids) for e in examples) - 1
-    x = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), width), -100, dtype=torch.long)
+def collate(examples: list[Example], pad_id: int, device, fill: tuple[int, int] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (x, y) with y = -100 wherever there is nothing to learn.
+
+    fill = (end-of-turn id, width), for a masked diffusion model (LLaDA's SFT): every row is padded to
+    `width` with end-of-turn tokens that are *targets* like the reply's own, so the model learns to
+    fill the unused tail of a fixed-length reply with them (chat then generates `width`-sized replies
+    and cuts at the first one). An autoregressive model learns where a reply ends from its single
+    end-of-turn token instead, and its padding is ignored."""
+    width = max(len(e.ids) for e in examples) - 1 if fill is None else fill[1]
+    x = torch.full((len(examples), width), pad_id if fill is None else fill[0], dtype=torch.long)
+    y = torch.full((len(examples), width), -100 if fill is None else fill[0], dtype=torch.long)
     for r, e in enumerate(examples):
         n = len(e.ids) - 1
         x[r, :n] = torch.tensor(e.ids[:-1])
@@ -70,19 +80,23 @@ class SFTTask:
     """The Task for the Trainer: padded conversation batches, masked next-token loss."""
 
     def __init__(self, sources: list[list[Example]], weights: list[float], val: list[Example], *, pad_id: int,
-                 batch_size: int, seed: int, device: str, max_val: int = 512):
+                 batch_size: int, seed: int, device: str, max_val: int = 512, fill: tuple[int, int] | None = None):
         self.share = ProcessShare()
         self.sources, self.val = sources, val[:max_val]
         self.sampler = MixtureSampler([len(s) for s in sources], weights, seed)
-        self.pad_id, self.batch_size, self.device = pad_id, batch_size, device
+        self.pad_id, self.batch_size, self.device, self.fill = pad_id, batch_size, device, fill
+
+    def targets(self, e: Example) -> int:
+        """The tokens a row teaches: the assistant's, plus its end-of-turn padding under `fill`."""
+        return sum(e.mask[1:]) + (0 if self.fill is None else self.fill[1] - (len(e.ids) - 1))
 
     def next_batch(self):
         mine, rows = self.share.batch(self.sampler.next, self.batch_size)
         # The loss is the mean over the assistant tokens of the whole global batch, as on one
         # process. Rows differ in how many tokens they teach, so each rank divides its sum by
         # (global tokens / ranks): DDP's average of the ranks' gradients is then that mean's gradient.
-        global_targets = sum(sum(self.sources[d][i].mask[1:]) for d, i in rows)
-        x, y = collate([self.sources[d][i] for d, i in mine], self.pad_id, self.device)
+        global_targets = sum(self.targets(self.sources[d][i]) for d, i in rows)
+        x, y = collate([self.sources[d][i] for d, i in mine], self.pad_id, self.device, self.fill)
         return x, y, max(global_targets, 1) / self.share.world
 
     def loss(self, model: nn.Module, batch):
@@ -93,7 +107,7 @@ class SFTTask:
         mine = self.share.items(self.val)
         nll, ntok = 0.0, 0
         for k in range(0, len(mine), self.batch_size):
-            x, y = collate(mine[k:k + self.batch_size], self.pad_id, self.device)
+            x, y = collate(mine[k:k + self.batch_size], self.pad_id, self.device, self.fill)
             nll += model(x, y, reduction="sum").item()
             ntok += int((y != -100).sum().item())
         nll, ntok = all_reduce_sum([nll, ntok], self.device)
@@ -111,7 +125,7 @@ def sft(opts: SFTOptions, train_cfg: TrainConfig, log=print) -> dict:
     """Fine-tune opts.checkpoint on the conversation mixture; returns the Trainer's final metrics."""
     from lmforge.posttrain.conversations import load_source, parse_mixture
 
-    start = load_start(opts.checkpoint)
+    start = load_start(opts.checkpoint, diffusion=True)
     model, tok = start.model, start.tokenizer
     seq_len = opts.seq_len or model.context_limit or DEFAULT_SEQ_LEN
     if tokens_left(model, seq_len) < 0:
@@ -152,9 +166,12 @@ def sft(opts: SFTOptions, train_cfg: TrainConfig, log=print) -> dict:
         f"({100 * counts['fraction']:.2f}%)"
         + (f", LoRA r={opts.lora.rank} on {','.join(opts.lora.targets)}" if lora else ""))
     device = stage_device(train_cfg)
+    # A masked diffusion model's rows are padded to seq_len with end-of-turn targets (see collate).
+    fill = (tok.end_of_turn_id, seq_len) if getattr(model, "generation", None) == "diffusion" else None
     task = SFTTask(sources, weights, val, pad_id=tok.pad_id, batch_size=opts.batch_size, seed=train_cfg.seed,
-                   device=device, max_val=opts.max_val)
+                   device=device, max_val=opts.max_val, fill=fill)
     extra = {"data": [f"{s}*{w:g}" for s, w in mixture], "batch_size": opts.batch_size, "seq_len": seq_len,
+             "reply_padding": "end_of_turn" if fill else None,
              "lora": lora, "tool_conversations": tool_conversations}
     result = run_stage("sft", model, task, train_cfg, start=start, extra=extra, resume=opts.resume, lora=lora)
     result.update({"trainable_params": counts["trainable"], "total_params": counts["total"]})

@@ -44,16 +44,18 @@ class Start:
         return (self.checkpoint / "tokenizer.json").read_bytes()
 
 
-def load_start(checkpoint: str | Path) -> Start:
-    """The model a post-training stage starts from. Each of them (SFT, reward, DPO, RL) works on chat
-    turns that are generated or scored token by token: a model that generates otherwise (masked
-    diffusion) is refused here, before any work, with the line saying what it can do instead."""
+def load_start(checkpoint: str | Path, *, diffusion: bool = False) -> Start:
+    """The model a post-training stage starts from. The reward model, DPO and RL work on chat turns
+    that are generated or scored token by token: a model that generates otherwise (masked diffusion)
+    is refused here, before any work, with the line saying what it can do instead. SFT (diffusion=True)
+    also fine-tunes a masked diffusion model (lmforge/stages/sft.py)."""
     from lmforge.models.protocol import require_decoding
     from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model, resolve_checkpoint
 
     base = resolve_checkpoint(checkpoint)
     model, _ = load_model(base)
-    require_decoding(model, "post-training (SFT, reward model, DPO, RL)")
+    if not (diffusion and getattr(model, "generation", None) == "diffusion"):
+        require_decoding(model, "SFT" if diffusion else "this post-training stage (reward model, DPO, RL)")
     # Weights stored in bf16 (an imported model) train as fp32 master weights; --dtype bf16 still
     # runs the matrix products in bf16.
     model.float()
