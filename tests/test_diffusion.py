@@ -285,7 +285,7 @@ def test_sft_then_chat_answers_with_a_diffusion_model(tiny_data, tmp_path):
                             for q, a in pairs.items()))
     run = tmp_path / "sft"
     code, out, err = run_cli("sft", "--checkpoint", base, "--data", data, "--out", run, "--max-steps", "600",
-                             "--batch-size", "4", "--seq-len", "40", "--lr", "3e-3", "--val-fraction", "0",
+                             "--batch-size", "4", "--seq-len", "24", "--lr", "3e-3", "--val-fraction", "0",
                              "--eval-every", "0", "--compile", "off", "--no-progress")
     assert code == 0, err
     import sys
