@@ -173,6 +173,7 @@ class QuantLinear(nn.Module):
         self.use_kernel = False
         self._packed = None  # int8 only: fbgemm's packed copy of the weight for one-token decode
         self._path_device = None  # the device the path above was chosen for
+        self._fused = self._fused_key = self._fused_sizes = None  # forward_fused's stacked copy
 
     @classmethod
     @torch.no_grad()
@@ -288,6 +289,30 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def forward_fused(self, x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+        """x through `layers` (this one first; all read x: q/k/v, gate/up, see `project` in
+        lmforge/models/transformer.py): for a single token whose layers all take the fbgemm int8 path,
+        one product over their stacked codes (fewer, larger products stream the weights faster);
+        otherwise each layer on its own."""
+        x2 = x.reshape(-1, self.in_features)
+        if (len(layers) == 1 or x2.shape[0] != 1 or torch.compiler.is_compiling()
+                or any(type(m) is not QuantLinear or m._packed is None or m.qweight.device != m._path_device
+                       for m in layers)):
+            return [m(x) for m in layers]
+        key = tuple((m.qweight.data_ptr(), m.qweight._version, m.scales.data_ptr(), m.scales._version) for m in layers)
+        if key != self._fused_key:  # the same codes and scales as the members' own packed copies, stacked
+            self._fused_key, self._fused_sizes = key, [m.out_features for m in layers]
+            self._fused = _pack_int8(torch.cat([m.qweight for m in layers]), torch.cat([m.scales for m in layers]))
+        if self._fused is None:
+            return [m(x) for m in layers]
+        y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self._fused, False).to(x.dtype)
+        out = []
+        for m, part in zip(layers, y.split(self._fused_sizes, dim=-1)):
+            if m.bias is not None:
+                part = part + m.bias.to(part.dtype)
+            out.append(part.reshape(*x.shape[:-1], m.out_features))
+        return out
 
     # ------------------------------------------------------------------ state dict: always the plain layout
 

@@ -197,6 +197,30 @@ def test_int8_single_token_path_quantizes_activations_within_its_tolerance(kerne
         assert rel_err(q(torch.cat([x, x]))[0], weight_only[0]) < 0.02  # bf16 activations: ~1%
 
 
+def test_int8_layers_that_read_one_token_are_one_product():
+    """q/k/v (or gate/up) through `project`: one fbgemm product over the stacked codes for a single
+    token, the same numbers as each layer's own; several rows, or a member on another path, run each
+    layer on its own."""
+    from lmforge.models.transformer import project
+
+    layers = [QuantLinear.from_linear(linear(768, n, bias=b, seed=n), 8) for n, b in ((512, True), (128, False),
+                                                                                      (128, True))]
+    if any(m._packed is None for m in layers):
+        pytest.skip("this torch build has no fbgemm")
+    with torch.no_grad():
+        x = torch.randn(1, 1, 768) * 3
+        got = project(x, *layers)
+        assert layers[0]._fused_sizes == [512, 128, 128]
+        for g, m in zip(got, layers):
+            torch.testing.assert_close(g, m(x), rtol=1e-5, atol=1e-5)
+        layers[1].bias = torch.ones(128)  # a new bias is read at every call, not packed
+        torch.testing.assert_close(project(x, *layers)[1], layers[1](x))
+        two = torch.randn(1, 2, 768)
+        assert all(torch.equal(g, m(two)) for g, m in zip(project(two, *layers), layers))
+        mixed = [layers[0], QuantLinear.from_linear(linear(768, 128), 4, 64)]
+        assert all(torch.equal(g, m(x)) for g, m in zip(project(x, *mixed), mixed))
+
+
 @pytest.mark.parametrize("bits,group_size", [(8, None), (4, 64)])
 def test_save_load_round_trip(tmp_path, bits, group_size):
     model = quantize_model(tiny_gpt(), bits=bits, group_size=group_size)
