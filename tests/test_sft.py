@@ -255,9 +255,12 @@ def test_sft_lora_saves_a_small_adapter_that_merges(base, tmp_path):
     code, out, err = run_cli("lora", "merge", "--adapter", tmp_path / "lora", "--out", tmp_path / "merged")
     assert code == 0, err
     merged, _ = load_model(tmp_path / "merged")
+    run, state = load_model(tmp_path / "lora")  # the run itself: chat, sample and export read it directly
+    assert state["lora"]["rank"] == 2 and not any("lora_" in k for k in run.state_dict())
     x = torch.randint(0, 250, (2, 30))
     with torch.no_grad():
         torch.testing.assert_close(merged(x), trained(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(run(x), trained(x), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(merged(x), base_model(x), atol=1e-4)  # training changed something
 
 

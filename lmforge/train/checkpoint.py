@@ -402,7 +402,8 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple:
     """Build the model a checkpoint describes (its family and config) and load its weights.
     A checkpoint of a model with a head (state "head": PPO's value head and critic) loads as its
     language model, the head's tensors left out; one whose head replaced the output layer (a reward
-    model) is refused. Returns (model, state)."""
+    model) is refused. A LoRA run's checkpoint loads with its adapters merged into the weights.
+    Returns (model, state)."""
     ckpt = resolve_checkpoint(path)
     state = read_checkpoint_state(ckpt)
     head = state.get("head")
@@ -418,6 +419,15 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple:
         raise LmforgeError(f"{ckpt} holds a {head.get('kind', 'headed')} model, not a language model "
                            "(its head replaces the output layer)")
     model = build_model(checkpoint_family(state), checkpoint_model_config(ckpt, state))
+    lora = state.get("lora")
+    if lora:  # a LoRA run's own checkpoint: base weights and adapters, under the adapted layers' names
+        from lmforge.posttrain.lora import LoRAConfig, apply_lora
+
+        try:
+            apply_lora(model, LoRAConfig(**lora))
+        except TypeError:
+            raise LmforgeError(f"{ckpt / 'state.json'}: 'lora' is not a LoRA configuration; the file is damaged "
+                               "or was not written by lmforge") from None
     if state.get("quantization"):
         prepare_quantized(model, state["quantization"])  # empty quantized layers to load into
     else:
@@ -425,6 +435,10 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple:
         if stored is not None and stored != torch.float32:
             model.to(stored)  # bf16 weights (an imported model) stay bf16 in memory
     load_model_weights(model, ckpt, tuple(head["prefixes"]) if head else ())
+    if lora:
+        from lmforge.posttrain.lora import merge_lora
+
+        merge_lora(model)  # W + (alpha/r) B A: a plain model, as `lmforge lora merge` writes it
     return model.to(device).eval(), state
 
 
