@@ -238,8 +238,18 @@ def test_pretrain_sample_generate_score_through_the_cli(tiny_data, tmp_path):
     # Chat, tools and the server decode token by token: refused up front, one line saying what to use.
     with pytest.raises(LmforgeError, match="fills whole blocks of tokens at once with its samplers"):
         Engine(model, tok)
-    with pytest.raises(LmforgeError, match="^the server decodes token by token"):
-        Scheduler(model, tok)
+    # The server's scheduler writes each reply whole (8 positions, 4 passes) and hands it out token by
+    # token; min_p is not offered by the diffusion samplers.
+    from lmforge.inference.scheduler import SamplingParams
+
+    sched, events = Scheduler(model, tok, diffusion_steps=4), []
+    seq = sched.submit([tok.bos_id] + tok.encode("def "), SamplingParams(max_tokens=8, temperature=0), events.append)
+    sched.step()
+    assert seq.done and events[-1].kind == "done" and 1 <= events[-1].completion_tokens <= 8
+    assert "".join(e.text for e in events if e.kind == "text") == tok.decode(
+        [t for t in seq.tokens if t not in tok.stop_ids])
+    with pytest.raises(LmforgeError, match="min_p"):
+        sched.submit([tok.bos_id], SamplingParams(max_tokens=8, min_p=0.1), events.append)
     with pytest.raises(LmforgeError, match="samplers"):
         model.new_cache(1)
     for cmd in (["dpo", "--data", "synthetic:arithmetic:20", "--out", tmp_path / "dpo"],
@@ -300,6 +310,18 @@ def test_sft_then_chat_answers_with_a_diffusion_model(tiny_data, tmp_path):
         sys.stdin = stdin
     assert code in (0, None), err
     assert out.splitlines() == list(pairs.values())
+    # The server answers the same, each reply written whole and handed out as decoded ones are.
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.app import ServeConfig, create_app
+    from lmforge.train.checkpoint import load_checkpoint_tokenizer, load_model
+
+    model, _ = load_model(run)
+    with TestClient(create_app(model, load_checkpoint_tokenizer(run), ServeConfig(model_name="m"))) as client:
+        for q, a in pairs.items():
+            body = {"model": "m", "messages": [{"role": "user", "content": q}], "max_tokens": 12, "temperature": 0}
+            choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+            assert (choice["message"]["content"], choice["finish_reason"]) == (a, "stop")
 
 
 

@@ -2,6 +2,7 @@
 
     lmforge serve --checkpoint runs/sft [--port 8000] [--api-key KEY | $LMFORGE_API_KEY] [--tools builtin]
                   [--rag INDEX [--rag-k K]] [--draft CHECKPOINT | --prompt-lookup] [--speculate K]
+                  [--steps N]   (a masked diffusion model: passes per reply)
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def cmd_serve(args):
     cfg = ServeConfig(model_name=name, api_key=key, max_batch=args.max_batch, max_tokens=args.max_tokens,
                       max_request_bytes=args.max_request_bytes, max_n=args.max_n, max_waiting=args.max_waiting,
                       dtype=args.dtype, compile=args.compile, tools=args.tools, rag_index=args.rag, rag_k=args.rag_k,
-                      draft=args.draft, prompt_lookup=args.prompt_lookup, speculate=args.speculate)
+                      draft=args.draft, prompt_lookup=args.prompt_lookup, speculate=args.speculate,
+                      diffusion_steps=args.steps)
     app = create_app(model, tok, cfg)
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
@@ -52,6 +54,8 @@ def cmd_serve(args):
     context = f"{model.context_limit}-token context" if model.context_limit else "no context limit"
     if args.rag:
         context += f", {args.rag_k} passages per chat request from {args.rag}"
+    if getattr(model, "generation", None) == "diffusion":
+        context += f", each reply written whole in {f'{args.steps} passes' if args.steps else 'one pass per token'}"
     if args.draft or args.prompt_lookup:
         # speculation: every request at batch 1 through its own session (lmforge/inference/scheduler.py)
         how = f"draft model {args.draft}" if args.draft else "prompt lookup"
@@ -104,5 +108,7 @@ def add_commands(sub) -> None:
                    help="torch.compile the decode step: faster per token after a one-time compile")
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
     add_speculative_args(p)
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="a masked diffusion model: passes per reply, which it writes whole (default: one per token)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

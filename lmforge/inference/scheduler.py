@@ -30,6 +30,11 @@ decode step is bound by reading the weights for a single row; a batch of rows al
 read, and rows that accept different numbers of drafts would drift out of step. So a server that
 mostly sees one request at a time gains from it, and a busy one should batch instead.
 
+A masked diffusion model (after `lmforge sft`; lmforge/inference/diffusion.py) has no token-by-token
+step: each admitted sequence's whole reply, its budget of masked positions, is filled in
+`diffusion_steps` passes (default: one per position), then handed to the sequence token by token
+like decoded ones, so stop tokens, stop strings, max_tokens and tool calls apply as they arrive.
+
 Failures: a step that raises (a bug, an out-of-memory) fails every sequence it held, the running
 rows and those it was admitting (already off the waiting list), each with one "error" event, so no
 client waits forever; the loop keeps serving and /health shows the count and the last message.
@@ -205,13 +210,22 @@ class Scheduler:
     loop on a background thread (or call `step()` yourself, e.g. in tests)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, dtype: str | None = None, compile: bool = False,
-                 speculator=None):
+                 speculator=None, diffusion_steps: int | None = None):
         """dtype: None runs the weights as stored; "fp32" or "bf16" casts them once, in place, as
         Engine(dtype=...) does (a speculator's draft model too). speculator: a
-        `speculative.Speculator` of this model: every request decodes through it (module docstring)."""
+        `speculative.Speculator` of this model: every request decodes through it (module docstring).
+        diffusion_steps: a masked diffusion model's passes per reply (None: one per token)."""
         if max_batch < 1:
             raise LmforgeError(f"max batch must be >= 1, got {max_batch}")
-        require_decoding(model, "the server")
+        self.diffusion = getattr(model, "generation", None) == "diffusion"
+        if not self.diffusion:
+            require_decoding(model, "the server")
+        elif speculator is not None:
+            raise LmforgeError("speculative decoding needs token-by-token decoding; a masked diffusion model "
+                               "writes a whole reply at once")
+        if diffusion_steps is not None and diffusion_steps < 1:
+            raise LmforgeError(f"diffusion steps must be >= 1, got {diffusion_steps}")
+        self.diffusion_steps = diffusion_steps
         if speculator is not None and speculator.model is not model:
             raise LmforgeError("the speculator was built for another model than the server's")
         prepare_for_inference(model, dtype, compile=compile)
@@ -224,7 +238,7 @@ class Scheduler:
         self._sessions: dict[int, SpecSession] = {}  # sequence id -> its speculative session
         self.tok = tokenizer
         self.max_batch = max_batch
-        self.step_fn = compiled_decode_step(model) if compile else None  # see Engine(compile=True)
+        self.step_fn = compiled_decode_step(model) if compile and not self.diffusion else None  # Engine(compile=True)
         self.device = model.device
         self.cache_dtype = weight_dtype(model)
         # A model's vocabulary may be padded beyond the tokenizer's: those ids are never sampled.
@@ -253,6 +267,8 @@ class Scheduler:
         """Queue a prompt; events go to `emit` (called on the scheduler's thread). Raises
         LmforgeError for a prompt that does not fit or bad settings."""
         check_sampling_args(params.temperature, params.top_k, params.top_p, params.max_tokens, params.min_p)
+        if self.diffusion and params.min_p is not None:
+            raise LmforgeError("min_p is not offered by the diffusion samplers (temperature, top_k and top_p are)")
         if not prompt:
             raise LmforgeError("the prompt is empty")
         room = tokens_left(self.model, len(prompt))
@@ -352,7 +368,9 @@ class Scheduler:
             self._admitting = new
         with self._context():
             self._drop_rows(cancelled=True)
-            if new:
+            if new and self.diffusion:
+                self._fill(new)
+            elif new:
                 (self._admit if self.spec is None else self._admit_speculative)(new)
             with self._cv:
                 self._admitting = []
@@ -389,6 +407,30 @@ class Scheduler:
         for seq, t in zip(new, tokens.tolist()):
             seq.add(t)
         self._drop_rows()
+
+    def _fill(self, new: list[Sequence]) -> None:
+        """A masked diffusion model: each sequence's reply written whole, then handed out token by
+        token (module docstring). The sequences never join the running batch."""
+        from lmforge.inference.diffusion import diffusion_generate
+
+        self.stats.admitted += len(new)
+        for seq in new:
+            if seq.cancelled:
+                self.stats.cancelled += 1
+                continue
+            p = seq.params
+            self.stats.prefills += 1
+            reply = diffusion_generate(self.model, seq.prompt, seq.budget, min(self.diffusion_steps or seq.budget,
+                                                                                seq.budget),
+                                       temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
+            for token in reply[0, len(seq.prompt):].tolist():
+                seq.add(token)
+                self.stats.generated_tokens += 1
+                if seq.done or seq.cancelled:
+                    break
+            if not seq.done and not seq.cancelled:  # every position filled, no stop among them
+                seq._finish("length")
+            self.stats.finished += seq.done
 
     def _admit_speculative(self, new: list[Sequence]) -> None:
         """Each sequence gets a speculative session of its own (its prompt prefilled at batch 1)."""

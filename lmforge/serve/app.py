@@ -98,6 +98,9 @@ class ServeConfig:
     draft: str | None = None
     prompt_lookup: bool = False
     speculate: int = 4
+    # A masked diffusion model (after `lmforge sft`) writes each reply whole in this many passes
+    # (None: one per token of the reply's budget); lmforge/inference/scheduler.py.
+    diffusion_steps: int | None = None
 
 
 class RagChatRequest(ChatRequest):
@@ -127,7 +130,7 @@ class Server:
         self.retriever = retriever  # search(query, k) -> passages, or None
         self.search_lock = threading.Lock()  # one search at a time: an index need not be thread-safe
         self.sched = Scheduler(model, tokenizer, max_batch=cfg.max_batch, dtype=cfg.dtype, compile=cfg.compile,
-                               speculator=speculator_for(model, tokenizer, cfg))
+                               speculator=speculator_for(model, tokenizer, cfg), diffusion_steps=cfg.diffusion_steps)
         self.window = model.context_limit  # None: no window (an LSTM, an n-gram)
         room = tokens_left(model, 1)  # at least one token for the reply
         self.max_prompt = min(cfg.max_prompt_tokens or room, room)
