@@ -35,6 +35,10 @@ step: each admitted sequence's whole reply, its budget of masked positions, is f
 `diffusion_steps` passes (default: one per position), then handed to the sequence token by token
 like decoded ones, so stop tokens, stop strings, max_tokens and tool calls apply as they arrive.
 
+This file is long because one loop serves three ways of producing tokens (batched decode steps,
+speculative sessions, whole diffusion replies) through the same sequences, events and failure
+handling, which would otherwise be repeated per way.
+
 Failures: a step that raises (a bug, an out-of-memory) fails every sequence it held, the running
 rows and those it was admitting (already off the waiting list), each with one "error" event, so no
 client waits forever; the loop keeps serving and /health shows the count and the last message.
