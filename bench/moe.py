@@ -1,19 +1,20 @@
 """Benchmark: a mixture of experts against the dense model of the same active size, at equal time.
 
 On bench/families.py's tinyshakespeare setup (nanoGPT's split, a 1024-id BPE trained on the training
-text, batch 8, residual dropout 0.2 and weight decay 0.2, validation on the whole split), one run of
+text, batch 8, residual dropout 0.2 and weight decay 0.2, validation on the whole split), or with
+--corpus stdlib its Python standard library setup (5% of the files validate, a 4096-id BPE), one run of
 --budget seconds each:
   * the dense `cpu` preset (4 layers, width 256, SwiGLU MLP of 704 units; compiled: its default);
   * the same model with every MLP replaced by 8 experts of 352 units, top-2 — the same active
     parameters per token (plus the routers), 2.9x the parameters — balanced by the Switch auxiliary
     loss (coefficient 0.01), and again balanced by DeepSeek-V3's loss-free routing biases (rate 1e-3,
     DeepSeek-V3's, and 1e-2 for a run of a few hundred steps).
-    Not compiled (their default: see lmforge/train/precision.py).
+    Every row compiled (`--compile auto`: see lmforge/train/precision.py).
 Reported per row: validation bits per character, tokens/s, steps, parameters (total / active) and,
 for the MoE rows, the max violation (max expert load / mean - 1) at the end, worst layer and mean
 over layers. Plot: validation against seconds, and max violation against tokens.
 
-    python bench/moe.py [--budget 300] [--only TEXT]
+    python bench/moe.py [--budget 300] [--corpus shakespeare|stdlib] [--only TEXT]
 """
 from __future__ import annotations
 
@@ -46,13 +47,18 @@ ROWS = [  # label, model overrides
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=float, default=300.0)
-    ap.add_argument("--out", default=str(REPO / "bench" / "out" / "moe"))
-    ap.add_argument("--plot", default=str(REPO / "docs" / "img" / "moe.png"))
+    ap.add_argument("--corpus", choices=("shakespeare", "stdlib"), default="shakespeare",
+                    help="bench/families.py's corpora: tinyshakespeare (1 MB, seen many times in the budget) or "
+                         "the Python standard library's source (11 MB, seen less than once)")
+    ap.add_argument("--out", default=None, help="default bench/out/moe (moe_stdlib for the standard library)")
+    ap.add_argument("--plot", default=None, help="default docs/img/moe.png (moe_stdlib.png)")
     ap.add_argument("--only", default=None, help="run only the rows whose label contains this text")
     args = ap.parse_args()
-    out = Path(args.out)
+    suffix = "" if args.corpus == "shakespeare" else "_" + args.corpus
+    out = Path(args.out or REPO / "bench" / "out" / f"moe{suffix}")
+    args.plot = args.plot or str(REPO / "docs" / "img" / f"moe{suffix}.png")
     out.mkdir(parents=True, exist_ok=True)
-    _, data, _, unit = prepare_corpus("shakespeare", VOCAB_SIZE["shakespeare"], 10**9, out)
+    _, data, _, unit = prepare_corpus(args.corpus, VOCAB_SIZE[args.corpus], 10**9, out)
     rows = {}
     for label, over in ROWS:
         if args.only and args.only not in label:
@@ -89,10 +95,11 @@ def main():
         vio = (f"{r['max_violation_end']:.3f} / {r['mean_violation_end']:.3f}" if "max_violation_end" in r else "—")
         print(f"| {label} | {r['val_bpb']:.4f} | {r['tokens_per_s']:,.0f} | {r['steps']} "
               f"| {r['params'] / 1e6:.2f}M / {r['active_params'] / 1e6:.2f}M | {vio} |")
-    plot(rows, unit, Path(args.plot) if not args.only else out / "only.png")  # the documented plot has every row
+    title = {"shakespeare": "tinyshakespeare", "stdlib": "Python standard library"}[args.corpus]
+    plot(rows, unit, Path(args.plot) if not args.only else out / "only.png", title)  # the documented plot: every row
 
 
-def plot(rows: dict, unit: str, path: Path) -> None:
+def plot(rows: dict, unit: str, path: Path, title: str) -> None:
     from lmforge.common import new_figure, save_figure
 
     fig, ax = new_figure((11, 4.2))
@@ -107,7 +114,7 @@ def plot(rows: dict, unit: str, path: Path) -> None:
             vio_ax.plot(toks, mean, color=f"C{i}", lw=0.8, ls="--", label=f"{label}: mean over layers")
     val_ax.set_xlabel("training seconds")
     val_ax.set_ylabel(f"validation {unit}")
-    val_ax.set_title("tinyshakespeare, equal time and active parameters")
+    val_ax.set_title(f"{title}, equal time and active parameters")
     vio_ax.set_xlabel("tokens seen")
     vio_ax.set_ylabel("max violation (max load / mean - 1)")
     vio_ax.set_yscale("symlog", linthresh=0.1)

@@ -56,6 +56,30 @@ def test_routing_matches_a_token_by_token_reference(kw):
         torch.testing.assert_close(moe(x), reference(moe, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(moe_capacity=0.6), dict(mlp="gelu", moe_top_k=1)])
+def test_grouped_experts_match_the_loop_forward_and_backward(kw, monkeypatch):
+    """One grouped product per projection (F.grouped_mm over padded blocks of rows) against each expert
+    run on its own rows: the same outputs and the same gradients for the input, the router and every
+    expert, dropped assignments included."""
+    def run(moe, x):
+        moe.zero_grad()
+        x = x.clone().requires_grad_()
+        (moe(x) * torch.linspace(-1, 1, x.size(-1))).sum().backward()
+        return [x.grad] + [p.grad for p in moe.parameters()]
+
+    moe = layer(**kw).train()
+    x = torch.randn(3, 40, moe.router.in_features)  # 120 tokens: blocks padded to 4 rows
+    ran = []
+    kernel = MLP.grouped
+    monkeypatch.setattr(MLP, "grouped", staticmethod(lambda *a: ran.append(kernel(*a)) or ran[-1]))
+    grouped = run(moe, x)
+    assert ran and ran[0] is not None
+    monkeypatch.setattr(MLP, "grouped", staticmethod(lambda *a: None))
+    looped = run(moe, x)
+    for a, b in zip(grouped, looped):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_capacity_drops_assignments_past_the_limit_in_token_order():
     moe = layer(moe_capacity=0.5).eval()  # 0.5 * 12 tokens * 2 / 4 experts = 3 assignments per expert
     x = torch.randn(1, 12, moe.router.in_features)
@@ -87,12 +111,12 @@ def test_aux_loss_is_the_switch_formula_over_valid_tokens_only():
     want = 0.1 * 4 * (share * probs.mean(0)).sum()
     torch.testing.assert_close(moe.aux_loss, want)
     # a masked token changes nothing that balancing sees
-    loss, load = moe.aux_loss.item(), moe._step_load.clone()
-    moe._step_load = None
+    loss, stats = moe.aux_loss.item(), moe._step_stats.clone()
+    moe._step_stats.zero_()
     x2 = x.clone()
     x2[1, 4] = torch.randn(x.size(-1)) * 5
     moe(x2, valid)
-    assert moe.aux_loss.item() == pytest.approx(loss) and torch.equal(moe._step_load, load)
+    assert moe.aux_loss.item() == pytest.approx(loss) and torch.equal(moe._step_stats, stats)
 
 
 def test_bias_balancing_evens_out_a_collapsed_router():
@@ -155,12 +179,12 @@ def test_model_loss_groups_accounting_and_decoding():
     assert [c.tokens for c in cached] == [c.tokens for c in plain]
 
 
-def moe_run(tiny_data, out, *, resume=False, balance="bias", steps=10, compile="off"):
+def moe_run(tiny_data, out, *, resume=False, balance="bias", steps=10, compile="off", capacity=None):
     cfg = TrainConfig(out_dir=str(out), max_steps=steps, ckpt_every=5, eval_every=0, log_every=1, warmup_steps=2,
                       dtype="fp32", compile=compile, progress=False)
     opts = PretrainOptions(data_dir=str(tiny_data), preset="tiny", batch_size=4, seq_len=32, eval_tokens=1024,
                            resume=resume, model_overrides={"n_experts": 4, "moe_hidden": 32, "moe_balance": balance,
-                                                           "moe_bias_rate": 0.01})
+                                                           "moe_bias_rate": 0.01, "moe_capacity": capacity})
     return pretrain(opts, cfg)
 
 
@@ -175,9 +199,13 @@ def test_trainer_logs_loads_plots_and_resumes_exactly(tiny_data, tmp_path, monke
     assert any(m.expert_bias.abs().sum() > 0 for m in model.moe_layers())  # the biases moved and were saved
 
 
-def test_compiled_training_matches_eager(tiny_data, tmp_path):
-    eager = moe_run(tiny_data, tmp_path / "eager", balance="aux", steps=3)
-    compiled = moe_run(tiny_data, tmp_path / "compiled", balance="aux", steps=3, compile="on")
+@pytest.mark.parametrize("capacity", [None, 0.6])
+def test_compiled_training_matches_eager_and_compiles_once(tiny_data, tmp_path, capacity):
+    """Every shape in the layer is fixed by the batch (the loads change every step, the row buffer does
+    not) and the statistics are tensors, so the first step's graph serves every later one."""
+    eager = moe_run(tiny_data, tmp_path / "eager", balance="aux", steps=3, capacity=capacity)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = moe_run(tiny_data, tmp_path / "compiled", balance="aux", steps=3, compile="on", capacity=capacity)
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
     log = [r for r in read_log(tmp_path / "compiled" / "log.jsonl") if "loss" in r]
     assert all("moe_aux_loss" in r for r in log)

@@ -37,9 +37,69 @@ import torch.nn.functional as F
 
 GATES = ("softmax", "sigmoid")
 BALANCE = ("aux", "bias", "none")
+# Each expert's block of rows is padded to a multiple of up to this many rows (1: exact sizes), about
+# an eighth of the mean block, so padding adds a few percent of rows (MoE.forward says why).
+MAX_ALIGN = 64
 
 
-class MoE(nn.Module):
+def place_rows(x: torch.Tensor, slots: torch.Tensor, size: int) -> torch.Tensor:
+    """(size, ...) zeros with x's rows at the distinct `slots`."""
+    return _PlaceRows.apply(x, slots, size)
+
+
+def take_rows(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """x[slots] for distinct `slots`."""
+    return _TakeRows.apply(x, slots)
+
+
+class _PlaceRows(torch.autograd.Function):
+    # Each slot is written once, so each direction's gradient is the other direction: a gather or a
+    # plain store. Indexing's own gradient scatter-adds, which torch.compile turns into atomic adds on
+    # a CPU, several times slower.
+    @staticmethod
+    def forward(ctx, x, slots, size):
+        ctx.save_for_backward(slots)
+        out = x.new_zeros(size, *x.shape[1:])
+        out[slots] = x
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slots,) = ctx.saved_tensors
+        return grad[slots], None, None
+
+
+class _TakeRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, slots):
+        ctx.save_for_backward(slots)
+        ctx.size = x.size(0)
+        return x[slots]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slots,) = ctx.saved_tensors
+        return place_rows(grad, slots, ctx.size), None
+
+
+class Tallies:
+    """Mixin for a module that sums training statistics in plain tensor attributes, named in `tallies`.
+    They are always tensors, so torch.compile specialises on nothing (a Python counter, or None
+    before the first sum, would recompile the model); they follow the module to another device like
+    buffers, restarting from zero, but are never cast, saved, or broadcast by DDP at every forward
+    (which would replace each process's sums with the first one's)."""
+
+    tallies: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        for name in self.tallies:
+            tally = getattr(self, name)
+            setattr(self, name, torch.zeros_like(tally, device=fn(tally).device))
+        return out
+
+
+class MoE(Tallies, nn.Module):
     def __init__(self, dim: int, n_experts: int, top_k: int, make_expert: Callable[[], nn.Module], *,
                  shared: nn.Module | None = None, gate: str = "softmax", norm_topk: bool = True,
                  capacity: float | None = None, balance: str = "aux", aux_coef: float = 0.01,
@@ -54,11 +114,11 @@ class MoE(nn.Module):
         # Saved with the model (an exact resume continues the same balancing); not a parameter.
         self.register_buffer("expert_bias", torch.zeros(n_experts))
         self.aux_loss: torch.Tensor | None = None  # this forward's balancing loss (training only)
-        # Accumulators, as plain attributes: DDP broadcasts buffers from rank 0 at every forward.
-        self._step_load: torch.Tensor | None = None  # assignments per expert since the last step
-        self._log_load: torch.Tensor | None = None  # ... since the last log
-        self._log_aux: torch.Tensor | float = 0.0
-        self._log_n = 0
+        # Sums of (assignments per expert, balancing loss, forwards): since the last optimizer step,
+        # and since the last log (there the loads are those of all processes).
+        self.tallies = ("_step_stats", "_log_stats")
+        self._step_stats = torch.zeros(n_experts + 2)
+        self._log_stats = torch.zeros(n_experts + 2)
 
     def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits (N, E) fp32, scores (N, E), chosen experts (N, k), their weights (N, k))."""
@@ -79,18 +139,37 @@ class MoE(nn.Module):
         keep = torch.ones_like(chosen, dtype=torch.bool)
         if self.capacity is not None:
             keep = self._within_capacity(chosen)
-        # Group the assignments by expert (one sort), gather their tokens once, run each expert on its
-        # contiguous slice, and add the weighted results back to their tokens once. A dropped assignment
-        # goes to a sentinel expert E that is never run.
-        expert_of = torch.where(keep, chosen, self.n_experts).reshape(-1)  # (N * k,)
-        order = expert_of.argsort(stable=True)
-        counts = torch.bincount(expert_of, minlength=self.n_experts + 1).tolist()
-        token_of = order // self.top_k
-        parts = flat[token_of].split(counts)
-        ys = torch.cat([expert(part) for expert, part in zip(self.experts, parts)])
-        taken = order[:ys.size(0)]
-        ys = ys * weights.reshape(-1)[taken, None].to(flat.dtype)
-        out = torch.zeros_like(flat).index_add_(0, token_of[:ys.size(0)], ys)
+        # Each assignment gets a row slot: the experts' rows are contiguous and in token order, each
+        # expert's block padded to a multiple of `align` rows, and dropped assignments (sentinel
+        # expert E) go last. Padding keeps the products' shapes to a few sizes: a CPU's oneDNN builds
+        # a kernel for every new shape (~1 ms each, more than the product itself) and the loads
+        # change every step. The buffer's size is fixed by N alone, so torch.compile compiles once.
+        # The experts then run as one grouped product per projection where the kernel exists, else
+        # one after another on their blocks; results come back to token order by the same slots.
+        n, k = chosen.shape
+        rows_n, dim = n * k, flat.size(-1)
+        align = min(MAX_ALIGN, 1 << max(0, (rows_n // self.n_experts // 8).bit_length() - 1))
+        expert_of = torch.where(keep, chosen, self.n_experts).reshape(-1)  # (N * k,), token-major
+        onehot = F.one_hot(expert_of, self.n_experts + 1)
+        rank = (onehot.cumsum(0) * onehot).sum(-1) - 1  # place in its expert's queue
+        counts = onehot.sum(0)
+        blocks = (counts[:-1] + align - 1) // align * align
+        ends = blocks.cumsum(0)
+        starts = torch.cat([ends - blocks, ends[-1:]])  # the dropped start after the last block
+        slots = starts[expert_of] + rank
+        size = rows_n + self.n_experts * (align - 1)  # room for the worst-case padding
+        assigned = flat[:, None].expand(n, k, dim).reshape(rows_n, dim)
+        if self.capacity is not None:  # the grouped product leaves rows past its last group unspecified,
+            assigned = torch.where(keep.reshape(-1, 1), assigned, 0)  # gradients included: mask both ways
+        rows = place_rows(assigned, slots, size)
+        grouped = getattr(self.experts[0], "grouped", None)
+        ys = grouped(self.experts, rows, ends.to(torch.int32)) if grouped is not None else None
+        if ys is None:
+            parts = rows.split(blocks.tolist() + [size - int(ends[-1])])
+            ys = torch.cat([expert(part) for expert, part in zip(self.experts, parts)] + [torch.zeros_like(parts[-1])])
+        ys = take_rows(ys, slots).view(n, k, -1)
+        ys = torch.where(keep[..., None], ys, 0) * weights[..., None].to(ys.dtype)  # dropped: nothing
+        out = ys.sum(1)
         if self.shared is not None:
             out = out + self.shared(flat)
         if self.training:
@@ -121,32 +200,27 @@ class MoE(nn.Module):
         if self.z_coef > 0:
             aux = aux + self.z_coef * ((torch.logsumexp(logits, -1) ** 2) * m).sum() / n_valid
         self.aux_loss = aux
-        load = load.detach()
-        self._step_load = load if self._step_load is None else self._step_load + load
-        self._log_aux = self._log_aux + aux.detach()  # a tensor: no device sync inside the forward
-        self._log_n += 1
+        forward = torch.cat([load.detach(), aux.detach().reshape(1), torch.ones_like(load[:1])])
+        self._step_stats = self._step_stats + forward
 
     @torch.no_grad()
     def after_step(self) -> None:
         """After an optimizer step: sum this step's loads over the processes, keep them for the log, and
         (bias balancing) move each expert's bias toward the mean load."""
-        load = self._step_load
-        self._step_load = None
-        if load is None:
-            return
+        stats, self._step_stats = self._step_stats, torch.zeros_like(self._step_stats)
+        load = stats[:self.n_experts].clone()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(load)
-        self._log_load = load if self._log_load is None else self._log_load + load
-        if self.balance == "bias":
+        self._log_stats += torch.cat([load, stats[self.n_experts:]])
+        if self.balance == "bias":  # an expert without load this step (or no step at all) moves by 0
             self.expert_bias += self.bias_rate * torch.sign(load.mean() - load)
 
     def pop_stats(self) -> dict[str, float] | None:
         """Loads and losses since the last call (None if this layer has not trained since)."""
-        if self._log_load is None:
+        stats, self._log_stats = self._log_stats.tolist(), torch.zeros_like(self._log_stats)
+        load, aux, n = torch.tensor(stats[:self.n_experts]), stats[-2], stats[-1]
+        if n == 0:
             return None
-        load, self._log_load = self._log_load, None
-        aux, n = float(self._log_aux), max(self._log_n, 1)
-        self._log_aux, self._log_n = 0.0, 0
         share = load / load.sum().clamp(min=1)
         return {"share": share.tolist(), "max_violation": float(load.max() / load.mean().clamp(min=1e-9) - 1),
                 "aux_loss": aux / n}

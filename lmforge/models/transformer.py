@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
-from lmforge.models.moe import MoE
+from lmforge.models.moe import MoE, Tallies
 from lmforge.models.protocol import LanguageModel, ModelConfig, ModelFamily
 
 
@@ -383,13 +383,43 @@ class MLP(nn.Module):
 
     def forward(self, x, valid=None):  # valid: see MoE.forward (a dense MLP treats every token alike)
         if self.kind in ("swiglu", "geglu"):
-            gate, up = project(x, self.gate_proj, self.up_proj)
-            h = (F.silu(gate) if self.kind == "swiglu" else F.gelu(gate, approximate="tanh")) * up
-        elif self.kind == "gelu":
-            h = F.gelu(self.up_proj(x), approximate="tanh")
-        else:
-            h = F.relu(self.up_proj(x)).square()
-        return self.down_proj(h)
+            return self.down_proj(self.activate(*project(x, self.gate_proj, self.up_proj)))
+        return self.down_proj(self.activate(None, self.up_proj(x)))
+
+    def activate(self, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return F.silu(gate) * up
+        if self.kind == "geglu":
+            return F.gelu(gate, approximate="tanh") * up
+        return F.gelu(up, approximate="tanh") if self.kind == "gelu" else F.relu(up).square()
+
+    @staticmethod
+    def grouped(experts: nn.ModuleList, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor | None:
+        """Every expert of a mixture at once: x (rows, dim) sorted by expert, ends[e] (int32) the end of
+        expert e's rows. One grouped product per projection (F.grouped_mm over the stacked weights)
+        instead of a loop of small ones, and every shape static, so torch.compile compiles the layer
+        once. Rows past ends[-1] come back unspecified. None where the grouped kernel does not run
+        (projections that are not plain bias-free nn.Linear, such as an inference engine's packed or
+        quantized layers or LoRA adapters; CUDA before sm80 or outside bf16): the caller loops."""
+        first = experts[0]
+        names = ("gate_proj", "up_proj", "down_proj") if hasattr(first, "gate_proj") else ("up_proj", "down_proj")
+        layers = [[getattr(e, n) for e in experts] for n in names]
+        if any(type(m) is not nn.Linear or m.bias is not None for ms in layers for m in ms):
+            return None
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        if kind != "cpu" and not (kind == "cuda" and dtype == torch.bfloat16
+                                  and torch.cuda.get_device_capability(x.device) >= (8, 0)):
+            return None
+
+        def run(rows, modules):  # rows @ W_e.T for each expert's rows
+            weights = torch.stack([m.weight for m in modules]).to(dtype)
+            return F.grouped_mm(rows, weights.transpose(-2, -1), offs=ends)
+
+        x = x.to(dtype)
+        hidden = [run(x, ms) for ms in layers[:-1]]
+        gate, up = hidden if len(hidden) == 2 else (None, hidden[0])
+        return run(first.activate(gate, up), layers[-1])
 
 
 class Block(nn.Module):
@@ -471,7 +501,7 @@ class CacheStep(NamedTuple):
 # ----------------------------------------------------------------------------- the model
 
 
-class GPT(LanguageModel):
+class GPT(Tallies, LanguageModel):
     family = "transformer"
 
     def __init__(self, cfg: GPTConfig):
@@ -486,6 +516,10 @@ class GPT(LanguageModel):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # A mixture's LM loss (without the balancing losses) summed since the last log, and the number
+        # of forwards (see Tallies).
+        self.tallies = ("_lm_stats",)
+        self._lm_stats = torch.zeros(2)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -509,8 +543,6 @@ class GPT(LanguageModel):
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
 
-    _lm_loss: torch.Tensor | float = 0.0  # the language-model part of the training loss since the last log
-    _lm_n: int = 0
 
     def after_step(self) -> None:
         for m in self.moe_layers():
@@ -552,8 +584,8 @@ class GPT(LanguageModel):
         stats = [s for s in (m.pop_stats() for m in self.moe_layers()) if s is not None]
         if not stats:
             return {}
-        lm, self._lm_loss, n, self._lm_n = float(self._lm_loss), 0.0, max(self._lm_n, 1), 0
-        out = {"lm_loss": lm / n, "moe_aux_loss": sum(s["aux_loss"] for s in stats),
+        (lm, n), self._lm_stats = self._lm_stats.tolist(), torch.zeros_like(self._lm_stats)
+        out = {"lm_loss": lm / max(n, 1), "moe_aux_loss": sum(s["aux_loss"] for s in stats),
                "moe_max_violation": max(s["max_violation"] for s in stats),
                "moe_mean_violation": sum(s["max_violation"] for s in stats) / len(stats)}
         for e in range(self.config.n_experts):
@@ -600,8 +632,8 @@ class GPT(LanguageModel):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-100, reduction=reduction)
         if self.training and self.config.n_experts and reduction == "mean":
-            self._lm_loss = self._lm_loss + loss.detach()
-            self._lm_n += 1
+            one = torch.ones_like(loss, dtype=torch.float)
+            self._lm_stats = self._lm_stats + torch.stack([loss.detach().float(), one])
             loss = loss + sum(m.aux_loss for m in self.moe_layers())  # the routers' balancing losses
         return loss
 

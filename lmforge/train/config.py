@@ -43,8 +43,7 @@ class TrainConfig:
     dtype: str = setting("auto", "auto: bf16 autocast where it is faster (CUDA with bf16, CPU); or bf16, fp32",
                          choices=("auto", "bf16", "fp32"))
     compile: str = setting("auto", "torch.compile the training step; auto = on CUDA, and on CPU unless the model "
-                           "has dropout, never for a mixture of experts (falls back to eager with a warning "
-                           "if compiling fails; "
+                           "drops out attention weights (falls back to eager with a warning if compiling fails; "
                            "see docs/benchmarks.md)", choices=("auto", "on", "off"))
     device: str = setting("auto", "cpu, cuda, cuda:N or auto")
     parallel: str = setting("ddp", "under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: "

@@ -27,18 +27,21 @@ def newton_schulz_orthogonalize(G: torch.Tensor, steps: int = 5) -> torch.Tensor
     matrices, each orthogonalised on its own in one batched iteration."""
     assert G.ndim >= 2
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.to(torch.bfloat16)
+    X = G.to(torch.bfloat16).reshape(-1, *G.shape[-2:])
     transposed = X.size(-2) > X.size(-1)
     if transposed:  # iterate on the smaller Gram matrix
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    # Contiguous, and each polynomial step folded into its product (baddbmm: beta*in + alpha*A@B): on a
+    # CPU a product with a transposed operand and separate bf16 scale-and-add passes cost more than
+    # the products themselves (bench/moe_step.py).
+    X = (X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)).contiguous()  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
+        X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
     if transposed:
         X = X.mT
-    return X.to(G.dtype)
+    return X.reshape(G.shape).to(G.dtype)
 
 
 class Muon(torch.optim.Optimizer):
