@@ -71,10 +71,10 @@ def expert_products(repeats: int) -> None:
           f"{exact / aligned:.1f}x faster aligned")
 
 
-def newton_schulz_before(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """lmforge's iteration before 2026-12-07, kept here as the baseline."""
+def newton_schulz_before(G: torch.Tensor, steps: int = 5, dtype=torch.bfloat16) -> torch.Tensor:
+    """lmforge's iteration before 2026-12-07, kept here as the baseline (in float64: the reference)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.to(torch.bfloat16)
+    X = G.to(dtype)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
@@ -100,23 +100,10 @@ def newton_schulz(repeats: int) -> None:
         G = torch.randn(*shape)
         before = median_ms(lambda G=G: newton_schulz_before(G), repeats)
         now = median_ms(lambda G=G: newton_schulz_orthogonalize(G), repeats)
-        exact = _float64(G)
+        exact = newton_schulz_before(G, dtype=torch.float64)
         err_before = (newton_schulz_before(G) - exact).abs().max().item()
         err_now = (newton_schulz_orthogonalize(G) - exact).abs().max().item()
         print(f"| {label} | {before:.1f} | {now:.1f} | {before / now:.2f}x | {err_before:.4f} / {err_now:.4f} |")
-
-
-def _float64(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.double()
-    transposed = X.size(-2) > X.size(-1)
-    if transposed:
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
-        A = X @ X.mT
-        X = a * X + (b * A + c * (A @ A)) @ X
-    return (X.mT if transposed else X).float()
 
 
 def training_step(label: str, overrides: dict, compiled: bool, repeats: int, loop: bool = False,

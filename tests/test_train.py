@@ -39,6 +39,22 @@ def test_muon_orthogonalizes():
         assert s.min() > 0.5 and s.max() < 1.5, s
 
 
+@pytest.mark.parametrize("shape", [(64, 48), (48, 64), (3, 40, 24), (2, 2, 24, 40)])
+def test_newton_schulz_follows_the_quintic_iteration_computed_in_float64(shape):
+    """The bf16 iteration (each step folded into one fused product) against the textbook polynomial
+    X <- aX + (bA + cA^2)X, A = XX^T, run in float64 on the smaller Gram matrix."""
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    X = G.double().mT if shape[-2] > shape[-1] else G.double()
+    X = X / X.norm(dim=(-2, -1), keepdim=True)
+    for _ in range(5):
+        A = X @ X.mT
+        X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
+    want = (X.mT if shape[-2] > shape[-1] else X).float()
+    got = newton_schulz_orthogonalize(G)
+    assert got.shape == G.shape and got.dtype == G.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-2)  # bf16 rounding: ~5e-3 typical
+
+
 def test_schedules():
     kw = dict(warmup_steps=10, min_lr_frac=0.1, decay_frac=0.2)
     assert lr_multiplier(0.0, 0, schedule="cosine", **kw) == pytest.approx(0.1)  # warmup starts small

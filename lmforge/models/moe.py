@@ -42,6 +42,14 @@ BALANCE = ("aux", "bias", "none")
 MAX_ALIGN = 64
 
 
+def queue_places(labels: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For token-major expert labels in [0, n): each one's 0-based place among the earlier equal labels
+    (its place in its expert's queue), and the count of each label. Dense ops only: compiles to fixed
+    shapes."""
+    onehot = F.one_hot(labels, n)
+    return (onehot.cumsum(0) * onehot).sum(-1) - 1, onehot.sum(0)
+
+
 def place_rows(x: torch.Tensor, slots: torch.Tensor, size: int) -> torch.Tensor:
     """(size, ...) zeros with x's rows at the distinct `slots`."""
     return _PlaceRows.apply(x, slots, size)
@@ -150,9 +158,7 @@ class MoE(Tallies, nn.Module):
         rows_n, dim = n * k, flat.size(-1)
         align = min(MAX_ALIGN, 1 << max(0, (rows_n // self.n_experts // 8).bit_length() - 1))
         expert_of = torch.where(keep, chosen, self.n_experts).reshape(-1)  # (N * k,), token-major
-        onehot = F.one_hot(expert_of, self.n_experts + 1)
-        rank = (onehot.cumsum(0) * onehot).sum(-1) - 1  # place in its expert's queue
-        counts = onehot.sum(0)
+        rank, counts = queue_places(expert_of, self.n_experts + 1)
         blocks = (counts[:-1] + align - 1) // align * align
         ends = blocks.cumsum(0)
         starts = torch.cat([ends - blocks, ends[-1:]])  # the dropped start after the last block
@@ -181,9 +187,7 @@ class MoE(Tallies, nn.Module):
         """(N, k) bool: the assignments each expert takes, in token order, up to its capacity."""
         n, k = chosen.shape
         cap = math.ceil(self.capacity * n * k / self.n_experts)
-        onehot = F.one_hot(chosen.reshape(-1), self.n_experts)  # (N*k, E), token-major order
-        rank = (onehot.cumsum(0) * onehot).sum(-1).reshape(n, k)  # 1-based position in its expert's queue
-        return rank <= cap
+        return queue_places(chosen.reshape(-1), self.n_experts)[0].reshape(n, k) < cap
 
     def _account(self, logits, scores, chosen, keep, mask) -> None:
         """The balancing loss of this forward and the load statistics, over valid tokens only."""
