@@ -241,8 +241,24 @@ def llama_cpp(path, n_ctx=64):
         import llama_cpp
     except ImportError:
         missing("llama-cpp-python", "pip install llama-cpp-python (in the test extras; it compiles llama.cpp)")
-    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_threads=1, verbose=False,
-                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    # llama.cpp repacks quantized weights for its CPU kernels ("extra buffer types"). On an Intel CPU
+    # with AMX that path segfaults on this test's 64-wide q8_0/q4_0 tensors (llama-cpp-python 0.3.36;
+    # f32/f16/bf16 and the same files without repacking run). The file is what is tested here, so it is
+    # loaded without repacking; Llama() has no argument for it, hence the patched default parameters.
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_repacking():
+        params = defaults()
+        if hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = without_repacking
+    try:
+        return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_threads=1, verbose=False,
+                               type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
 
 
 def llama_cpp_logits(llm, ids):
