@@ -35,8 +35,8 @@ def use_compile(setting: str | bool, device: str, model: nn.Module | None = None
     compilation (~40-60 s) within a 5-minute run; dropout on the attention weights takes SDPA off its
     fused kernel (eager 1.4x slower) and inductor's CPU random masks take most of the compiled gain.
     A mixture of experts compiles to one graph like a dense model (its row buffer's size is fixed by
-    the batch, lmforge/models/moe.py): 315 ms per compiled step against 375 eager for bench/moe.py's
-    8 experts on the `cpu` preset, with residual dropout 0.2."""
+    the batch, lmforge/models/moe.py): 382 ms per compiled step against 456 eager for bench/moe.py's
+    8 experts on the `cpu` preset, with residual dropout 0.2 (bench/moe_step.py, docs/benchmarks.md)."""
     if isinstance(setting, bool):
         return setting
     if setting not in ("auto", "on", "off"):
